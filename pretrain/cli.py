@@ -1,0 +1,53 @@
+"""`vitscale` console script: one subcommand per job, each implemented in its own module.
+
+Every handler is ``main(argv: list[str]) -> int``; a :class:`UserError` anywhere becomes a
+one-paragraph message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from pretrain.errors import UserError
+
+# subcommand -> (module, help line); modules are imported only when their command runs.
+COMMANDS = {
+    "info": ("pretrain.info", "parameters, GMACs, TFLOPs per image of a model variant"),
+    "pretrain": ("pretrain.run", "pretrain a ViT (spawns or joins the distributed job)"),
+    "finetune": ("pretrain.run_finetune", "fine-tune from a checkpoint at a new resolution"),
+    "evaluate": ("pretrain.evaluate", "top-1/top-5 of a checkpoint on a shard set"),
+    "convert": ("pretrain.convert", "convert checkpoints between formats, verified by logits"),
+    "inspect": ("pretrain.inspect_ckpt", "what a checkpoint or weights file holds"),
+    "shards": ("data_tools.cli", "write / verify / stats of WebDataset shards"),
+    "launch": ("launch.cli", "generate cluster launches: slurm, deepspeed hostfile, accelerate"),
+    "preflight": ("launch.preflight", "check a config against a cluster before spending GPU hours"),
+    "bench": ("pretrain.bench", "benchmarks: loader, train"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vitscale COMMAND [args]  (vitscale COMMAND --help for its options)", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vitscale: unknown command {name!r}.\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        print(f"vitscale {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

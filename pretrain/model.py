@@ -1,0 +1,265 @@
+"""Plain single-device Vision Transformer (ViT paper / vit_jax layout), no DeepSpeed.
+
+State-dict keys are the contract that conversion and fine-tuning rely on::
+
+    cls_token (1, 1, D)            pos_embed (1, P + N, D)   P = 1 with a class token, else 0
+    patch_embed.proj.{weight,bias} Conv2d(3, D, p, p)
+    blocks.{i}.norm1 / attn.qkv (fused, rows q|k|v) / attn.proj / norm2 / mlp.fc1 / mlp.fc2
+    norm.{weight,bias}             final LayerNorm
+    pre_logits.{weight,bias}       Linear(D, R) + tanh, only when representation_size is set
+    head.{weight,bias}             Linear(R or D, num_classes), absent when num_classes == 0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# name -> (width, depth, mlp_dim, heads); the patch size is the number after the letter.
+_SIZES = {
+    "ti": (192, 12, 768, 3),
+    "s": (384, 12, 1536, 6),
+    "b": (768, 12, 3072, 12),
+    "l": (1024, 24, 4096, 16),
+    "h": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    # tiny sizes that train in seconds on a CPU (tests, demo)
+    "test": (64, 2, 128, 4),
+    "micro": (32, 2, 64, 2),
+}
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Every number that fixes a ViT's parameters and compute."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    heads: int = 12
+    num_classes: int = 1000
+    representation_size: int | None = None
+    pool: str = "cls"  # "cls" (class token) or "gap" (global average pool, no class token)
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    head_bias_init: float = 0.0
+    act_ckpt: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.pool == "cls" else 0
+
+    @property
+    def seq_len(self) -> int:
+        gh, gw = self.grid
+        return gh * gw + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def variant_names() -> list[str]:
+    """Names accepted by :func:`spec_for`, e.g. ``vit_h14``, ``vit_b16``, ``vit_test4``."""
+    patches = {"test": (4, 8), "micro": (4, 8)}
+    return [f"vit_{s}{p}" for s in _SIZES for p in patches.get(s, (8, 14, 16, 32))]
+
+
+def spec_for(name: str, **overrides) -> ViTSpec:
+    """Spec of the named variant (``vit_<size><patch>``), with fields overridden where not None.
+
+    ``representation_size="auto"`` gives the pre-logits layer of width D (the ViT paper's
+    pretraining head); None gives a single linear head.
+    """
+    key = name.lower().removeprefix("vit_").replace("/", "")
+    size = key.rstrip("0123456789")
+    patch = key[len(size):]
+    if size not in _SIZES or not patch:
+        raise ValueError(
+            f"unknown model name {name!r}: use vit_<size><patch> with size one of "
+            f"{', '.join(_SIZES)} (e.g. vit_h14, vit_b16, vit_test4)"
+        )
+    width, depth, mlp_dim, heads = _SIZES[size]
+    spec = ViTSpec(patch_size=int(patch), width=width, depth=depth, mlp_dim=mlp_dim, heads=heads)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("representation_size") == "auto":
+        overrides["representation_size"] = overrides.get("width", width)
+    return replace(spec, **overrides)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) V in plain torch: the oracle that SDPA is tested against."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, attn_dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if use_sdpa:
+            p = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            y = reference_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.attn = Attention(spec.width, spec.heads, spec.attn_dropout)
+        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.mlp = Mlp(spec.width, spec.mlp_dim, spec.dropout)
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), use_sdpa))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT as in Dosovitskiy et al.; ``forward = forward_head(forward_features(x))``."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        if spec.img_size % spec.patch_size:
+            raise ValueError(f"img_size {spec.img_size} is not divisible by patch {spec.patch_size}")
+        if spec.width % spec.heads:
+            raise ValueError(f"width {spec.width} is not divisible by heads {spec.heads}")
+        self.spec = spec
+        self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
+        if spec.pool == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, spec.seq_len, spec.width))
+        self.pos_drop = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self._build_head(spec.num_classes, spec.representation_size)
+        self.init_weights()
+
+    def _build_head(self, num_classes: int, representation_size: int | None) -> None:
+        self.pre_logits = nn.Linear(self.spec.width, representation_size) if representation_size else None
+        d = representation_size or self.spec.width
+        self.head = nn.Linear(d, num_classes) if num_classes > 0 else None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """vit_jax init: xavier-uniform linears, lecun-normal patch embed, normal(0.02)
+        position embeddings, zero class token, zero head weights with ``head_bias_init``."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, std=1e-6)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.attn.qkv.bias)
+            nn.init.zeros_(blk.attn.proj.bias)
+        w = self.patch_embed.proj.weight
+        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.pre_logits is not None:
+            nn.init.zeros_(self.pre_logits.bias)
+        self._init_head()
+
+    @torch.no_grad()
+    def _init_head(self) -> None:
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.head.bias, self.spec.head_bias_init)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (besides every bias and norm)."""
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
+        """Images (B, 3, H, W) -> normed tokens (B, T, D), class token first."""
+        x = self.patch_embed(x)  # (B, N, D)
+        if self.spec.pool == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            if self.spec.act_ckpt and self.training:
+                x = checkpoint(blk, x, use_sdpa, use_reentrant=False)
+            else:
+                x = blk(x, use_sdpa)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, T, D) -> logits (B, classes); ``pre_logits=True`` stops before ``head``."""
+        x = x[:, 0] if self.spec.pool == "cls" else x.mean(dim=1)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        if pre_logits or self.head is None:
+            return x
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, use_sdpa))
+
+    def reset_head(self, num_classes: int, keep_pre_logits: bool = False) -> None:
+        """Replace the head with a zero-initialised Linear of ``num_classes`` outputs; the
+        pre-logits layer goes too unless ``keep_pre_logits`` (fine-tune surgery)."""
+        rep = self.spec.representation_size if keep_pre_logits else None
+        self.spec = replace(self.spec, num_classes=num_classes, representation_size=rep,
+                            head_bias_init=0.0)
+        if not keep_pre_logits:
+            self.pre_logits = None
+        d = rep or self.spec.width
+        ref = self.pos_embed
+        self.head = nn.Linear(d, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
+        self._init_head()
+
+
+def build_model(spec: ViTSpec, device: torch.device | str | None = None) -> VisionTransformer:
+    """Build on ``device`` (``"meta"`` allocates nothing)."""
+    with torch.device(device or "cpu"):
+        return VisionTransformer(spec)
