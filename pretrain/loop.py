@@ -1,0 +1,169 @@
+"""One train/eval loop shared by pretraining and fine-tuning.
+
+A step consumes ``train.grad_accum`` micro batches per rank and applies one optimizer step;
+the LR comes from :func:`pretrain.schedule.lr_at`. Losses stay on the device between log
+steps (no per-step host sync) except the non-finite check, which every rank agrees on with one
+all-reduce so that all ranks skip the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pretrain.config import Config
+from pretrain.data import Batch
+from pretrain.engine import Engine, all_reduce_
+from pretrain.errors import UserError
+from pretrain.losses import classification_loss, correct_counts
+from pretrain.metrics import MetricsLog, Throughput, format_train_line, peak_memory_gb
+from pretrain.schedule import lr_at
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_row: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    last_eval: dict = field(default_factory=dict)
+    images_per_s: float | None = None
+
+
+def _targets(batch: Batch, cfg: Config, num_classes: int) -> torch.Tensor:
+    t = batch.targets
+    if cfg.train.loss == "sigmoid" and t.dim() == 1:
+        return torch.nn.functional.one_hot(t, num_classes).float()
+    return t
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, batches, cfg: Config) -> dict:
+    """Top-1/top-5 (single-label) or precision@1 (multi-label) over all ranks' batches."""
+    engine.train(False)
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        logits = engine.forward(batch.images).float().cpu()
+        valid = batch.valid if batch.valid is not None else torch.ones(len(logits), dtype=torch.bool)
+        logits, targets = logits[valid], batch.targets[valid]
+        if len(logits) == 0:
+            continue
+        loss_sum += classification_loss(logits, targets, cfg.train.loss).double() * len(logits)
+        for key, val in correct_counts(logits, targets).items():
+            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + val.double()
+        count += len(logits)
+    keys = ["top1", "top5"] if not cfg.data.multi_label else ["prec1"]
+    vec = torch.stack([count, loss_sum] + [sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys])
+    vec = all_reduce_(vec.to(engine.device)).cpu()
+    engine.train(True)
+    n = max(vec[0].item(), 1.0)
+    out = {"eval_samples": int(vec[0].item()), "eval_loss": vec[1].item() / n}
+    out.update({k: vec[2 + i].item() / n for i, k in enumerate(keys)})
+    return out
+
+
+def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
+               lr: float, fault=None) -> tuple[torch.Tensor, bool]:
+    """Forward/backward over the micro batches and one optimizer step. Returns the mean loss
+    and whether the update was applied.
+
+    A non-finite loss on any rank (one all-reduce per micro batch, no host sync) turns that
+    micro batch's loss into an exact zero on every rank; at the last micro batch one host sync
+    reads the flag and, if set, the optimizer step runs with lr 0 so the weights do not move
+    (Adam moments decay by one step). Every rank keeps issuing the same collectives.
+    """
+    losses = []
+    bad_any = None
+    for i, batch in enumerate(micro_batches):
+        logits = engine.forward(batch.images)
+        loss = classification_loss(logits, _targets(batch, cfg, num_classes).to(logits.device),
+                                   cfg.train.loss, cfg.train.label_smoothing)
+        if fault is not None:
+            loss = fault(loss)
+        losses.append(loss.detach())
+        bad = all_reduce_((~torch.isfinite(loss.detach())).float().reshape(()), "max")
+        bad_any = bad if bad_any is None else torch.maximum(bad_any, bad)
+        loss = torch.where(bad > 0, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, loss)
+        engine.backward(loss)
+        if i == len(micro_batches) - 1 and bad_any.item() > 0:
+            engine.set_lr(0.0)
+        engine.step()
+    skipped = bool(bad_any.item() > 0)
+    if skipped:
+        engine.set_lr(lr)
+    return torch.stack(losses).mean(), not skipped
+
+
+def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log: MetricsLog,
+        flops_per_image: float, peak_flops: float | None, world: int, on_step=None,
+        fault_for=lambda step: None) -> LoopState:
+    """Train from ``state.step`` to ``train.steps``; ``on_step(state)`` runs after every step
+    (checkpointing, preemption) and may return True to stop early. ``fault_for(step)`` may
+    return a function applied to the loss (fault injection for tests)."""
+    t = cfg.train
+    num_classes = cfg.model.num_classes
+    meter = Throughput(t.micro_batch * t.grad_accum * world, flops_per_image, peak_flops, world)
+    pending: list[torch.Tensor] = []
+    engine.train(True)
+    while state.step < t.steps:
+        step = state.step + 1
+        lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=t.steps, warmup_steps=cfg.optim.warmup_steps,
+                   decay=cfg.optim.decay, min_lr=cfg.optim.min_lr)
+        engine.set_lr(lr)
+        t0 = time.perf_counter()
+        batches = [train_data.next_batch() for _ in range(t.grad_accum)]
+        wait = time.perf_counter() - t0
+        loss, applied = train_step(engine, batches, cfg, num_classes, lr, fault_for(step))
+        state.step = step
+        meter.add(1, wait)
+        if applied:
+            state.bad_steps_in_row = 0
+            pending.append(loss)
+        else:
+            state.bad_steps_total += 1
+            state.bad_steps_in_row += 1
+            log.write({"kind": "event", "step": step, "event": "nonfinite_loss_skipped",
+                       "bad_steps_total": state.bad_steps_total})
+            log.console(f"step {step}: non-finite loss on some rank, step skipped "
+                        f"({state.bad_steps_in_row} in a row)")
+            if state.bad_steps_in_row >= t.max_bad_steps:
+                raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss (last at "
+                                f"step {step}); the run stops to protect the checkpoints. Lower optim.lr, "
+                                f"check the data, or resume from an earlier checkpoint")
+        if step % t.log_every == 0 or step == t.steps:
+            _log_train(state, pending, engine, lr, meter, log, t.steps, train_data)
+            pending = []
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps and eval_fn is not None:
+            state.last_eval = {"kind": "eval", "step": step, **eval_fn()}
+            log.write(state.last_eval)
+            log.console(_eval_line(state.last_eval))
+            meter.reset()
+        if on_step is not None and on_step(state):
+            break
+    return state
+
+
+def _log_train(state, pending, engine, lr, meter, log, total_steps, train_data) -> None:
+    loss = torch.stack(pending).mean().item() if pending else math.nan
+    if state.first_loss is None and pending:
+        state.first_loss = pending[0].item()
+    state.last_loss = loss
+    rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(), **meter.read(),
+           "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}
+    rec.update(train_data.stats())
+    state.images_per_s = rec["images_per_s"]
+    log.write(rec)
+    log.console(format_train_line(rec, total_steps))
+    meter.reset()
+
+
+def _eval_line(rec: dict) -> str:
+    parts = [f"{k} {100 * rec[k]:.2f}%" for k in ("top1", "top5", "prec1") if k in rec]
+    return f"eval @ step {rec['step']}: loss {rec['eval_loss']:.4f}  " + "  ".join(parts) + \
+        f"  ({rec['eval_samples']} images)"

@@ -1,0 +1,52 @@
+"""``vitscale pretrain --config FILE [key=value ...]``: validate, then spawn or join the job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import Config, load_config
+from pretrain.launcher import add_launch_args, in_launched_job, spawn, strip_launch_args, world_size_of
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="YAML recipe (see configs/); defaults apply to missing keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: run.dir's latest)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to start if run.dir has checkpoints")
+    add_launch_args(p)
+    return p
+
+
+def check_before_launch(cfg: Config, world: int) -> None:
+    """The cheap checks that must pass before any process or GPU work."""
+    cfg.train.check_world(world)
+    try:
+        from launch.preflight import run_cheap_checks
+    except ImportError:
+        return
+    run_cheap_checks(cfg, world)
+
+
+def launch_or_run(command: str, argv: list[str], args: argparse.Namespace, cfg: Config, worker) -> int:
+    if in_launched_job():
+        return worker()
+    check_before_launch(cfg, world_size_of(args))
+    return spawn(args, command, strip_launch_args(argv))
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser("vitscale pretrain", "Pretrain a ViT with DeepSpeed ZeRO.").parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    def worker() -> int:
+        from pretrain.trainer import run_worker
+
+        return run_worker(cfg, "pretrain", args.resume, args.no_resume)
+
+    return launch_or_run("pretrain", argv, args, cfg, worker)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
