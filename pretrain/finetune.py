@@ -19,7 +19,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.model import VisionTransformer, ViTSpec, build_model
-from pretrain.pos_embed import resample_pos_embed
+from pretrain.pos_embed import RESAMPLE_MODES, resample_pos_embed
 
 _HEAD = "head."
 _PRE_LOGITS = "pre_logits."
@@ -45,7 +45,7 @@ class SurgeryReport:
         resampled = [f"{k} {list(a)} -> {list(b)}" for k, (a, b) in self.resampled.items()]
         lines = [f"fine-tune surgery: loaded {self.loaded} tensors from the source"]
         for title, items in (("dropped", self.dropped), ("resampled", resampled),
-                             ("new (zero-initialised)", self.new)):
+                             ("new", self.new)):
             lines.append(f"  {title} ({len(items)}): {', '.join(items) if items else '-'}")
         return "\n".join(lines)
 
@@ -100,6 +100,8 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
               report: SurgeryReport) -> dict[str, torch.Tensor]:
     """Check ``kept`` against the target's keys and shapes (``new`` keys exempt), resample
     ``pos_embed`` and return the tensors in the target's key order (``new`` keys excluded)."""
+    if mode not in RESAMPLE_MODES:
+        raise UserError(f"unknown pos-embed resample mode {mode!r}: choose {' or '.join(RESAMPLE_MODES)}.")
     expected = {k: _shape(v) for k, v in build_model(target, device="meta").state_dict().items()}
     missing = [k for k in expected if k not in kept and k not in new]
     unexpected = [k for k in kept if k not in expected]
@@ -120,8 +122,9 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
         if key in new:
             continue
         value = kept[key]
-        regrid = _shape(value) != want or (source_grid is not None and tuple(source_grid) != target.grid)
-        if key == "pos_embed" and regrid and value.ndim == 3 and value.shape[-1] == want[-1]:
+        if key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1] and (
+            _shape(value) != want or (source_grid is not None and tuple(source_grid) != target.grid)
+        ):
             n = value.shape[1] - target.num_prefix_tokens
             try:
                 value = resample_pos_embed(value, target.grid, source_grid, target.num_prefix_tokens, mode)

@@ -37,7 +37,7 @@ def launch_or_run(command: str, argv: list[str], args: argparse.Namespace, cfg: 
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser("vitscale pretrain", "Pretrain a ViT with DeepSpeed ZeRO.").parse_args(argv)
+    args = build_parser("vitscale pretrain", "Pretrain a ViT with DeepSpeed ZeRO.").parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     def worker() -> int:

@@ -1,10 +1,12 @@
 """A learnable, deterministic image-classification task that needs no files.
 
-Each class owns a random low-resolution colour layout (a ``base x base`` grid, fixed by the
-seed); a sample is its class layout, upsampled bilinearly to the image size, shifted by a small
-random translation and mixed with noise. Where things are matters, so a ViT must use its position
-embeddings, and the same picture at a higher resolution is the same task (fine-tune tests rely
-on that). Sample ``i`` is a pure function of ``(seed, i)``; labels cycle through the classes.
+All classes share one palette of ``base x base`` random colours (fixed by the seed); a class is
+one arrangement (permutation) of that palette over a ``base x base`` grid. A sample is its class
+layout, upsampled bilinearly to the image size, shifted by a small random translation and mixed
+with noise. Every image holds the same colours, so only *where* they are tells the classes apart:
+a ViT must use its position embeddings, and the same picture at a higher resolution is the same
+task (the fine-tune tests and demo rely on both). Sample ``i`` is a pure function of
+``(seed, i)``; labels cycle through the classes.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ _BASE = 4
 
 
 def class_templates(num_classes: int, seed: int) -> torch.Tensor:
-    """(classes, 3, base, base) colour layouts in [-1, 1], one per class."""
+    """(classes, 3, base, base) colour layouts in [-1, 1]: one palette, one permutation per class."""
     g = torch.Generator().manual_seed(10_007 * seed + 17)
-    return torch.rand(num_classes, 3, _BASE, _BASE, generator=g) * 2 - 1
+    palette = torch.rand(_BASE * _BASE, 3, generator=g) * 2 - 1  # (cells, 3)
+    perms = torch.stack([torch.randperm(_BASE * _BASE, generator=g) for _ in range(num_classes)])
+    return palette[perms].permute(0, 2, 1).reshape(num_classes, 3, _BASE, _BASE)
 
 
 def synthetic_label(index: int, num_classes: int) -> int:
@@ -31,7 +35,7 @@ def synthetic_images(indices: list[int], num_classes: int, img_size: int, seed: 
     """Float images (B, 3, S, S) in about [-1, 1] (already normalised) and int64 labels (B,)."""
     templates = class_templates(num_classes, seed)
     labels = torch.tensor([synthetic_label(i, num_classes) for i in indices], dtype=torch.long)
-    pad = img_size // 8
+    pad = max(1, img_size // 16)
     up = F.interpolate(templates[labels], size=img_size + 2 * pad, mode="bilinear", align_corners=False)
     out = torch.empty(len(indices), 3, img_size, img_size)
     for row, i in enumerate(indices):

@@ -7,7 +7,8 @@ Speed comes from deciding the crop before decoding: PIL reads only the header on
 crop box is sampled in original pixel coordinates, and for JPEG the decoder is put in draft mode
 (libjpeg DCT scaling by 1/2, 1/4 or 1/8), choosing the largest reduction that still leaves the
 crop at least ``size`` pixels on each side. The box is mapped into the reduced image and a single
-antialiased bilinear resize produces the output. Other formats decode fully.
+antialiased bilinear resize of that region produces the output (torch's uint8 kernel where the
+CPU has AVX2, PIL's otherwise; see :func:`resize_box`). Other formats decode fully.
 
 Random draws come from the ``random.Random`` passed in, in a fixed order (crop, then flip), so a
 seeded generator gives the same tensor every time.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 Box = tuple[float, float, float, float]
@@ -29,6 +31,7 @@ CropFn = Callable[[int, int], Box]
 
 _MAX_DRAFT_REDUCTION = 8
 _CROP_TRIES = 10
+TORCH_UINT8_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def inception_crop_box(width: int, height: int, rng: random.Random,
@@ -87,7 +90,7 @@ def _open_for_box(data: bytes, box: Box | None, size: int, use_draft: bool = Tru
     width, height = img.size
     left, top, crop_w, crop_h = box if box is not None else crop_fn(width, height)
     factor = 1.0
-    if use_draft and img.format == "JPEG":
+    if use_draft and img.format in ("JPEG", "MPO"):
         reduction = draft_reduction(crop_w, crop_h, size)
         if reduction > 1:
             drafted = img.draft("RGB", (width // reduction, height // reduction))
@@ -102,6 +105,23 @@ def _to_chw_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
 
+def resize_box(img: Image.Image, box: Box, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of the region ``box`` = (l, t, r, b) of RGB ``img`` to uint8 (3, S, S).
+
+    On x86 CPUs with AVX2 torch's uint8 antialiased kernel is used (about 2x faster than PIL's
+    and within 1 grey level of it); the box is then rounded to whole pixels. Elsewhere PIL resizes
+    the exact (fractional) box.
+    """
+    if not TORCH_UINT8_RESIZE:
+        return _to_chw_uint8(img.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    left, top = round(box[0]), round(box[1])
+    right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
+    crop = torch.from_numpy(np.array(img.crop((left, top, right, bottom)), dtype=np.uint8))
+    out = F.interpolate(crop.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode="bilinear",
+                        antialias=True, align_corners=False)  # (1, 3, S, S), channels-last strides
+    return out[0].contiguous()
+
+
 def decode_crop(data: bytes, box: Box, size: int, use_draft: bool = True) -> torch.Tensor:
     """Decode ``data`` and resize the crop ``box`` = (left, top, w, h) to ``(3, size, size)`` uint8.
 
@@ -109,7 +129,7 @@ def decode_crop(data: bytes, box: Box, size: int, use_draft: bool = True) -> tor
     pixels a side; without it the image is decoded fully. Both paths crop the same region.
     """
     img, fbox = _open_for_box(data, box, size, use_draft=use_draft)
-    return _to_chw_uint8(img.resize((size, size), Image.Resampling.BILINEAR, box=fbox))
+    return resize_box(img, fbox, size)
 
 
 def train_transform(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.05, 1.0),
@@ -122,10 +142,8 @@ def train_transform(data: bytes, size: int, rng: random.Random, scale: tuple[flo
     """
     img, fbox = _open_for_box(data, None, size,
                               crop_fn=lambda w, h: inception_crop_box(w, h, rng, scale, ratio))
-    out = img.resize((size, size), Image.Resampling.BILINEAR, box=fbox)
-    if rng.random() < hflip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_chw_uint8(out)
+    out = resize_box(img, fbox, size)
+    return out.flip(-1) if rng.random() < hflip else out
 
 
 def eval_transform(data: bytes, size: int, crop_pct: float = 1.0) -> torch.Tensor:
@@ -143,7 +161,7 @@ def eval_transform(data: bytes, size: int, crop_pct: float = 1.0) -> torch.Tenso
         return (width - side) / 2, (height - side) / 2, side, side
 
     img, fbox = _open_for_box(data, None, size, crop_fn=centre_box)
-    return _to_chw_uint8(img.resize((size, size), Image.Resampling.BILINEAR, box=fbox))
+    return resize_box(img, fbox, size)
 
 
 def baseline_transform(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.05, 1.0),
@@ -172,8 +190,6 @@ def normalize(batch: torch.Tensor, mean: Sequence[float] = (0.5, 0.5, 0.5),
         raise TypeError(f"normalize expects a uint8 batch, got {batch.dtype}")
     if batch.dim() < 3 or batch.shape[-3] != 3:
         raise ValueError(f"normalize expects (..., 3, H, W), got shape {tuple(batch.shape)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    scale = 1.0 / (255.0 * std_t)
-    shift = -mean_t / std_t
-    return torch.addcmul(shift, batch.to(torch.float32), scale).to(dtype)
+    mean_t = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    std_t = torch.tensor([255.0 * s for s in std], dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    return batch.to(torch.float32).sub_(mean_t).div_(std_t).to(dtype)

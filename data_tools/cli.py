@@ -1,0 +1,97 @@
+"""``vitscale shards {write,verify,stats}``: offline work on WebDataset shard folders.
+
+``main(argv) -> int`` is called by the top-level ``vitscale`` dispatcher, which turns a
+:class:`~pretrain.errors.UserError` into a one-paragraph message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_tools.parallel import default_workers
+from data_tools.shard_format import SKIPPED_FILE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitscale shards",
+                                     description="write, verify and describe WebDataset shard folders")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,verify,stats}")
+
+    write = sub.add_parser("write", help="write an ImageFolder tree or CSV/JSONL manifest as shards")
+    write.add_argument("src", type=Path, help="ImageFolder directory, or manifest .csv / .jsonl")
+    write.add_argument("out", type=Path, help="output folder (created; re-running resumes)")
+    write.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
+    write.add_argument("--max-shard-bytes", type=int, default=None, metavar="B",
+                       help="also close a shard before it would exceed B bytes")
+    write.add_argument("--workers", type=int, default=default_workers(), metavar="W",
+                       help="encoding processes (default: all CPUs of this process)")
+    write.add_argument("--resize-max", type=int, default=None, metavar="SIDE",
+                       help="re-encode as JPEG with the long side capped at SIDE (never upscaled)")
+    write.add_argument("--quality", type=int, default=None, metavar="Q",
+                       help="re-encode as JPEG at quality Q (default 90 when re-encoding)")
+    write.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="fraction of samples (by key hash) written as val-*.tar")
+    write.add_argument("--seed", type=int, default=0, help="seed for the split and the sample order")
+    write.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="decode every sample and check it against index.json")
+    verify.add_argument("out", type=Path)
+    verify.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    verify.add_argument("--no-progress", action="store_true")
+
+    stats = sub.add_parser("stats", help="samples, class histogram, image sizes")
+    stats.add_argument("out", type=Path)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    stats.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _write(args: argparse.Namespace) -> int:
+    from data_tools.shard_writer import WriteOptions, write_shards
+
+    options = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                           workers=args.workers, resize_max=args.resize_max, quality=args.quality,
+                           val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
+    summary = write_shards(args.src, args.out, options)
+    index = summary.index
+    parts = [f"{split} {info['samples']} samples in {len(info['shards'])} shards "
+             f"({info['bytes'] / 1e6:.1f} MB)" for split, info in index["splits"].items()]
+    kind = "multi-label" if index["multi_label"] else "single-label"
+    print(f"wrote {args.out}: {'; '.join(parts)}; {index['num_classes']} classes ({kind})")
+    print(f"shards written {summary.shards_written}, reused from an earlier run {summary.shards_reused}")
+    if summary.skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in summary.skip_reasons().most_common())
+        print(f"skipped {len(summary.skipped)} images ({reasons}); list in {args.out / SKIPPED_FILE}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from data_tools.verify import format_reports, verify
+
+    reports, good = verify(args.out, workers=args.workers, progress=not args.no_progress)
+    print(format_reports(reports, good))
+    return 1 if any(r.problems for r in reports) else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from data_tools.stats import collect_stats, format_stats
+
+    stats = collect_stats(args.out, workers=args.workers, progress=not args.no_progress)
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (without the leading ``shards``) and run the subcommand; returns the exit status."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return {"write": _write, "verify": _verify, "stats": _stats}[args.command](args)
+
+
+if __name__ == "__main__":
+    from pretrain.cli import main as vitscale_main
+
+    sys.exit(vitscale_main(["shards", *sys.argv[1:]]))

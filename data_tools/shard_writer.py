@@ -1,0 +1,235 @@
+"""Write a dataset as WebDataset shards: plan, encode in parallel, resume, index.
+
+:func:`write_shards` is the library entry point behind ``vitscale shards write``. The plan
+(:mod:`data_tools.plan`) fixes every sample's key, split and shard before anything is encoded;
+each shard is then one task for a worker process, written to ``OUT/.progress/<file>.partial``
+and renamed into place only when complete. A sidecar ``OUT/.progress/<file>.json`` records
+the shard's plan fingerprint, size, SHA-256, sample count and skipped images; a later run with the
+same plan reuses a shard whose sidecar matches and whose file has the recorded size, so an
+interrupted write resumes where it stopped. Shards and sidecars that the current plan does not
+name (left over from a run with other options) are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_tools.encode import EncodeOptions, SkipSample, encode_image
+from data_tools.parallel import default_workers, map_with_progress
+from data_tools.plan import ShardTask, plan_shards
+from data_tools.shard_format import (
+    CLASSES_FILE,
+    INDEX_FILE,
+    INDEX_VERSION,
+    PROGRESS_DIR,
+    SKIPPED_FILE,
+    add_bytes,
+    json_bytes,
+    sha256_file,
+)
+from data_tools.sources import SourceScan, scan_source
+from pretrain.errors import UserError
+
+_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Options of ``vitscale shards write``; validated on construction (messages name the flag)."""
+
+    samples_per_shard: int = 1000
+    max_shard_bytes: int | None = None
+    workers: int = field(default_factory=default_workers)
+    resize_max: int | None = None
+    quality: int | None = None
+    val_fraction: float = 0.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise UserError(f"--samples-per-shard is {self.samples_per_shard}; it must be at least 1.")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 10240:
+            raise UserError(f"--max-shard-bytes is {self.max_shard_bytes}; give at least 10240 "
+                            "(a tar is at least 10 KiB), typically a few hundred MB.")
+        if self.workers < 0:
+            raise UserError(f"--workers is {self.workers}; use 0 or 1 for one process, N for N processes.")
+        if self.resize_max is not None and self.resize_max < 1:
+            raise UserError(f"--resize-max is {self.resize_max}; give the long-side cap in pixels, e.g. 512.")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise UserError(f"--quality is {self.quality}; JPEG quality must be in 1..100 (90 is typical).")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction is {self.val_fraction}; it must be in [0, 1), e.g. 0.01.")
+
+    @property
+    def encode(self) -> EncodeOptions:
+        return EncodeOptions(resize_max=self.resize_max, quality=self.quality)
+
+
+@dataclass
+class ShardResult:
+    """What one written (or reused) shard holds; mirrors its sidecar."""
+
+    split: str
+    index: int
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+    skipped: list[dict]
+    reused: bool = False
+
+    def sidecar(self) -> dict:
+        return {"file": self.file, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
+                "fingerprint": self.fingerprint, "skipped": self.skipped}
+
+
+@dataclass
+class WriteSummary:
+    """The outcome of :func:`write_shards`: the index written, skips, and how many shards were reused."""
+
+    index: dict
+    skipped: list[dict]
+    shards_written: int
+    shards_reused: int
+
+    def skip_reasons(self) -> Counter:
+        return Counter(s["reason"].split(" (")[0] for s in self.skipped)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Encode and write one shard (runs in a worker). Bad source images are skipped, never raised."""
+    out = Path(task.out_dir)
+    progress = out / PROGRESS_DIR
+    partial = progress / f"{task.file}.partial"
+    skipped: list[dict] = []
+    written = 0
+    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in task.samples:
+            try:
+                ext, data = encode_image(Path(sample.path), task.encode)
+            except SkipSample as err:
+                skipped.append({"path": sample.path, "reason": str(err)})
+                continue
+            add_bytes(tar, f"{sample.key}.{ext}", data)
+            if sample.cls is not None:
+                add_bytes(tar, f"{sample.key}.cls", str(sample.cls).encode("ascii"))
+            if sample.meta is not None:
+                add_bytes(tar, f"{sample.key}.json", json_bytes(sample.meta))
+            written += 1
+    result = ShardResult(split=task.split, index=task.index, file=task.file, samples=written,
+                         bytes=partial.stat().st_size, sha256=sha256_file(partial),
+                         fingerprint=task.fingerprint, skipped=skipped)
+    os.replace(partial, out / task.file)
+    _atomic_write(progress / f"{task.file}.json", json_bytes(result.sidecar()))
+    return result
+
+
+def completed_shard(task: ShardTask) -> ShardResult | None:
+    """The recorded result for ``task`` if its shard is complete and matches the plan, else None."""
+    out = Path(task.out_dir)
+    try:
+        record = json.loads((out / PROGRESS_DIR / f"{task.file}.json").read_text())
+        size = (out / task.file).stat().st_size
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("fingerprint") != task.fingerprint or record.get("bytes") != size:
+        return None
+    return ShardResult(split=task.split, index=task.index, file=task.file, samples=record["samples"],
+                       bytes=size, sha256=record["sha256"], fingerprint=task.fingerprint,
+                       skipped=record.get("skipped", []), reused=True)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; pass a folder (new or previously written by "
+                        "`vitscale shards write`) as OUT.")
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    for leftover in (out / PROGRESS_DIR).glob("*.partial"):
+        leftover.unlink()
+
+
+def _remove_stale(out: Path, tasks: list[ShardTask]) -> None:
+    planned = {t.file for t in tasks}
+    for path in out.iterdir():
+        if _SHARD_FILE.match(path.name) and path.name not in planned:
+            path.unlink()
+    for path in (out / PROGRESS_DIR).glob("*.tar.json"):
+        if path.name[: -len(".json")] not in planned:
+            path.unlink()
+
+
+def build_index(scan: SourceScan, results: list[ShardResult], options: WriteOptions) -> dict:
+    """The ``index.json`` document (see :mod:`data_tools.shard_format`)."""
+    splits: dict[str, dict] = {}
+    for split in ("train", "val") if options.val_fraction > 0 else ("train",):
+        shards = [{"file": r.file, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
+                  for r in results if r.split == split]
+        splits[split] = {"samples": sum(s["samples"] for s in shards),
+                         "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+    return {
+        "version": INDEX_VERSION,
+        "multi_label": scan.multi_label,
+        "num_classes": len(scan.classes),
+        "classes_file": CLASSES_FILE,
+        "splits": splits,
+        "skipped": len(scan.skipped) + sum(len(r.skipped) for r in results),
+        "options": {"samples_per_shard": options.samples_per_shard,
+                    "max_shard_bytes": options.max_shard_bytes, "resize_max": options.resize_max,
+                    "quality": options.quality, "val_fraction": options.val_fraction, "seed": options.seed},
+    }
+
+
+def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
+    """Write ``src`` (ImageFolder or manifest) as shards under ``out``; see the module docstring.
+
+    Raises :class:`UserError` for a missing or empty source, a bad manifest, an ``out`` that is a
+    file, or when no image at all could be read (the reasons are then in ``skipped.jsonl``).
+    """
+    src, out = Path(src), Path(out)
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise UserError(f"output {out} is inside the source folder {src}, where it would be read as a "
+                        "class folder; choose an OUT outside SRC.")
+    scan = scan_source(src)
+    _prepare_out(out)
+    tasks = plan_shards(scan, str(out.resolve()), options.encode, options.samples_per_shard,
+                        options.max_shard_bytes, options.val_fraction, options.seed)
+    results: list[ShardResult] = []
+    todo = []
+    for task in tasks:
+        done = completed_shard(task)
+        if done is None:
+            todo.append(task)
+        else:
+            results.append(done)
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    _remove_stale(out, tasks)
+    reused = sum(r.samples + len(r.skipped) for r in results)
+    results += map_with_progress(write_shard, todo, options.workers, [len(t.samples) for t in todo],
+                                 desc=f"writing {out.name}", initial=reused, show=options.progress)
+    results.sort(key=lambda r: (r.split != "train", r.index))
+    skipped = scan.skipped + [s for r in results for s in r.skipped]
+    _atomic_write(out / SKIPPED_FILE, b"".join(json_bytes(s) + b"\n" for s in skipped))
+    classes = {"classes": scan.classes, "class_to_idx": scan.class_to_idx}
+    _atomic_write(out / CLASSES_FILE, json.dumps(classes, indent=1).encode("utf-8"))
+    index = build_index(scan, results, options)
+    total = sum(split["samples"] for split in index["splits"].values())
+    if total == 0:
+        raise UserError(f"none of the {len(scan.records)} source images could be read; the reasons are in "
+                        f"{out / SKIPPED_FILE}. Fix or replace the files and run the command again.")
+    _atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode("utf-8"))
+    return WriteSummary(index=index, skipped=skipped, shards_written=len(todo),
+                        shards_reused=len(tasks) - len(todo))

@@ -1,0 +1,35 @@
+"""Run under torchrun: train the tiny ViT with our Engine and report per-rank facts as JSON.
+
+Usage: python -m torch.distributed.run --nproc-per-node 2 tests/scripts/zero_train.py STAGE STEPS OUT.json
+"""
+
+import json
+import sys
+
+import torch
+
+from pretrain.config import load_config
+from pretrain.data import SyntheticTrain
+from pretrain.engine import Comm, Engine, init_distributed
+from pretrain.loop import train_step
+from pretrain.model import build_model
+
+stage, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rank, world, _ = init_distributed()
+cfg = load_config(None, ["model.name=vit_test4", "model.img_size=16", "model.num_classes=4",
+                         "train.micro_batch=16", f"zero.stage={stage}", "optim.lr=0.003"])
+torch.manual_seed(0)
+model = build_model(cfg.model.spec())
+total = sum(p.numel() for p in model.parameters())
+engine = Engine(model, cfg, world)
+data = SyntheticTrain(cfg, rank, world)
+losses = []
+for _ in range(steps):
+    loss, applied = train_step(engine, [data.next_batch()], cfg, 4, cfg.optim.lr)
+    losses.append(loss.item())
+facts = {"rank": rank, "losses": losses, "total_params": total, "held_params": engine.partitioned_numel(),
+         "param_dtype": str(next(engine.module.parameters()).dtype)}
+gathered = Comm.all_gather_object(facts)
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump(gathered, f)

@@ -1,0 +1,58 @@
+"""`vitscale bench loader` on a few generated shards: the JSON contract and the worker split."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_tools.bench_loader as bench_loader
+from data_tools.shard_writer import WriteOptions, write_shards
+
+
+def _shards(root: Path, images: int, per_shard: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        path = root / "src" / f"c{i:02d}" / "img.jpg"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+    options = WriteOptions(samples_per_shard=per_shard, workers=1, progress=False)
+    write_shards(root / "src", root / "out", options)
+    return root / "out"
+
+
+def test_bench_prints_the_json_contract(tmp_path: Path, capsys) -> None:
+    out = _shards(tmp_path, images=12, per_shard=4)
+    argv = ["--shards", str(out), "--workers", "1", "--img-size", "32", "--batch-size", "4", "--batches", "2",
+            "--json"]
+    assert bench_loader.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("images_per_s", "images_per_s_per_core", "baseline_images_per_s",
+                "baseline_images_per_s_per_core", "speedup_vs_baseline"):
+        assert result[key] > 0
+    assert (result["workers"], result["img_size"], result["shards"]) == (1, 32, 3)
+    assert result["runs"]["ours"]["images"] == 8 and result["runs"]["baseline"]["batches"] == 2
+    assert {"cpu", "cpu_count", "torch"} <= set(result["machine"])
+    assert all(v >= 1 for v in result["cores_needed"].values())
+
+
+@pytest.mark.parametrize("images,per_shard,per_worker", [(12, 4, (8, 4)), (6, 6, (3, 3))])
+def test_workers_read_disjoint_samples_covering_the_data(tmp_path: Path, monkeypatch, images: int,
+                                                         per_shard: int, per_worker: tuple[int, int]) -> None:
+    """3 shards over 2 workers split by shard; 1 shard over 2 workers splits by sample."""
+    out = _shards(tmp_path, images=images, per_shard=per_shard)
+    index = json.loads((out / "index.json").read_text())
+    files = [str(out / s["file"]) for s in index["splits"]["train"]["shards"]]
+    dataset = bench_loader.ShardImages(files, "ours", img_size=16)
+    seen = []
+    for worker, count in enumerate(per_worker):
+        fake_info = SimpleNamespace(id=worker, num_workers=2)
+        monkeypatch.setattr(bench_loader, "get_worker_info", lambda info=fake_info: info)
+        seen.append([item[1] for item in itertools.islice(iter(dataset), count)])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(images))

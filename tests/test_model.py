@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from pretrain.costs import model_costs
+from pretrain.model import build_model, reference_attention, spec_for, variant_names
+
+
+def test_sdpa_path_equals_plain_attention():
+    torch.manual_seed(0)
+    model = build_model(spec_for("vit_test4", img_size=16, num_classes=5))
+    for p in model.parameters():  # non-zero head so logits carry the whole network
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(x, use_sdpa=True), model(x, use_sdpa=False), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_attention_matches_sdpa_shapes():
+    q, k, v = (torch.randn(2, 4, 17, 80) for _ in range(3))
+    ref = reference_attention(q, k, v)
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,params_m,gmacs", [("vit_b16", 86, 17.6), ("vit_l16", 304, 61.6),
+                                                 ("vit_h14", 632, 167.4)])
+def test_paper_sizes_on_meta_device(name, params_m, gmacs):
+    c = model_costs(spec_for(name, num_classes=1000))
+    assert abs(c["params"] / 1e6 - params_m) / params_m < 0.01
+    assert abs(c["gmacs_fwd"] - gmacs) / gmacs < 0.005
+    assert c["train_tflops_per_image"] == pytest.approx(6 * c["gmacs_fwd"] / 1e3)
+
+
+def test_vit_h14_reference_facts():
+    c = model_costs(spec_for("vit_h14", num_classes=1000))
+    assert c["seq_len"] == 257 and c["head_dim"] == 80
+    assert c["params_backbone"] == c["params"] - (1280 * 1000 + 1000)
+
+
+def test_pre_logits_present_and_absent():
+    with_pre = build_model(spec_for("vit_test4", img_size=16, num_classes=7, representation_size="auto"))
+    without = build_model(spec_for("vit_test4", img_size=16, num_classes=7))
+    assert "pre_logits.weight" in with_pre.state_dict()
+    assert not any(k.startswith("pre_logits") for k in without.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    feats = with_pre.forward_head(with_pre.forward_features(x), pre_logits=True)
+    assert feats.shape == (2, 64) and feats.abs().max() <= 1.0  # tanh
+    assert with_pre(x).shape == (2, 7)
+
+
+def test_head_is_zero_initialised_with_bias_option():
+    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3, head_bias_init=-10.0))
+    assert torch.all(m.head.weight == 0) and torch.all(m.head.bias == -10.0)
+
+
+def test_reset_head_drops_pre_logits_and_zero_inits():
+    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3, representation_size="auto"))
+    m.reset_head(11)
+    assert m.pre_logits is None and m.head.out_features == 11 and torch.all(m.head.weight == 0)
+    assert m(torch.randn(1, 3, 16, 16)).shape == (1, 11)
+    m2 = build_model(spec_for("vit_test4", img_size=16, num_classes=3, representation_size="auto"))
+    m2.reset_head(5, keep_pre_logits=True)
+    assert m2.pre_logits is not None and m2.head.in_features == 64
+
+
+def test_gap_pooling_has_no_class_token():
+    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3, pool="gap"))
+    assert "cls_token" not in m.state_dict() and m.pos_embed.shape[1] == 16
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = build_model(spec_for("vit_test4", img_size=16, num_classes=3))
+    b = build_model(spec_for("vit_test4", img_size=16, num_classes=3, act_ckpt=True))
+    b.load_state_dict(a.state_dict())
+    torch.nn.init.normal_(a.head.weight)
+    b.head.weight.data.copy_(a.head.weight)
+    x = torch.randn(2, 3, 16, 16)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    torch.testing.assert_close(a.blocks[0].attn.qkv.weight.grad, b.blocks[0].attn.qkv.weight.grad)
+
+
+def test_every_named_variant_builds_on_meta():
+    for name in variant_names():
+        spec = spec_for(name, img_size=224 if not name.startswith(("vit_test", "vit_micro")) else 32)
+        build_model(spec, device="meta")
+
+
+def test_unknown_variant_names_the_options():
+    with pytest.raises(ValueError, match="vit_<size><patch>"):
+        spec_for("vit_q16")
