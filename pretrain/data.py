@@ -56,6 +56,9 @@ class SyntheticTrain:
     def stats(self) -> dict:
         return {}
 
+    def problem(self) -> str | None:
+        return None
+
     def close(self) -> None:
         pass
 

@@ -13,6 +13,7 @@ device type is prefixed, e.g. ``"cpu-flash"`` (torch's CPU flash kernel) or ``"c
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -44,6 +45,16 @@ class SdpaReport:
 
     backend: str
     rejected: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _clean(message: str) -> str | None:
+    """A dispatcher warning without its source location; None for bare headers."""
+    text = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", message).strip()
+    if not text or text.endswith("because:"):
+        return None
+    if text.startswith("No viable backend"):
+        return "no kernel of this backend accepts these inputs on this device"
+    return text
 
 
 def _priority_order() -> list[SDPBackend]:
@@ -90,8 +101,8 @@ def sdpa_report(batch: int, heads: int, seq_len: int, head_dim: int, dtype: torc
             try:
                 F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             except RuntimeError as err:
-                why = [str(w.message).strip() for w in caught] or [str(err).splitlines()[0]]
-                report.rejected[name] = why
+                why = [_clean(str(w.message)) for w in caught] or [_clean(str(err).splitlines()[0])]
+                report.rejected[name] = [w for w in why if w] or ["rejected by the dispatcher"]
                 continue
         report.backend = name
         return report

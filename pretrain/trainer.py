@@ -100,8 +100,12 @@ def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prep
         log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
 
     def on_step(st: LoopState) -> bool:
-        flag = all_reduce_(torch.tensor([1.0 if stop.raised else 0.0], device=engine.device), "max")
-        if flag.item() > 0:
+        data_problem = train_data.problem()
+        flags = torch.tensor([1.0 if stop.raised else 0.0, 1.0 if data_problem else 0.0], device=engine.device)
+        flags = all_reduce_(flags, "max").tolist()
+        if flags[1] > 0:
+            raise UserError(data_problem or "another rank stopped on bad training data (see its message above)")
+        if flags[0] > 0:
             log.console(f"stop signal received: saving at step {st.step} and exiting")
             save(st.step)
             log.write({"kind": "event", "step": st.step, "event": "preempted"})

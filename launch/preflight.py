@@ -1,0 +1,371 @@
+"""Preflight: check a run config against a cluster before spending GPU hours.
+
+``vitscale preflight --config FILE [--nodes N --gpus-per-node G] [--gpu-mem-gb M] [--json]
+[overrides]`` prints one PASS / WARN / FAIL / SKIP line per check, with the fix under each
+failure, and exits 1 if anything failed:
+
+1. config: the YAML and overrides load and validate.
+2. batch: global batch = micro batch x grad accum x world size (``TrainConfig.check_world``).
+3. shards: at least one shard per data-loader worker of every rank (world x max(1, workers)).
+4. run dir: ``run.dir`` can be created and written, and its filesystem has room for
+   ``checkpoint.keep + 1`` checkpoints of ``checkpoint_bytes`` each (launch/memory.py:
+   14 B/param with AdamW = 2 bf16 weights + 4 fp32 master + 8 moments; 10 B/param with SGD).
+5. memory: the per-GPU estimate of launch/memory.py against ``--gpu-mem-gb`` (default: the local
+   GPU's memory, else 80 GiB), with its breakdown.
+6. sdpa: the attention backend that runs for the configured shapes (pretrain/sdpa_check.py).
+7. all-reduce: inside a distributed job (``WORLD_SIZE`` > 1) a one-element all-reduce with a
+   60 s timeout; skipped otherwise.
+
+:func:`run_cheap_checks` (config, batch, shards, run dir, sdpa) is what ``vitscale pretrain``
+runs at start; with synthetic data it takes milliseconds and allocates only tiny tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from launch.memory import GIB, MemoryEstimate, checkpoint_bytes, estimate_memory, param_count
+from pretrain.config import Config, load_config
+from pretrain.errors import UserError
+from pretrain.sdpa_check import flash_blockers, sdpa_report
+
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+HEADROOM = 0.9  # fraction of GPU memory the estimate may use before WARN
+DEFAULT_GPU_MEM_GIB = 80.0
+SHARD_FIX = "`vitscale shards write --samples-per-shard N` with a smaller N writes more shards"
+
+
+@dataclass
+class Check:
+    """One line of the report. ``fix`` says what to change when the status is WARN or FAIL."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+    data: dict = field(default_factory=dict)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def check_config(config: str | Path | None, overrides: list[str]) -> tuple[Config | None, Check]:
+    """Load and validate; a :class:`UserError` becomes a FAIL line."""
+    try:
+        cfg = load_config(config, overrides)
+    except UserError as err:
+        return None, Check("config", FAIL, str(err), "edit the YAML file or the override named above")
+    return cfg, describe_config(cfg)
+
+
+def describe_config(cfg: Config) -> Check:
+    spec = cfg.model.spec()
+    return Check("config", PASS,
+                 f"{cfg.model.name} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
+                 f"tokens, head_dim {spec.head_dim}; ZeRO-{cfg.zero.stage}, {cfg.optim.name}, "
+                 f"{'bf16' if cfg.train.bf16 else 'fp32'}")
+
+
+def check_batch(cfg: Config, world_size: int) -> Check:
+    t = cfg.train
+    got = t.micro_batch * t.grad_accum * world_size
+    try:
+        t.check_world(world_size)
+    except UserError as err:
+        per = t.micro_batch * world_size
+        hint = (f"train.grad_accum={t.global_batch // per}" if t.global_batch % per == 0
+                else f"a train.micro_batch that divides {t.global_batch} / {world_size} ranks")
+        return Check("batch", FAIL, str(err),
+                     f"use {hint}, run on a world size that divides the global batch, or drop train.global_batch")
+    return Check("batch", PASS, f"global batch {got} = micro {t.micro_batch} x accum {t.grad_accum} x "
+                                f"{world_size} ranks" + ("" if t.global_batch else " (train.global_batch not set)"))
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def list_shards(train: str) -> list[str] | None:
+    """Shard list of ``data.train``: None for "synthetic"; a directory's ``index.json`` train split;
+    a brace pattern (``a-{000000..000099}.tar``); a glob; several joined by ``::``; else the path."""
+    if train == "synthetic":
+        return None
+    shards: list[str] = []
+    for part in train.split("::"):
+        p = Path(part)
+        if _is_local(part) and p.is_dir():
+            index = p / "index.json"
+            if not index.is_file():
+                raise UserError(f"data.train={part!r} is a directory without index.json: write shards with "
+                                f"`vitscale shards write`, or give a brace pattern like dir/train-{{000000..000099}}.tar")
+            try:
+                names = json.loads(index.read_text())["splits"]["train"]["shards"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise UserError(f"{index} has no readable splits.train.shards list ({err!r}): rewrite it with "
+                                f"`vitscale shards write`") from None
+            shards += [str(p / (n if isinstance(n, str) else n.get("name", ""))) for n in names]
+        elif "{" in part:
+            import braceexpand
+
+            shards += list(braceexpand.braceexpand(part))
+        elif _is_local(part) and glob.has_magic(part):
+            shards += sorted(glob.glob(part))
+        else:
+            shards.append(part)
+    return shards
+
+
+def check_shards(cfg: Config, world_size: int) -> Check:
+    try:
+        shards = list_shards(cfg.data.train)
+    except UserError as err:
+        return Check("shards", FAIL, str(err), "point data.train at a shard directory or pattern")
+    if shards is None:
+        return Check("shards", SKIP, "data.train=synthetic: no shards to split")
+    missing = [s for s in shards if _is_local(s) and not Path(s).exists()]
+    if missing:
+        return Check("shards", FAIL, f"{len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})",
+                     "fix data.train or write the missing shards")
+    workers = max(1, cfg.data.workers)
+    need = world_size * workers
+    if len(shards) >= need:
+        return Check("shards", PASS, f"{len(shards)} shards for {world_size} ranks x {workers} workers",
+                     data={"shards": len(shards)})
+    fit = len(shards) // world_size
+    fewer = (f"lower data.workers to {fit}" if fit >= 1 else
+             f"use fewer than {len(shards) + 1} ranks")
+    return Check("shards", FAIL,
+                 f"{len(shards)} shards < {world_size} ranks x {workers} workers = {need}: some workers "
+                 f"would get no shard (and ranks would see different step counts)",
+                 f"{fewer}, or write at least {need} shards: {SHARD_FIX}", data={"shards": len(shards)})
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_run_dir(cfg: Config) -> list[Check]:
+    """Writable (a temp file is created and removed where run.dir is or would be created; nothing
+    else is created) and room for ``checkpoint.keep + 1`` checkpoints."""
+    run_dir = Path(cfg.run.dir)
+    base = _existing_ancestor(run_dir)
+    fix = "set run.dir to a writable directory on a shared filesystem"
+    if not base.is_dir():
+        return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r} cannot be created: {base} is not a directory",
+                      fix)]
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".vitscale-preflight-"):
+            pass
+    except OSError as err:
+        return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r}: cannot write in {base} ({err.strerror})",
+                      f"{fix}, or fix the permissions of {base}")]
+    where = "exists" if base == run_dir.absolute() else f"will be created under {base}"
+    checks = [Check("run dir", PASS, f"{run_dir} {where}, writable")]
+    params = param_count(cfg.model.spec())
+    one = checkpoint_bytes(params, cfg.optim.name)
+    need = one * (cfg.checkpoint.keep + 1)
+    free = shutil.disk_usage(base).free
+    detail = (f"{_gib(free)} free; {cfg.checkpoint.keep} + 1 checkpoints x {_gib(one)} "
+              f"({2 + (12 if cfg.optim.name == 'adamw' else 8)} B/param) = {_gib(need)}")
+    if free < need:
+        checks.append(Check("disk", FAIL, detail, f"free space, lower checkpoint.keep, or {fix}"))
+    else:
+        checks.append(Check("disk", PASS, detail))
+    return checks
+
+
+def sdpa_shapes(cfg: Config) -> dict:
+    spec = cfg.model.spec()
+    return {"batch": cfg.train.micro_batch, "heads": spec.heads, "seq_len": spec.seq_len,
+            "head_dim": spec.head_dim, "dtype": torch.bfloat16 if cfg.train.bf16 else torch.float32,
+            "dropout_p": spec.attn_dropout}
+
+
+def check_sdpa(cfg: Config, device: torch.device | str | None = None) -> Check:
+    shapes = sdpa_shapes(cfg)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = sdpa_report(**shapes, device=dev)
+    what = (f"heads {shapes['heads']}, seq {shapes['seq_len']}, head_dim {shapes['head_dim']}, "
+            f"{str(shapes['dtype']).removeprefix('torch.')} on {dev.type}: {report.backend}")
+    if report.backend == "flash":
+        return Check("sdpa", PASS, what)
+    gpu_blockers = [r for r in flash_blockers(shapes["head_dim"], shapes["dtype"], "cuda")
+                    if not r.startswith("device is")] if dev.type != "cuda" else []
+    reasons = flash_blockers(shapes["head_dim"], shapes["dtype"], dev) + report.rejected.get("flash", [])
+    fix = "; ".join(dict.fromkeys(reasons)) or "see the reason above"
+    if cfg.model.require_flash:
+        return Check("sdpa", FAIL, f"{what}, but model.require_flash=true",
+                     f"{fix}; or set model.require_flash=false")
+    if dev.type != "cuda":
+        note = ("these shapes are flash-eligible on an sm80+ GPU" if not gpu_blockers
+                else "flash will not run on a GPU either: " + "; ".join(gpu_blockers))
+        return Check("sdpa", PASS if not gpu_blockers else WARN, f"{what} (no GPU here; {note})",
+                     "" if not gpu_blockers else fix)
+    return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
+
+
+def run_cheap_checks(cfg: Config, world_size: int) -> list[Check]:
+    """Config, batch arithmetic, shards, run dir (+ disk), SDPA backend: no GPU work beyond tiny
+    tensors, milliseconds with synthetic data. ``vitscale pretrain`` calls this at start."""
+    return [describe_config(cfg), check_batch(cfg, world_size), check_shards(cfg, world_size),
+            *check_run_dir(cfg), check_sdpa(cfg)]
+
+
+def raise_on_failure(checks: list[Check]) -> None:
+    """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        raise UserError("preflight failed: " + " | ".join(f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed))
+
+
+def check_memory(cfg: Config, world_size: int, gpu_mem_gib: float) -> Check:
+    est = estimate_memory(cfg, world_size)
+    rows = est.breakdown()
+    detail = (f"{est.total / GIB:.1f} of {gpu_mem_gib:.0f} GiB per GPU (ZeRO-{est.stage} over {world_size} ranks, "
+              f"micro batch {cfg.train.micro_batch}, act_ckpt={str(cfg.model.act_ckpt).lower()})")
+    data = {"breakdown_gib": {name: round(v, 3) for name, v in rows}}
+    if est.total <= HEADROOM * gpu_mem_gib * GIB:
+        return Check("memory", PASS, detail, data=data)
+    if est.total <= gpu_mem_gib * GIB:
+        return Check("memory", WARN, detail + f": above {HEADROOM:.0%}, fragmentation may OOM",
+                     _memory_fix(cfg, est), data=data)
+    return Check("memory", FAIL, detail + ": does not fit", _memory_fix(cfg, est), data=data)
+
+
+def _memory_fix(cfg: Config, est: MemoryEstimate) -> str:
+    fixes = []
+    if cfg.zero.stage < 3 and est.model_states > est.activations:
+        fixes.append(f"zero.stage={cfg.zero.stage + 1} (partitions more model states)")
+    if not cfg.model.act_ckpt:
+        fixes.append("model.act_ckpt=true (keeps only block inputs)")
+    if cfg.train.micro_batch > 1:
+        half = cfg.train.micro_batch // 2
+        fixes.append(f"train.micro_batch={half} with train.grad_accum={cfg.train.grad_accum * 2} "
+                     f"(same global batch)")
+    if cfg.zero.stage < 3 and est.model_states <= est.activations:
+        fixes.append(f"zero.stage={cfg.zero.stage + 1}")
+    return "; ".join(fixes) or "use GPUs with more memory"
+
+
+def check_allreduce(timeout_s: int = 60) -> Check:
+    """All-reduce of ones over the job's ranks must give the world size. Skipped outside a job."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not torch.distributed.is_available():
+        return Check("all-reduce", SKIP, "not inside a distributed job (WORLD_SIZE unset or 1): run "
+                                         "`vitscale preflight` under srun/torchrun to test the network")
+    dist = torch.distributed
+    cuda = torch.cuda.is_available()
+    owns = not dist.is_initialized()
+    try:
+        if owns:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        x = torch.ones(1, device=device)
+        dist.all_reduce(x)
+        got = int(x.item())
+    except Exception as err:  # network and rendezvous failures of any kind become a FAIL line
+        return Check("all-reduce", FAIL, f"all-reduce over {world} ranks failed: {type(err).__name__}: {err}",
+                     "check MASTER_ADDR/MASTER_PORT reachability, firewalls and NCCL_SOCKET_IFNAME / "
+                     "NCCL_IB_HCA; rerun with NCCL_DEBUG=INFO")
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+    if got != world:
+        return Check("all-reduce", FAIL, f"all-reduce gave {got}, expected world size {world}",
+                     "ranks disagree on WORLD_SIZE: check the launcher command on every node")
+    return Check("all-reduce", PASS, f"{world} ranks agree (backend {'nccl' if cuda else 'gloo'})")
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<5} {c.name:<{width}}  {c.detail}")
+        if c.fix and c.status in (WARN, FAIL):
+            lines.append(f"{'':<5} {'':<{width}}  fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def format_memory(check: Check) -> str:
+    rows = check.data.get("breakdown_gib", {})
+    return "\n".join(["memory per GPU (GiB):"] + [f"  {name:<24} {v:8.2f}" for name, v in rows.items()])
+
+
+def _default_world(nodes: int | None, gpus: int | None) -> tuple[int, int]:
+    if nodes is None and gpus is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return max(1, world // local), local
+    default_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return nodes or 1, gpus or default_gpus
+
+
+def _default_gpu_mem() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return DEFAULT_GPU_MEM_GIB
+
+
+def run_all(config: str | Path | None, overrides: list[str], nodes: int, gpus_per_node: int,
+            gpu_mem_gib: float) -> list[Check]:
+    """Every check in order; stops after the config check if the config does not load."""
+    cfg, first = check_config(config, overrides)
+    if cfg is None:
+        return [first]
+    world = nodes * gpus_per_node
+    *checks, sdpa = run_cheap_checks(cfg, world)
+    return [*checks, check_memory(cfg, world, gpu_mem_gib), sdpa, check_allreduce()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vitscale preflight", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="run recipe YAML")
+    ap.add_argument("--nodes", type=int, default=None, help="nodes (default 1, or from WORLD_SIZE in a job)")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: local count or 1)")
+    ap.add_argument("--gpu-mem-gb", type=float, default=None,
+                    help=f"memory per GPU in GiB (default: the local GPU's, else {DEFAULT_GPU_MEM_GIB:g})")
+    ap.add_argument("--json", action="store_true", help="print the checks as JSON")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    args = ap.parse_intermixed_args(argv)
+    nodes, gpus = _default_world(args.nodes, args.gpus_per_node)
+    if nodes < 1 or gpus < 1:
+        raise UserError(f"--nodes {nodes} --gpus-per-node {gpus}: both must be >= 1")
+    gpu_mem = args.gpu_mem_gb or _default_gpu_mem()
+    checks = run_all(args.config, args.overrides, nodes, gpus, gpu_mem)
+    failed = any(c.status == FAIL for c in checks)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.json:
+        if rank == 0:
+            print(json.dumps({"nodes": nodes, "gpus_per_node": gpus, "gpu_mem_gib": gpu_mem, "ok": not failed,
+                              "checks": [asdict(c) for c in checks]}, indent=2))
+    elif rank == 0:
+        print(f"vitscale preflight: {args.config}, {nodes} node(s) x {gpus} GPU(s) = {nodes * gpus} ranks")
+        print(format_table(checks))
+        memory = next((c for c in checks if c.name == "memory"), None)
+        if memory is not None:
+            print(format_memory(memory))
+        print("FAILED: fix the lines marked FAIL" if failed else "all checks passed")
+    else:
+        bad = [c for c in checks if c.status == FAIL]
+        if bad:
+            print(f"[rank {rank}]\n{format_table(bad)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
