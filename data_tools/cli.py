@@ -1,4 +1,4 @@
-"""``vitscale shards {write,verify,stats}``: offline work on WebDataset shard folders.
+"""``vitscale shards {write,verify,stats,synth}``: offline work on WebDataset shard folders.
 
 ``main(argv) -> int`` is called by the top-level ``vitscale`` dispatcher, which turns a
 :class:`~pretrain.errors.UserError` into a one-paragraph message and exit status 2.
@@ -18,7 +18,7 @@ from data_tools.shard_format import SKIPPED_FILE
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitscale shards",
                                      description="write, verify and describe WebDataset shard folders")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,verify,stats}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,verify,stats,synth}")
 
     write = sub.add_parser("write", help="write an ImageFolder tree or CSV/JSONL manifest as shards")
     write.add_argument("src", type=Path, help="ImageFolder directory, or manifest .csv / .jsonl")
@@ -47,7 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--workers", type=int, default=default_workers(), metavar="W")
     stats.add_argument("--no-progress", action="store_true")
+    synth = sub.add_parser("synth", help="write the built-in synthetic task as an ImageFolder of JPEGs")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--per-class", type=int, default=100)
+    synth.add_argument("--img-size", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--start", type=int, default=0, help="first sample index (held-out sets use another range)")
     return parser
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from data_tools.synth import write_synthetic_folder
+
+    n = write_synthetic_folder(args.out, args.classes, args.per_class, args.img_size, args.seed, args.start)
+    print(f"wrote {n} synthetic images ({args.classes} classes, {args.img_size}px) to {args.out}")
+    return 0
 
 
 def _write(args: argparse.Namespace) -> int:
@@ -88,7 +103,7 @@ def _stats(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (without the leading ``shards``) and run the subcommand; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"write": _write, "verify": _verify, "stats": _stats}[args.command](args)
+    return {"write": _write, "verify": _verify, "stats": _stats, "synth": _synth}[args.command](args)
 
 
 if __name__ == "__main__":

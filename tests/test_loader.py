@@ -1,0 +1,121 @@
+"""The streaming shard loader: layout, equal steps, exact resume, bad samples (no DeepSpeed needed)."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.shard_writer import WriteOptions, write_shards
+from data_tools.synth import write_synthetic_folder
+from pretrain.config import load_config
+from pretrain.errors import UserError
+from pretrain.shards_loader import ShardTrain, shard_eval
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    write_synthetic_folder(root / "img", classes=4, per_class=20, img_size=16, seed=0)
+    write_shards(root / "img", root / "sh", WriteOptions(samples_per_shard=10, workers=1, progress=False))
+    return root / "sh"
+
+
+def _cfg(train: str, **kw):
+    over = {"model.name": "vit_test4", "model.img_size": "16", "model.num_classes": "4", "data.train": train,
+            "data.workers": "2", "train.micro_batch": "5", "data.shuffle_buffer": "7", **kw}
+    return load_config(None, [f"{k}={v}" for k, v in over.items()])
+
+
+def _keys(src, n):
+    out = []
+    for _ in range(n):
+        b = src.next_batch()
+        assert b.images.shape == (5, 3, 16, 16) and b.images.dtype == torch.float32
+        out.append(list(b.keys))
+    return out
+
+
+def test_ranks_and_workers_see_disjoint_keys_whose_union_is_the_epoch(shards):
+    cfg = _cfg(str(shards))
+    per_rank = [[k for batch in _keys(ShardTrain(cfg, r, 2), 8) for k in batch] for r in range(2)]
+    assert len(set(per_rank[0]) & set(per_rank[1])) == 0
+    union = set(per_rank[0]) | set(per_rank[1])
+    assert len(union) == 80 and all(len(k) == 40 for k in per_rank)
+
+
+def test_order_is_a_pure_function_of_seed_and_changes_per_epoch(shards):
+    cfg = _cfg(str(shards))
+    a, b = _keys(ShardTrain(cfg, 0, 1), 32), _keys(ShardTrain(cfg, 0, 1), 32)
+    assert a == b
+    epoch0, epoch1 = sum(a[:16], []), sum(a[16:], [])
+    assert len(set(epoch0)) == 80 and sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    other = _keys(ShardTrain(_cfg(str(shards), **{"run.seed": 1}), 0, 1), 16)
+    assert other != a[:16]
+
+
+@pytest.mark.parametrize("stop", [3, 9])
+def test_resume_mid_epoch_gives_the_identical_key_sequence(shards, stop):
+    cfg = _cfg(str(shards))
+    straight = _keys(ShardTrain(cfg, 1, 2), 14)
+    first = ShardTrain(cfg, 1, 2)
+    head = _keys(first, stop)
+    state = first.state_dict()
+    resumed = ShardTrain(cfg, 1, 2)
+    resumed.load_state_dict(state)
+    assert head + _keys(resumed, 14 - stop) == straight
+
+
+def test_too_few_shards_for_ranks_times_workers_is_an_error_with_the_fix(shards):
+    with pytest.raises(UserError, match="data.workers=4"):
+        ShardTrain(_cfg(str(shards), **{"data.workers": "8"}), 0, 2)
+
+
+def test_brace_pattern_without_index_is_counted(shards):
+    cfg = _cfg(str(shards / "train-{000000..000007}.tar"))
+    src = ShardTrain(cfg, 0, 2)
+    assert src.shards.counts == (10,) * 8
+    assert len({k for b in _keys(src, 8) for k in b}) == 40
+
+
+def _corrupt_copy(shards: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for i, tar_path in enumerate(sorted(shards.glob("train-*.tar"))):
+        with tarfile.open(tar_path) as src, tarfile.open(dst / tar_path.name, "w") as out:
+            for m in src.getmembers():
+                data = src.extractfile(m).read()
+                if i == 0 and m.name.endswith(".jpg"):
+                    data = b"not a jpeg"
+                    m.size = len(data)
+                out.addfile(m, io.BytesIO(data))
+    return dst
+
+
+def test_corrupt_samples_are_skipped_counted_and_named(shards, tmp_path):
+    bad_dir = _corrupt_copy(shards, tmp_path / "bad")
+    cfg = _cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.05", "data.workers": "1"})
+    src = ShardTrain(cfg, 0, 1)
+    keys = _keys(src, 14)  # exactly the 70 good samples of epoch 0
+    assert all(len(b) == 5 for b in keys)
+    stats = src.stats()
+    assert stats["bad_samples"] == 10 and stats["bad_by_reason"] == {"undecodable": 10}
+    _keys(src, 14)  # past the minimum sample count the share is judged
+    assert "train-000000.tar" in src.problem() and "max_bad_frac" in src.problem()
+    lenient = ShardTrain(_cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.5",
+                                                                               "data.workers": "1"}), 0, 1)
+    _keys(lenient, 28)
+    assert lenient.problem() is None
+
+
+def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path):
+    write_synthetic_folder(tmp_path / "img", classes=4, per_class=9, img_size=16, seed=0)
+    write_shards(tmp_path / "img", tmp_path / "sh", WriteOptions(samples_per_shard=7, workers=1, val_fraction=0.5,
+                                                                 progress=False))
+    cfg = _cfg(str(tmp_path / "sh"), **{"data.val": str(tmp_path / "sh")})
+    runs = [list(shard_eval(cfg, r, 2)) for r in range(2)]
+    assert len(runs[0]) == len(runs[1])
+    from data_tools.shard_format import load_index
+
+    n_val = load_index(tmp_path / "sh")["splits"]["val"]["samples"]
+    assert sum(int(b.valid.sum()) for run in runs for b in run) == n_val
