@@ -20,6 +20,24 @@ from pretrain.errors import UserError
 from pretrain.run import build_parser, launch_or_run
 
 
+_CHEAP_SPEC_FORMATS = ("safetensors", "deepspeed", "deepspeed-universal")
+
+
+def _precheck(cfg, fmt: str) -> None:
+    """Run the surgery on the meta device from the source's recorded spec, so a mismatched
+    backbone fails here, before any process is spawned, with the key that does not fit."""
+    from pretrain.finetune import finetune_state_dict
+    from pretrain.inspect_ckpt import inspect
+    from pretrain.model import ViTSpec, build_model
+
+    spec = inspect(cfg.finetune.init, fmt).get("spec")
+    if not spec:
+        return
+    source = build_model(ViTSpec(**spec), device="meta").state_dict()
+    finetune_state_dict(source, cfg.model.spec(), keep_pre_logits=cfg.finetune.keep_pre_logits,
+                        mode=cfg.finetune.pos_embed_mode)
+
+
 def main(argv: list[str]) -> int:
     p = build_parser("vitscale finetune", "Fine-tune a pretrained ViT at a new resolution with a new head.")
     p.add_argument("--init", metavar="SOURCE", help="weights to start from (sets finetune.init)")
@@ -32,6 +50,8 @@ def main(argv: list[str]) -> int:
     from pretrain.formats import detect_format
 
     fmt = detect_format(cfg.finetune.init)
+    if fmt in _CHEAP_SPEC_FORMATS:
+        _precheck(cfg, fmt)
 
     def prepare(model, log) -> None:
         from pretrain.finetune import apply_finetune_surgery
