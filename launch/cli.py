@@ -76,7 +76,8 @@ def slurm_main(argv: list[str]) -> int:
     ap.add_argument("--qos")
     ap.add_argument("--cpus-per-task", type=int, help="CPUs for each node's task (all its ranks and workers)")
     ap.add_argument("--job-name")
-    ap.add_argument("--extra-sbatch", default="", help="more sbatch options; write --extra-sbatch=\"--exclusive --mem=0\" (with =)")
+    ap.add_argument("--extra-sbatch", default="",
+                    help='more sbatch options, given with "=": --extra-sbatch="--exclusive --mem=0"')
     ap.add_argument("--output", help="script path (default RUN_DIR/launch.sbatch)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
@@ -89,7 +90,8 @@ def slurm_main(argv: list[str]) -> int:
         run_dir=run_dir, config_path=config_path, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         vitscale=tuple(vitscale_command()), workdir=Path.cwd(), command=args.command,
         partition=args.partition, time=args.time, account=args.account, qos=args.qos,
-        cpus_per_task=args.cpus_per_task, job_name=args.job_name, extra_sbatch=tuple(shlex.split(args.extra_sbatch)),
+        cpus_per_task=args.cpus_per_task, job_name=args.job_name,
+        extra_sbatch=tuple(shlex.split(args.extra_sbatch)),
     )
     text = slurm.sbatch_script(job)
     if args.dry_run:
@@ -97,7 +99,8 @@ def slurm_main(argv: list[str]) -> int:
         return 0
     save_config(cfg, config_path)
     job.log_dir.mkdir(parents=True, exist_ok=True)
-    script = slurm.write_script(text, Path(args.output).absolute() if args.output else run_dir / "launch.sbatch")
+    script_path = Path(args.output).absolute() if args.output else run_dir / "launch.sbatch"
+    script = slurm.write_script(text, script_path)
     print(f"wrote {script}\n  resolved config: {config_path}\n  logs: {job.log_dir}/")
     if args.submit:
         print(slurm.submit(script))
@@ -130,8 +133,9 @@ def deepspeed_main(argv: list[str]) -> int:
     print(shlex.join(cmd))
     if args.dry_run:
         return 0
+    launcher = _tool("deepspeed")
     save_config(cfg, config_path)
-    return subprocess.call([_tool("deepspeed"), *cmd[1:]])
+    return subprocess.call([launcher, *cmd[1:]])
 
 
 def accelerate_main(argv: list[str]) -> int:

@@ -45,7 +45,8 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
         if host in hosts:
             raise UserError(f"{source} line {number}: host {host!r} is listed twice; keep one line per host")
         if slots < 1:
-            raise UserError(f"{source} line {number}: {host} has slots={slots}; give the number of GPUs (>= 1)")
+            raise UserError(f"{source} line {number}: {host} has slots={slots}; "
+                            f"give the number of GPUs to use there (>= 1)")
         hosts[host] = slots
     if not hosts:
         raise UserError(f"{source} lists no hosts: write one 'HOST slots=N' line per node")
@@ -73,8 +74,8 @@ def world_size(hosts: dict[str, int], gpus_per_node: int | None = None) -> int:
     return gpus_per_node * len(hosts)
 
 
-def deepspeed_command(hostfile: str | Path, hosts: dict[str, int], vitscale: list[str], config_path: str | Path,
-                      master_port: int = 29500, gpus_per_node: int | None = None,
+def deepspeed_command(hostfile: str | Path, hosts: dict[str, int], vitscale: list[str],
+                      config_path: str | Path, master_port: int = 29500, gpus_per_node: int | None = None,
                       command: str = "pretrain") -> list[str]:
     """The ``deepspeed`` launcher command (argv) that runs ``vitscale COMMAND`` (pretrain or
     finetune) on every slot.

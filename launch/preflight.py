@@ -23,6 +23,7 @@ runs at start; with synthetic data it takes milliseconds and allocates only tiny
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from launch.memory import GIB, MemoryEstimate, checkpoint_bytes, estimate_memory, param_count
+from launch.memory import GIB, checkpoint_bytes, estimate_memory, param_count
 from pretrain.config import Config, load_config
 from pretrain.errors import UserError
 from pretrain.sdpa_check import flash_blockers, sdpa_report
@@ -88,9 +89,11 @@ def check_batch(cfg: Config, world_size: int) -> Check:
         hint = (f"train.grad_accum={t.global_batch // per}" if t.global_batch % per == 0
                 else f"a train.micro_batch that divides {t.global_batch} / {world_size} ranks")
         return Check("batch", FAIL, str(err),
-                     f"use {hint}, run on a world size that divides the global batch, or drop train.global_batch")
+                     f"use {hint}, run on a world size that divides the global batch, "
+                     f"or drop train.global_batch")
+    unset = "" if t.global_batch else " (train.global_batch not set)"
     return Check("batch", PASS, f"global batch {got} = micro {t.micro_batch} x accum {t.grad_accum} x "
-                                f"{world_size} ranks" + ("" if t.global_batch else " (train.global_batch not set)"))
+                                f"{world_size} ranks{unset}")
 
 
 def _is_local(path: str) -> bool:
@@ -108,13 +111,14 @@ def list_shards(train: str) -> list[str] | None:
         if _is_local(part) and p.is_dir():
             index = p / "index.json"
             if not index.is_file():
-                raise UserError(f"data.train={part!r} is a directory without index.json: write shards with "
-                                f"`vitscale shards write`, or give a brace pattern like dir/train-{{000000..000099}}.tar")
+                raise UserError(f"data.train={part!r} is a directory without index.json: write shards "
+                                f"with `vitscale shards write`, or give a brace pattern like "
+                                f"dir/train-{{000000..000099}}.tar")
             try:
                 names = json.loads(index.read_text())["splits"]["train"]["shards"]
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise UserError(f"{index} has no readable splits.train.shards list ({err!r}): rewrite it with "
-                                f"`vitscale shards write`") from None
+                raise UserError(f"{index} has no readable splits.train.shards list ({err!r}): "
+                                f"rewrite it with `vitscale shards write`") from None
             shards += [str(p / (n if isinstance(n, str) else n.get("name", ""))) for n in names]
         elif "{" in part:
             import braceexpand
@@ -136,7 +140,8 @@ def check_shards(cfg: Config, world_size: int) -> Check:
         return Check("shards", SKIP, "data.train=synthetic: no shards to split")
     missing = [s for s in shards if _is_local(s) and not Path(s).exists()]
     if missing:
-        return Check("shards", FAIL, f"{len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})",
+        return Check("shards", FAIL,
+                     f"{len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})",
                      "fix data.train or write the missing shards")
     workers = max(1, cfg.data.workers)
     need = world_size * workers
@@ -159,15 +164,32 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _bytes_under(path: Path, max_files: int = 20000) -> int:
+    """Bytes of the regular files under ``path``, counting at most ``max_files`` files (an
+    undercount only makes the disk check stricter; it keeps a mistaken run.dir=/ cheap)."""
+    if not path.is_dir():
+        return 0
+    total = 0
+    for count, f in enumerate(path.rglob("*")):
+        if count >= max_files:
+            break
+        if f.is_file() and not f.is_symlink():
+            total += f.stat().st_size
+    return total
+
+
 def check_run_dir(cfg: Config) -> list[Check]:
     """Writable (a temp file is created and removed where run.dir is or would be created; nothing
-    else is created) and room for ``checkpoint.keep + 1`` checkpoints."""
+    else is created) and room for ``checkpoint.keep + 1`` checkpoints of
+    :func:`launch.memory.checkpoint_bytes` each. Bytes already under ``run.dir`` count as
+    available, since old checkpoints are rotated out as new ones land (a resumed run); one new
+    checkpoint must always fit."""
     run_dir = Path(cfg.run.dir)
     base = _existing_ancestor(run_dir)
     fix = "set run.dir to a writable directory on a shared filesystem"
     if not base.is_dir():
-        return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r} cannot be created: {base} is not a directory",
-                      fix)]
+        return [Check("run dir", FAIL,
+                      f"run.dir={str(run_dir)!r} cannot be created: {base} is not a directory", fix)]
     try:
         with tempfile.NamedTemporaryFile(dir=base, prefix=".vitscale-preflight-"):
             pass
@@ -178,12 +200,16 @@ def check_run_dir(cfg: Config) -> list[Check]:
     checks = [Check("run dir", PASS, f"{run_dir} {where}, writable")]
     params = param_count(cfg.model.spec())
     one = checkpoint_bytes(params, cfg.optim.name)
-    need = one * (cfg.checkpoint.keep + 1)
+    total = one * (cfg.checkpoint.keep + 1)
+    existing = _bytes_under(run_dir)
+    need = max(one, total - existing)
     free = shutil.disk_usage(base).free
     detail = (f"{_gib(free)} free; {cfg.checkpoint.keep} + 1 checkpoints x {_gib(one)} "
-              f"({2 + (12 if cfg.optim.name == 'adamw' else 8)} B/param) = {_gib(need)}")
+              f"({one // params} B/param) = {_gib(total)}"
+              + (f", {_gib(existing)} already in run.dir" if existing else ""))
     if free < need:
-        checks.append(Check("disk", FAIL, detail, f"free space, lower checkpoint.keep, or {fix}"))
+        checks.append(Check("disk", FAIL, detail,
+                            f"free {_gib(need - free)} more, lower checkpoint.keep, or {fix}"))
     else:
         checks.append(Check("disk", PASS, detail))
     return checks
@@ -196,9 +222,16 @@ def sdpa_shapes(cfg: Config) -> dict:
             "dropout_p": spec.attn_dropout}
 
 
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` with CUDA (so ranks do not all touch GPU 0), else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+
+
 def check_sdpa(cfg: Config, device: torch.device | str | None = None) -> Check:
     shapes = sdpa_shapes(cfg)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device is not None else local_device()
     report = sdpa_report(**shapes, device=dev)
     what = (f"heads {shapes['heads']}, seq {shapes['seq_len']}, head_dim {shapes['head_dim']}, "
             f"{str(shapes['dtype']).removeprefix('torch.')} on {dev.type}: {report.backend}")
@@ -230,36 +263,54 @@ def raise_on_failure(checks: list[Check]) -> None:
     """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
     failed = [c for c in checks if c.status == FAIL]
     if failed:
-        raise UserError("preflight failed: " + " | ".join(f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed))
+        lines = [f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed]
+        raise UserError("preflight failed: " + " | ".join(lines))
 
 
 def check_memory(cfg: Config, world_size: int, gpu_mem_gib: float) -> Check:
     est = estimate_memory(cfg, world_size)
-    rows = est.breakdown()
-    detail = (f"{est.total / GIB:.1f} of {gpu_mem_gib:.0f} GiB per GPU (ZeRO-{est.stage} over {world_size} ranks, "
-              f"micro batch {cfg.train.micro_batch}, act_ckpt={str(cfg.model.act_ckpt).lower()})")
-    data = {"breakdown_gib": {name: round(v, 3) for name, v in rows}}
-    if est.total <= HEADROOM * gpu_mem_gib * GIB:
+    ckpt = str(cfg.model.act_ckpt).lower()
+    detail = (f"{est.total / GIB:.1f} of {gpu_mem_gib:.0f} GiB per GPU (ZeRO-{est.stage} over "
+              f"{world_size} ranks, micro batch {cfg.train.micro_batch}, act_ckpt={ckpt})")
+    data = {"breakdown_gib": {name: round(v, 3) for name, v in est.breakdown()}}
+    budget = HEADROOM * gpu_mem_gib * GIB
+    if est.total <= budget:
         return Check("memory", PASS, detail, data=data)
+    fix = memory_fixes(cfg, world_size, budget)
     if est.total <= gpu_mem_gib * GIB:
-        return Check("memory", WARN, detail + f": above {HEADROOM:.0%}, fragmentation may OOM",
-                     _memory_fix(cfg, est), data=data)
-    return Check("memory", FAIL, detail + ": does not fit", _memory_fix(cfg, est), data=data)
+        return Check("memory", WARN, f"{detail}: above {HEADROOM:.0%}, fragmentation may OOM", fix, data=data)
+    return Check("memory", FAIL, f"{detail}: does not fit", fix, data=data)
 
 
-def _memory_fix(cfg: Config, est: MemoryEstimate) -> str:
-    fixes = []
-    if cfg.zero.stage < 3 and est.model_states > est.activations:
-        fixes.append(f"zero.stage={cfg.zero.stage + 1} (partitions more model states)")
+def memory_fixes(cfg: Config, world_size: int, budget: float) -> str:
+    """Single changes that lower the estimate, each with its new total: the lowest higher ZeRO
+    stage that fits (else stage 3; only with more than one rank), activation checkpointing, and
+    the largest smaller micro batch that fits (dividing the global batch per rank when one is set)."""
+    def total(**changes) -> int:
+        sections = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in changes.items()}
+        return estimate_memory(cfg.replace(**sections), world_size).total
+
+    options: list[tuple[str, int]] = []
+    if world_size > 1 and cfg.zero.stage < 3:
+        stages = [(s, total(zero={"stage": s})) for s in range(cfg.zero.stage + 1, 4)]
+        stage, need = next(((s, t) for s, t in stages if t <= budget), stages[-1])
+        options.append((f"zero.stage={stage}", need))
     if not cfg.model.act_ckpt:
-        fixes.append("model.act_ckpt=true (keeps only block inputs)")
-    if cfg.train.micro_batch > 1:
-        half = cfg.train.micro_batch // 2
-        fixes.append(f"train.micro_batch={half} with train.grad_accum={cfg.train.grad_accum * 2} "
-                     f"(same global batch)")
-    if cfg.zero.stage < 3 and est.model_states <= est.activations:
-        fixes.append(f"zero.stage={cfg.zero.stage + 1}")
-    return "; ".join(fixes) or "use GPUs with more memory"
+        options.append(("model.act_ckpt=true", total(model={"act_ckpt": True})))
+    t = cfg.train
+    per_rank = t.global_batch // world_size if t.global_batch and t.global_batch % world_size == 0 else None
+    for b in range(t.micro_batch - 1, 0, -1):
+        if per_rank is not None and per_rank % b:
+            continue
+        need = total(train={"micro_batch": b, "global_batch": None, "grad_accum": 1})
+        if need <= budget:
+            accum = f"train.grad_accum={per_rank // b}" if per_rank else "a larger train.grad_accum"
+            options.append((f"train.micro_batch={b} with {accum} (same global batch)", need))
+            break
+    text = "; ".join(f"{change} -> {need / GIB:.1f} GiB" for change, need in options)
+    if not any(need <= budget for _, need in options):
+        text += ("; " if text else "") + "none fits alone: combine them, or use GPUs with more memory"
+    return text
 
 
 def check_allreduce(timeout_s: int = 60) -> Check:
@@ -271,10 +322,12 @@ def check_allreduce(timeout_s: int = 60) -> Check:
     dist = torch.distributed
     cuda = torch.cuda.is_available()
     owns = not dist.is_initialized()
+    device = local_device()
     try:
+        if cuda:
+            torch.cuda.set_device(device)
         if owns:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
         x = torch.ones(1, device=device)
         dist.all_reduce(x)
         got = int(x.item())
@@ -336,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vitscale preflight", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="run recipe YAML")
     ap.add_argument("--nodes", type=int, default=None, help="nodes (default 1, or from WORLD_SIZE in a job)")
-    ap.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: local count or 1)")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs per node (default: the local count, or 1)")
     ap.add_argument("--gpu-mem-gb", type=float, default=None,
                     help=f"memory per GPU in GiB (default: the local GPU's, else {DEFAULT_GPU_MEM_GIB:g})")
     ap.add_argument("--json", action="store_true", help="print the checks as JSON")

@@ -12,25 +12,35 @@ A save goes to ``.tmp-step_...``; only when every rank has written and hashed it
 rank 0 write ``vitscale.json``, rename the directory to its tag and replace ``latest``. A crash at
 any moment leaves the previous checkpoint and ``latest`` intact; stale temporary directories are
 removed by the next save. The ``keep`` newest complete checkpoints are kept, never the one
-``latest`` names.
+``latest`` names. Files are fsynced before the rename, so the guarantee also holds for a node
+that loses power, on file systems that honour fsync.
+
+A run resumed with another process count converts its checkpoint once into
+``checkpoints/universal/<tag>`` (DeepSpeed's universal format; not a ``step_*`` name, so pruning
+by step leaves it alone until its source tag is pruned) and loads that. ``run.dir`` must be on a
+file system every node sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pretrain import __version__ as VERSION
 from pretrain.errors import UserError
 
 META = "vitscale.json"
-VERSION = "0.1.0"
+UNIVERSAL = "universal"
 
 
 def tag_for(step: int) -> str:
@@ -67,6 +77,20 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        _fsync_path(path)
 
 
 def read_meta(tag_dir: Path) -> dict | None:
@@ -127,14 +151,21 @@ class CheckpointManager:
             return None
         return self.dir / latest.read_text().strip()
 
+    def has_checkpoints(self) -> bool:
+        return self.latest() is not None or bool(self.tags())
+
     def usable_for_resume(self) -> tuple[Path | None, list[str]]:
-        """Newest checkpoint that verifies, starting at ``latest``; plus warnings about the
-        ones skipped. All ranks share the sha256 work and agree on the result."""
+        """Newest checkpoint that verifies, starting at ``latest`` and going back to older tags;
+        plus warnings about the ones skipped. Tags newer than ``latest`` are never used (they
+        belong to an abandoned branch after ``--resume`` of an older one). Without a ``latest``
+        file (a crash between the very first rename and writing it) every tag is a candidate.
+        All ranks share the sha256 work and agree on the result."""
         first = self.latest()
         if first is None:
-            return None, []
-        candidates = [first] + [self.dir / t for t in reversed(self.tags()) if self.dir / t != first
-                                and t < first.name]
+            candidates = [self.dir / t for t in reversed(self.tags())]
+        else:
+            candidates = [first] + [self.dir / t for t in reversed(self.tags()) if self.dir / t != first
+                                    and t < first.name]
         warnings = []
         for tag_dir in candidates:
             problems = self.verify_shared(tag_dir)
@@ -152,8 +183,12 @@ class CheckpointManager:
         return sorted({p for part in gathered for p in part})
 
     # ---- saving ----
-    def save(self, engine, step: int, meta: dict, rank_state: dict) -> Path:
-        """Write checkpoint ``step`` (model, optimizer, ``rank_state`` of every rank, ``meta``)."""
+    def save(self, engine, step: int, meta: dict, rank_state: dict,
+             before_publish: Callable[[], None] | None = None) -> Path:
+        """Write checkpoint ``step`` (model, optimizer, ``rank_state`` of every rank, ``meta``).
+
+        ``before_publish`` runs on every rank once all files are written and hashed, just before
+        rank 0 makes the checkpoint visible (tests use it to kill a process mid-save)."""
         tag = tag_for(step)
         tmp_tag = f".tmp-{tag}"
         tmp = self.dir / tmp_tag
@@ -166,19 +201,26 @@ class CheckpointManager:
         torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
         self.comm.barrier()
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                for n in names[self.rank::self.world]}
+        mine = {}
+        for n in names[self.rank::self.world]:
+            _fsync_path(tmp / n)
+            mine[n] = {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
         files = {}
         for part in self.comm.all_gather_object(mine):
             files.update(part)
+        if before_publish is not None:
+            before_publish()
         final = self.dir / tag
         if self.rank == 0:
-            (tmp / META).write_text(json.dumps({**meta, "step": step, "version": VERSION,
-                                                 "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
+            _write_atomic(tmp / META, json.dumps({**meta, "step": step, "version": VERSION, "files": files},
+                                                 indent=1))
+            old = self.dir / f".tmp-old-{tag}"
+            if final.exists():  # same step saved again (resumed from an older tag): move it aside first
+                os.replace(final, old)
             os.replace(tmp, final)
+            _fsync_dir(self.dir)
             _write_atomic(self.dir / "latest", tag)
+            shutil.rmtree(old, ignore_errors=True)
             self._prune(tag)
         self.comm.barrier()
         return final
@@ -188,9 +230,55 @@ class CheckpointManager:
         for old in tags[:-self.keep]:
             if old != latest_tag:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+        udir = self.dir / UNIVERSAL
+        if udir.is_dir():
+            kept = set(self.tags())
+            for conv in udir.iterdir():
+                if conv.is_dir() and conv.name not in kept:
+                    shutil.rmtree(conv, ignore_errors=True)
 
-    def load_rank_state(self, tag_dir: Path) -> dict | None:
-        path = Path(tag_dir) / f"rank_{self.rank:05d}.pt"
+    # ---- another world size ----
+    def universal_for(self, tag_dir: Path) -> Path:
+        """The universal checkpoint of ``tag_dir``, converted by rank 0 into
+        ``checkpoints/universal/<tag>`` if not there yet while the other ranks wait (the wait is
+        bounded by ``run.timeout_s``). Every rank gets the path or the same :class:`UserError`."""
+        tag_dir = Path(tag_dir)
+        out = self.dir / UNIVERSAL / tag_dir.name
+        error = None
+        if self.rank == 0 and not (out / META).is_file():
+            try:
+                _convert_to_universal(tag_dir, out)
+            except UserError as err:
+                error = str(err)
+        error = self.comm.broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
+        return out
+    def load_rank_state(self, tag_dir: Path, rank: int | None = None) -> dict | None:
+        """Loader, loop and RNG state saved by ``rank`` (default: this rank)."""
+        path = Path(tag_dir) / f"rank_{self.rank if rank is None else rank:05d}.pt"
         if not path.is_file():
             return None
         return torch.load(path, weights_only=False)
+
+
+def _convert_to_universal(tag_dir: Path, out: Path) -> None:
+    """DeepSpeed's converter into ``.tmp-<tag>`` beside ``out``, then one rename. Preemption
+    signals are held back meanwhile (the converter's processes would die of them) and handled
+    once it is done."""
+    from pretrain.formats.deepspeed_ckpt import to_universal
+
+    tmp = out.with_name(f".tmp-{out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    held = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        to_universal(tag_dir, tmp)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    _write_atomic(out.parent / "latest_universal", out.name)

@@ -35,9 +35,12 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     deterministic: bool = False  # bitwise-reproducible kernels (slower); used by resume tests
+    timeout_s: int = 1800  # a collective waiting longer than this (dead or stuck peer) ends the job
 
     def __post_init__(self):
         _check(bool(self.dir), "run.dir", self.dir, "give a directory for checkpoints and logs")
+        _check(self.timeout_s > 0, "run.timeout_s", self.timeout_s,
+               "must be > 0 seconds; keep it above the longest save or universal conversion")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ class LogConfig:
     peak_flops: float | None = None  # per device; None: from the device table (null on CPU)
     tensorboard: bool = False
     progress: bool = True
+    sample_keys: bool = False  # debug: each rank appends its batch keys per step to sample_keys_rank{r}.jsonl
 
     def __post_init__(self):
         _check(self.peak_flops is None or self.peak_flops > 0, "log.peak_flops", self.peak_flops,

@@ -32,8 +32,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed config for ``cfg`` on ``world_size`` ranks (user JSON merged last)."""
+def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = False) -> dict:
+    """DeepSpeed config for ``cfg`` on ``world_size`` ranks (user JSON merged last).
+
+    ``load_universal``: the engine will be restored from a universal checkpoint (another world
+    size); DeepSpeed must know before ``initialize``."""
     t, z = cfg.train, cfg.zero
     bucket = int(z.bucket_mb * 1e6)
     zero = {"stage": z.stage, "overlap_comm": z.overlap_comm and z.stage > 0,
@@ -54,6 +57,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if z.ds_config:
         try:
             user = json.loads(Path(z.ds_config).read_text())
@@ -68,9 +73,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def init_distributed(timeout_s: int = 600) -> tuple[int, int, int]:
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     """Join the process group (NCCL on GPU, gloo on CPU) from torchrun-style env variables.
-    A dead peer ends collectives after ``timeout_s`` seconds instead of hanging forever."""
+    A dead peer ends collectives after ``timeout_s`` seconds (``run.timeout_s``) instead of
+    hanging forever; a peer whose process exits is usually noticed at once (closed connection)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     rank, world = ds_comm.get_rank(), ds_comm.get_world_size()
@@ -107,9 +113,9 @@ class Engine:
     it returns the mean loss as a tensor (no host sync) and leaves the grad norm readable.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, world_size: int):
+    def __init__(self, model: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
         self.cfg = cfg
-        self.ds_config = build_ds_config(cfg, world_size)
+        self.ds_config = build_ds_config(cfg, world_size, load_universal=load_universal)
         optimizer = build_optimizer(model, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
@@ -137,6 +143,12 @@ class Engine:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step changed the weights. DeepSpeed skips a step whose
+        gradients are non-finite (ZeRO-1/2: ``bf16.check_grad_overflow``, on by default; ZeRO-3: a
+        non-finite global grad norm), the same decision on every rank."""
+        return bool(self.engine.was_step_applied())
+
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
@@ -153,6 +165,12 @@ class Engine:
                             f"or was written by another setup; pass --resume with another checkpoint or "
                             f"--no-resume")
         return client or {}
+
+    def load_universal(self, universal_dir: Path) -> dict:
+        """Restore weights and optimizer moments from a DeepSpeed universal checkpoint (any world
+        size); the engine must have been built with ``load_universal=True``."""
+        universal_dir = Path(universal_dir)
+        return self.load(universal_dir.parent, universal_dir.name)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole-model fp32 weights on every rank (gathers ZeRO-3 partitions; collective)."""
@@ -204,3 +222,7 @@ class Comm:
         out = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    @staticmethod
+    def broadcast_object(obj, src: int = 0):
+        return broadcast_object(obj, src)

@@ -8,9 +8,11 @@ all-reduce so that all ranks skip the same step.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -68,15 +70,23 @@ def evaluate(engine: Engine, batches, cfg: Config) -> dict:
     return out
 
 
-def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
-               lr: float, fault=None) -> tuple[torch.Tensor, bool]:
-    """Forward/backward over the micro batches and one optimizer step. Returns the mean loss
-    and whether the update was applied.
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor  # mean loss over the micro batches (on the device)
+    applied: bool  # the optimizer step changed the weights
+    skip_reason: str | None = None  # "nonfinite_loss" or "nonfinite_grad" when not applied
+
+
+def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
+             lr: float, fault=None) -> StepOutcome:
+    """Forward/backward over the micro batches and one optimizer step.
 
     A non-finite loss on any rank (one all-reduce per micro batch, no host sync) turns that
     micro batch's loss into an exact zero on every rank; at the last micro batch one host sync
-    reads the flag and, if set, the optimizer step runs with lr 0 so the weights do not move
-    (Adam moments decay by one step). Every rank keeps issuing the same collectives.
+    reads the flag and, if set, the optimizer step runs with lr 0 so the weights do not move.
+    A finite loss whose gradients are not finite is caught by DeepSpeed, which skips the update
+    on every rank (see :meth:`Engine.step_applied`); the step then counts as skipped too. Every
+    rank keeps issuing the same collectives and reaches the same verdict at the same step.
     """
     losses = []
     bad_any = None
@@ -94,18 +104,49 @@ def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_clas
         if i == len(micro_batches) - 1 and bad_any.item() > 0:
             engine.set_lr(0.0)
         engine.step()
-    skipped = bool(bad_any.item() > 0)
-    if skipped:
+    mean = torch.stack(losses).mean()
+    if bad_any.item() > 0:
         engine.set_lr(lr)
-    return torch.stack(losses).mean(), not skipped
+        return StepOutcome(mean, False, "nonfinite_loss")
+    if not engine.step_applied():
+        return StepOutcome(mean, False, "nonfinite_grad")
+    norm = engine.grad_norm()
+    if norm is not None and not math.isfinite(norm):
+        raise RuntimeError(f"DeepSpeed applied an optimizer step with grad norm {norm}; the weights are no "
+                           f"longer trustworthy (this DeepSpeed setup does not skip non-finite steps)")
+    return StepOutcome(mean, True)
+
+
+def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
+               lr: float, fault=None) -> tuple[torch.Tensor, bool]:
+    """:func:`run_step` as (mean loss, whether the update was applied)."""
+    out = run_step(engine, micro_batches, cfg, num_classes, lr, fault)
+    return out.loss, out.applied
+
+
+class SampleKeysLog:
+    """Debug record (``log.sample_keys``): each rank appends ``{"step", "keys"}`` per step to
+    ``run.dir/sample_keys_rank{r}.jsonl``; a resumed run appends to the same file."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / f"sample_keys_rank{rank}.jsonl"
+
+    def __call__(self, step: int, batches: list[Batch]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
 
 
 def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log: MetricsLog,
         flops_per_image: float, peak_flops: float | None, world: int, on_step=None,
-        fault_for=lambda step: None) -> LoopState:
+        fault_for=lambda step: None, keys_log=None) -> LoopState:
     """Train from ``state.step`` to ``train.steps``; ``on_step(state)`` runs after every step
     (checkpointing, preemption) and may return True to stop early. ``fault_for(step)`` may
-    return a function applied to the loss (fault injection for tests)."""
+    return a function applied to the loss (fault injection for tests); ``keys_log(step,
+    batches)`` records the sample keys of each step (debugging, resume tests).
+
+    Skipped steps (non-finite loss or gradient) still advance the step counter and consume
+    their batches; ``train.max_bad_steps`` of them in a row stop the run with a
+    :class:`UserError` before anything else is saved."""
     t = cfg.train
     num_classes = cfg.model.num_classes
     meter = Throughput(t.micro_batch * t.grad_accum * world, flops_per_image, peak_flops, world)
@@ -119,23 +160,28 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
         t0 = time.perf_counter()
         batches = [train_data.next_batch() for _ in range(t.grad_accum)]
         wait = time.perf_counter() - t0
-        loss, applied = train_step(engine, batches, cfg, num_classes, lr, fault_for(step))
+        if keys_log is not None:
+            keys_log(step, batches)
+        out = run_step(engine, batches, cfg, num_classes, lr, fault_for(step))
         state.step = step
         meter.add(1, wait)
-        if applied:
+        if out.applied:
             state.bad_steps_in_row = 0
-            pending.append(loss)
+            pending.append(out.loss)
         else:
             state.bad_steps_total += 1
             state.bad_steps_in_row += 1
-            log.write({"kind": "event", "step": step, "event": "nonfinite_loss_skipped",
-                       "bad_steps_total": state.bad_steps_total})
-            log.console(f"step {step}: non-finite loss on some rank, step skipped "
-                        f"({state.bad_steps_in_row} in a row)")
+            what = "loss" if out.skip_reason == "nonfinite_loss" else "gradient norm"
+            log.write({"kind": "event", "step": step, "event": f"{out.skip_reason}_skipped",
+                       "bad_steps_total": state.bad_steps_total, "bad_steps_in_row": state.bad_steps_in_row})
+            log.console(f"step {step}: non-finite {what} on some rank, step skipped, weights unchanged "
+                        f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
             if state.bad_steps_in_row >= t.max_bad_steps:
-                raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss (last at "
-                                f"step {step}); the run stops to protect the checkpoints. Lower optim.lr, "
-                                f"check the data, or resume from an earlier checkpoint")
+                raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                                f"(train.max_bad_steps={t.max_bad_steps}, last at step {step}); the run stops "
+                                f"to protect the checkpoints (the newest one holds the weights from before "
+                                f"these steps). Lower optim.lr, check the data, or resume from an earlier "
+                                f"checkpoint")
         if step % t.log_every == 0 or step == t.steps:
             _log_train(state, pending, engine, lr, meter, log, t.steps, train_data)
             pending = []

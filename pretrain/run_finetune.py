@@ -19,7 +19,6 @@ from pretrain.config import load_config
 from pretrain.errors import UserError
 from pretrain.run import build_parser, launch_or_run
 
-
 _CHEAP_SPEC_FORMATS = ("safetensors", "deepspeed", "deepspeed-universal")
 
 

@@ -17,19 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.checkpoint import CheckpointManager, read_meta, resolve_checkpoint, set_rng_state
+from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, save_config
 from pretrain.costs import model_costs
 from pretrain.data import build_eval_data, build_train_data
 from pretrain.engine import Comm, Engine, all_reduce_, init_distributed
 from pretrain.errors import UserError
-from pretrain.loop import LoopState, evaluate, fit
+from pretrain.faults import Faults
+from pretrain.loop import LoopState, SampleKeysLog, evaluate, fit
 from pretrain.metrics import MetricsLog, device_peak_flops
 from pretrain.model import build_model
+from pretrain.resume import find_resume_source, restore
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption); ranks agree on it at step boundaries."""
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption; the ``vitscale`` spawner forwards both as
+    SIGUSR1); ranks agree on it at step boundaries. Installed first thing, so a signal during
+    start-up, resume or a save is never fatal: it is acted on at the next step boundary."""
 
     def __init__(self):
         self.raised = False
@@ -46,49 +50,64 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _fault_injector(spec: str | None, rank: int):
-    """``VITSCALE_FAULT=nan@5,6:rank1`` makes the loss NaN at steps 5 and 6 on rank 1 (tests)."""
-    if not spec:
-        return lambda step: None
-    kind, _, rest = spec.partition("@")
-    steps_txt, _, where = rest.partition(":")
-    steps = {int(s) for s in steps_txt.split(",") if s}
-    only = int(where.removeprefix("rank")) if where else None
-    if kind != "nan":
-        raise ValueError(f"unknown fault {kind!r}")
-
-    def fault_for(step: int):
-        if step in steps and (only is None or only == rank):
-            return lambda loss: loss * float("nan")
-        return None
-
-    return fault_for
+        # filling every new tensor with NaN is a debugging aid, not needed for reproducibility,
+        # and costs a lot with DeepSpeed's large communication buckets
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model=None) -> int:
-    rank, world, _ = init_distributed()
+    """One rank of the job. Returns 0 when the run finished or was preempted (saved)."""
+    stop = StopFlag()
+    rank, world, _ = init_distributed(cfg.run.timeout_s)
+    try:
+        return _run(cfg, mode, resume, no_resume, prepare_model, stop, rank, world)
+    except torch.distributed.DistError as err:
+        raise PeerFailure(rank, cfg.run.timeout_s, err) from err
+    except RuntimeError as err:
+        if not _is_peer_failure(err):
+            raise
+        raise PeerFailure(rank, cfg.run.timeout_s, err) from err
+
+
+class PeerFailure(UserError):
+    """A collective failed: another rank died or stopped answering within ``run.timeout_s``."""
+
+    def __init__(self, rank: int, timeout_s: int, err: Exception):
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        super().__init__(f"rank {rank}: a collective operation failed, so another process of the job died or "
+                         f"did not answer within run.timeout_s={timeout_s} s ({first}). The job stops; the "
+                         f"checkpoints are intact and relaunching the same command resumes from the latest")
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out",
+                                    "timed out", "Broken pipe", "NCCL", "gloo"))
+
+
+def _run(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model, stop: StopFlag,
+         rank: int, world: int) -> int:
     cfg.train.check_world(world)
     run_dir = Path(cfg.run.dir)
     log = MetricsLog(run_dir, rank, cfg.log.tensorboard)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
+    comm = Comm()
+    ckpt = CheckpointManager(run_dir, rank, world, cfg.checkpoint.keep, comm)
+    source = find_resume_source(cfg, ckpt, resume, no_resume, log, world, mode)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     spec = cfg.model.spec()
     model = build_model(spec)
     if prepare_model is not None:
         prepare_model(model, log)
     costs = model_costs(spec)
-    engine = Engine(model, cfg, world)
+    engine = Engine(model, cfg, world, load_universal=source is not None and source.universal is not None)
     torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout, augmentation)
-    comm = Comm()
-    ckpt = CheckpointManager(run_dir, rank, world, cfg.checkpoint.keep, comm)
     train_data = build_train_data(cfg, rank, world)
     state = LoopState()
-    start = _resume(cfg, engine, ckpt, train_data, state, resume, no_resume, log, world)
-    stop = StopFlag()
+    start = restore(source, engine, ckpt, train_data, state, cfg, rank, log) if source is not None else 0
     ckpt_meta = {"format": "vitscale-deepspeed", "model_spec": spec.to_dict(), "world_size": world,
                  "zero_stage": cfg.zero.stage, "config": cfg.to_dict(), "mode": mode}
 
@@ -96,19 +115,30 @@ def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prep
         if not _weights_finite(engine):
             raise UserError(f"step {step}: the weights hold NaN/Inf; no checkpoint is written. Resume "
                             f"from the previous checkpoint with a lower optim.lr")
-        path = ckpt.save(engine, step, ckpt_meta, {"data": train_data.state_dict(), "loop": vars(state)})
+        path = ckpt.save(engine, step, ckpt_meta, {"data": train_data.state_dict(), "loop": vars(state)},
+                         before_publish=faults.save_pause(step))
         log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
 
-    def on_step(st: LoopState) -> bool:
-        data_problem = train_data.problem()
-        flags = torch.tensor([1.0 if stop.raised else 0.0, 1.0 if data_problem else 0.0], device=engine.device)
+    def agree_to_stop() -> bool:
+        flags = torch.tensor([1.0 if stop.raised else 0.0, 1.0 if train_data.problem() else 0.0],
+                             device=engine.device)
         flags = all_reduce_(flags, "max").tolist()
         if flags[1] > 0:
-            raise UserError(data_problem or "another rank stopped on bad training data (see its message above)")
-        if flags[0] > 0:
+            raise UserError(train_data.problem() or "another rank stopped on bad training data (see its "
+                            "message above)")
+        return flags[0] > 0
+
+    preempted = False
+
+    def on_step(st: LoopState) -> bool:
+        nonlocal preempted
+        if faults.stop(st.step):
+            stop.raised = True
+        if agree_to_stop():
             log.console(f"stop signal received: saving at step {st.step} and exiting")
             save(st.step)
             log.write({"kind": "event", "step": st.step, "event": "preempted"})
+            preempted = True
             return True
         every = cfg.checkpoint.every
         if every and st.step % every == 0 and st.step != cfg.train.steps:
@@ -119,16 +149,23 @@ def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prep
         batches = build_eval_data(cfg, rank, world)
         return evaluate(engine, batches, cfg) if batches is not None else {}
 
+    if agree_to_stop():  # signalled during start-up: nothing new to save
+        log.console(f"stop signal received before step {start + 1}: exiting (the checkpoint of step {start} "
+                    f"stays the latest)")
+        log.write({"kind": "event", "step": start, "event": "preempted"})
+        train_data.close()
+        return 0
     peak = device_peak_flops(cfg.log.peak_flops)
     log.console(f"{mode}: {cfg.model.name} {costs['params'] / 1e6:.2f}M params, {world} ranks, ZeRO-"
                 f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
                 f"run dir {run_dir}")
     t0 = time.perf_counter()
     fit(engine, train_data, eval_fn if cfg.data.val else None, cfg, state, log,
-        costs["train_tflops_per_image"] * 1e12, peak, world, on_step,
-        _fault_injector(os.environ.get("VITSCALE_FAULT"), rank))
-    if state.step < cfg.train.steps:  # preempted: already saved
+        costs["train_tflops_per_image"] * 1e12, peak, world, on_step, faults.loss_fault,
+        SampleKeysLog(run_dir, rank) if cfg.log.sample_keys else None)
+    if preempted:
         train_data.close()
+        log.close()
         return 0
     if cfg.data.val:
         state.last_eval = {"kind": "eval", "step": state.step, **eval_fn()}
@@ -145,59 +182,6 @@ def _weights_finite(engine: Engine) -> bool:
     ok = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
              for p in engine.module.parameters())
     return all_reduce_(torch.tensor([0.0 if ok else 1.0], device=engine.device), "max").item() == 0
-
-
-def _resume(cfg, engine, ckpt, train_data, state, resume, no_resume, log, world) -> int:
-    """Load the checkpoint to continue from; returns its step (0 for a fresh start)."""
-    if resume:
-        tag_dir = resolve_checkpoint(resume)
-        problems = ckpt.verify_shared(tag_dir)
-        if problems:
-            raise UserError(f"--resume {resume}: " + "; ".join(problems))
-    elif no_resume:
-        if ckpt.latest() is not None:
-            raise UserError(f"--no-resume but {ckpt.dir} already holds checkpoints: choose a new run.dir "
-                            f"or drop --no-resume to continue that run")
-        return 0
-    else:
-        tag_dir, warnings = ckpt.usable_for_resume()
-        for w in warnings:
-            log.console(f"warning: {w}; falling back to an earlier checkpoint")
-            log.write({"kind": "event", "event": "checkpoint_rejected", "reason": w})
-        if tag_dir is None:
-            if warnings:
-                raise UserError("no usable checkpoint to resume from: " + "; ".join(warnings))
-            return 0
-    meta = read_meta(tag_dir)
-    _check_compatible(meta, cfg, tag_dir, world)
-    engine.load(tag_dir.parent, tag_dir.name)
-    rank_state = ckpt.load_rank_state(tag_dir)
-    if rank_state is not None:
-        train_data.load_state_dict(rank_state["data"])
-        for key, value in rank_state["loop"].items():
-            setattr(state, key, value)
-        set_rng_state(rank_state["rng"])
-    state.step = int(meta["step"])
-    log.console(f"resumed from {tag_dir} at step {state.step}")
-    log.write({"kind": "event", "step": state.step, "event": "resumed", "path": str(tag_dir)})
-    return state.step
-
-
-def _check_compatible(meta: dict, cfg: Config, tag_dir: Path, world: int) -> None:
-    spec = cfg.model.spec().to_dict()
-    saved = meta.get("model_spec", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in spec.items()
-            if k not in ("dropout", "attn_dropout", "act_ckpt") and saved.get(k) != v]
-    if diff:
-        raise UserError(f"checkpoint {tag_dir} does not match the config's model ({'; '.join(diff)}): use "
-                        f"the config the run was started with, or a new run.dir")
-    if meta.get("zero_stage") != cfg.zero.stage:
-        raise UserError(f"checkpoint {tag_dir} was written with ZeRO stage {meta.get('zero_stage')} but the "
-                        f"config says zero.stage={cfg.zero.stage}: set zero.stage={meta.get('zero_stage')}")
-    if meta.get("world_size") != world:
-        raise UserError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} processes and this "
-                        f"job has {world}: convert it first with `vitscale convert {tag_dir} "
-                        f"{tag_dir}-universal --to deepspeed-universal` and resume from that")
 
 
 def _summary(cfg, state: LoopState, log: MetricsLog, run_dir: Path, seconds: float, mode: str) -> None:

@@ -34,7 +34,7 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 31))
     for r in rows:
-        assert METRIC_KEYS <= r.keys() and r["mfu"] is None and 0 <= r["data_wait_frac"] <= 1
+        assert r.keys() >= METRIC_KEYS and r["mfu"] is None and 0 <= r["data_wait_frac"] <= 1
     assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["eval_top1"] > 0.5

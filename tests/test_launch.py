@@ -33,7 +33,8 @@ def _write_exe(path: Path, text: str) -> Path:
 @pytest.fixture
 def recipe(tmp_path: Path) -> Path:
     cfg = tmp_path / "recipe.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"name": "vit_test4", "img_size": 32}, "train": {"micro_batch": 4}}))
+    recipe = {"model": {"name": "vit_test4", "img_size": 32}, "train": {"micro_batch": 4}}
+    cfg.write_text(yaml.safe_dump(recipe))
     return cfg
 
 
@@ -64,8 +65,8 @@ echo "$*" > "$FAKE_LOG/node-$SLURM_NODEID.args"
 
 def _job(tmp_path: Path, vitscale: Path, nodes: int = 4, gpus: int = 8, **kw) -> slurm.SlurmJob:
     run_dir = tmp_path / "run"
-    return slurm.SlurmJob(run_dir=run_dir, config_path=run_dir / "config.yaml", nodes=nodes, gpus_per_node=gpus,
-                          vitscale=(str(vitscale),), workdir=tmp_path, **kw)
+    return slurm.SlurmJob(run_dir=run_dir, config_path=run_dir / "config.yaml", nodes=nodes,
+                          gpus_per_node=gpus, vitscale=(str(vitscale),), workdir=tmp_path, **kw)
 
 
 def _slurm_env(fakebin: Path, log: Path, nodes: int = 4, job_id: int = 4242) -> dict:
@@ -113,7 +114,8 @@ def test_rendezvous_block_alone_with_fake_slurm(tmp_path, fakebin):
     text = slurm.sbatch_script(_job(tmp_path, fakebin / "vitscale", nodes=4, gpus=8))
     block = re.search(r"^# >>> rendezvous.*?^# <<< rendezvous$", text, flags=re.M | re.S).group(0)
     probe = tmp_path / "probe.sh"
-    probe.write_text(block + '\nrendezvous && echo "$MASTER_ADDR $MASTER_PORT $NNODES $NODE_RANK $WORLD_SIZE"\n')
+    report = 'echo "$MASTER_ADDR $MASTER_PORT $NNODES $NODE_RANK $WORLD_SIZE"'
+    probe.write_text(f"{block}\nrendezvous && {report}\n")
     for node in range(4):
         env = {**_slurm_env(fakebin, tmp_path / "log", job_id=1234567), "SLURM_NODEID": str(node)}
         out = subprocess.run(["bash", str(probe)], env=env, capture_output=True, text=True, check=True).stdout
@@ -148,14 +150,19 @@ while true; do sleep 0.05; done
                                 tmp_path / "job.sbatch")
     log = tmp_path / "log"
     proc = subprocess.Popen(["bash", str(script)], env=_slurm_env(fakebin, log, nodes=2, job_id=99),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while not (log / "srun.started").exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "srun never started"
-        time.sleep(0.05)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=20)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (log / "srun.started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "srun never started"
+            time.sleep(0.05)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, err
     assert (log / "srun.signal").read_text().strip() == "usr1"
     assert (log / "scontrol.log").read_text().split() == ["requeue", "99"]
@@ -170,7 +177,8 @@ def test_submit_needs_sbatch_on_path(tmp_path, recipe, monkeypatch, capsys):
     with pytest.raises(UserError, match="sbatch is not on PATH"):
         cli.main(["slurm", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--submit",
                   f"run.dir={tmp_path / 'run'}"])
-    _write_exe(empty / "sbatch", '#!/bin/bash\necho "$1" > "${0%/*}/submitted"\necho "Submitted batch job 7"\n')
+    _write_exe(empty / "sbatch", '#!/bin/bash\necho "$1" > "${0%/*}/submitted"\n'
+                                 'echo "Submitted batch job 7"\n')
     assert cli.main(["slurm", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--submit",
                      f"run.dir={tmp_path / 'run'}"]) == 0
     assert "Submitted batch job 7" in capsys.readouterr().out
@@ -192,6 +200,17 @@ def test_hostfile_parsing_and_errors():
         hostfile.world_size({"node-1": 8, "node-2": 4}, gpus_per_node=8)
     assert hostfile.world_size({"node-1": 8, "node-2": 4}) == 12
     assert hostfile.world_size({"node-1": 8, "node-2": 8}, gpus_per_node=4) == 8
+
+
+def test_bad_hostfile_through_the_vitscale_cli_is_a_clean_error(tmp_path, recipe, capsys):
+    from pretrain.cli import main as vitscale
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-1 slots=8\nnode-2 slots = 8\n")
+    argv = ["launch", "deepspeed", "--config", str(recipe), "--hostfile", str(hosts), "--dry-run"]
+    assert vitscale(argv) == 2
+    err = capsys.readouterr().err
+    assert "line 2: 'node-2 slots = 8' is not 'HOST slots=N'" in err and "Traceback" not in err
 
 
 def test_deepspeed_command_matches_the_launchers_parser(tmp_path):
@@ -261,7 +280,8 @@ def test_accelerate_config_is_valid_for_accelerate(tmp_path, recipe, monkeypatch
 def test_accelerate_launch_runs_vitscale_on_every_rank(tmp_path, recipe, monkeypatch):
     """`accelerate launch` with the generated config and command starts both ranks."""
     _build_ds_config_or_skip()
-    fake = _write_exe(tmp_path / "vitscale", '#!/bin/bash\necho "$RANK $WORLD_SIZE $*" > "$(dirname "$0")/r$RANK"\n')
+    fake = _write_exe(tmp_path / "vitscale",
+                      '#!/bin/bash\necho "$RANK $WORLD_SIZE $*" > "$(dirname "$0")/r$RANK"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "vitscale_command", lambda: [str(fake)])
     run_dir = tmp_path / "run"

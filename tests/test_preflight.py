@@ -4,9 +4,11 @@ matches known numbers and the tensors autograd really keeps."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from launch.memory import (
     param_count,
 )
 from pretrain.config import load_config
+from pretrain.errors import UserError
 from pretrain.model import Block, build_model, spec_for
 
 TINY = ["model.name=vit_test4", "model.img_size=32", "train.micro_batch=4"]
@@ -93,7 +96,8 @@ def test_too_few_shards_for_ranks_times_workers(tmp_path, recipe, capsys):
     assert rc == 1
     shards = checks["shards"]
     assert shards["status"] == "FAIL" and "6 shards < 2 ranks x 4 workers = 8" in shards["detail"]
-    assert "data.workers to 3" in shards["fix"] and "vitscale shards write --samples-per-shard" in shards["fix"]
+    assert "data.workers to 3" in shards["fix"]
+    assert "vitscale shards write --samples-per-shard" in shards["fix"]
     rc, checks = _run(capsys, recipe, *TINY, f"data.train={data}", "data.workers=3", "--nodes", "1",
                       "--gpus-per-node", "2")
     assert checks["shards"]["status"] == "PASS"
@@ -104,10 +108,14 @@ def test_brace_pattern_and_missing_shards(tmp_path, recipe, capsys):
     pattern = f"{data}/train-{{000000..000007}}.tar"
     _, checks = _run(capsys, recipe, *TINY, f"data.train={pattern}", "data.workers=4", "--gpus-per-node", "2")
     assert checks["shards"]["status"] == "PASS" and checks["shards"]["data"]["shards"] == 8
-    _, checks = _run(capsys, recipe, *TINY, f"data.train={data}/train-{{000000..000009}}.tar", "--gpus-per-node", "1")
-    assert checks["shards"]["status"] == "FAIL" and "2 of 10 shards do not exist" in checks["shards"]["detail"]
-    _, checks = _run(capsys, recipe, *TINY, f"data.train={data}/train-*.tar", "data.workers=2", "--gpus-per-node", "8")
-    assert checks["shards"]["status"] == "FAIL" and "8 shards < 8 ranks x 2 workers" in checks["shards"]["detail"]
+    too_many = f"data.train={data}/train-{{000000..000009}}.tar"
+    _, checks = _run(capsys, recipe, *TINY, too_many, "--gpus-per-node", "1")
+    assert checks["shards"]["status"] == "FAIL"
+    assert "2 of 10 shards do not exist" in checks["shards"]["detail"]
+    _, checks = _run(capsys, recipe, *TINY, f"data.train={data}/train-*.tar", "data.workers=2",
+                     "--gpus-per-node", "8")
+    assert checks["shards"]["status"] == "FAIL"
+    assert "8 shards < 8 ranks x 2 workers" in checks["shards"]["detail"]
 
 
 def test_run_dir_under_a_regular_file_is_not_writable(tmp_path, recipe, capsys):
@@ -119,17 +127,44 @@ def test_run_dir_under_a_regular_file_is_not_writable(tmp_path, recipe, capsys):
     assert run_dir["status"] == "FAIL" and "is not a directory" in run_dir["detail"]
     assert "writable directory" in run_dir["fix"]
     assert not (blocker.parent / "sub").exists()
+    cheap = preflight.run_cheap_checks(load_config(recipe, [*TINY, f"run.dir={blocker}/sub"]), world_size=1)
+    with pytest.raises(UserError, match=r"run dir: .* -> fix: set run.dir to a writable directory"):
+        preflight.raise_on_failure(cheap)
+
+
+def test_disk_too_small_for_the_checkpoints_to_keep(tmp_path, recipe, capsys):
+    psi = param_count(spec_for("vit_h14"))
+    free = shutil.disk_usage(tmp_path).free
+    keep = free // checkpoint_bytes(psi, "adamw") + 1  # keep + 1 checkpoints cannot fit
+    rc, checks = _run(capsys, recipe, "model.name=vit_h14", "model.representation_size=null",
+                      f"checkpoint.keep={keep}")
+    assert rc == 1
+    disk = checks["disk"]
+    assert disk["status"] == "FAIL" and "(14 B/param)" in disk["detail"]
+    assert "lower checkpoint.keep" in disk["fix"]
+    _, checks = _run(capsys, recipe, *TINY, "checkpoint.keep=3")
+    assert checks["disk"]["status"] == "PASS"
 
 
 def test_vit_h14_zero0_batch256_does_not_fit_16gb(recipe, capsys):
     rc, checks = _run(capsys, recipe, "model.name=vit_h14", "zero.stage=0", "train.micro_batch=256",
-                      "--gpus-per-node", "1", "--gpu-mem-gb", "16")
+                      "--gpus-per-node", "8", "--gpu-mem-gb", "16")
     assert rc == 1
     mem = checks["memory"]
     assert mem["status"] == "FAIL" and "does not fit" in mem["detail"]
-    for fix in ("zero.stage=1", "model.act_ckpt=true", "train.micro_batch=128"):
+    for fix in ("zero.stage=3", "model.act_ckpt=true", "train.micro_batch="):
         assert fix in mem["fix"]
     assert mem["data"]["breakdown_gib"]["activations"] > 16
+    micro = int(re.search(r"train.micro_batch=(\d+)", mem["fix"]).group(1))
+    _, checks = _run(capsys, recipe, "model.name=vit_h14", "zero.stage=0", f"train.micro_batch={micro}",
+                     "--gpus-per-node", "8", "--gpu-mem-gb", "16")
+    assert checks["memory"]["status"] == "PASS", "the suggested micro batch must fit"
+
+
+def test_single_rank_gets_no_zero_stage_advice(recipe, capsys):
+    _, checks = _run(capsys, recipe, "model.name=vit_h14", "zero.stage=0", "train.micro_batch=256",
+                     "--gpus-per-node", "1", "--gpu-mem-gb", "16")
+    assert "zero.stage" not in checks["memory"]["fix"]
 
 
 def test_vit_h14_zero3_act_ckpt_fits_8x80gb(recipe, capsys):
@@ -190,7 +225,8 @@ def test_act_ckpt_keeps_block_inputs_only():
     one = block_activation_bytes(32, spec.seq_len, spec.width, spec.mlp_dim, spec.heads)
     assert full == spec.depth * one
     assert ckpt == spec.depth * 2 * 32 * spec.seq_len * spec.width + one
-    est = estimate_memory(load_config(None, ["model.name=vit_h14", "zero.stage=0", "train.micro_batch=256"]), 1)
+    cfg = load_config(None, ["model.name=vit_h14", "zero.stage=0", "train.micro_batch=256"])
+    est = estimate_memory(cfg, world_size=1)
     assert est.total > 16 * GIB
 
 
@@ -212,32 +248,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _preflight_rank(rank: int, port: int, argv: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    with open(out, "w") as f:
-        sys.stdout = f
-        rc = preflight.main(argv)
-        f.flush()
-    os._exit(rc)
-
-
 @pytest.mark.slow
-def test_allreduce_smoke_inside_a_two_rank_job(tmp_path, recipe):
-    """Two ranks with torchrun's environment (gloo on CPU) run `vitscale preflight`: both join,
-    all-reduce, and report PASS with the world size taken from the environment."""
-    ctx = multiprocessing.get_context("fork")
+def test_allreduce_smoke_inside_a_two_rank_job(recipe):
+    """Two `vitscale preflight` processes with the environment torchrun gives its ranks (gloo on
+    CPU): both join, all-reduce, and rank 0 reports PASS with the world size from the environment."""
     port = _free_port()
-    argv = ["--config", recipe, *TINY, "--json"]
-    procs = [ctx.Process(target=_preflight_rank, args=(r, port, argv, str(tmp_path / f"out{r}")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    assert [p.exitcode for p in procs] == [0, 0]
-    report = json.loads((tmp_path / "out0").read_text())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "pretrain", "preflight", "--config", recipe, *TINY, "--json"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    report = json.loads(outs[0][0])
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["all-reduce"]["status"] == "PASS" and "2 ranks agree" in checks["all-reduce"]["detail"]
     assert (report["nodes"], report["gpus_per_node"]) == (1, 2)
-    assert (tmp_path / "out1").read_text() == "", "only rank 0 prints the report"
+    assert outs[1][0] == "", "only rank 0 prints the report"

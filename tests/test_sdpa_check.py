@@ -12,7 +12,8 @@ from pretrain.sdpa_check import flash_blockers, require_flash, sdpa_backend, sdp
 KNOWN = {"cpu-flash", "cpu-math"}
 
 
-def _ran_cpu_flash(heads: int, seq_len: int, head_dim: int, dtype: torch.dtype, dropout_p: float = 0.0) -> bool:
+def _ran_cpu_flash(heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
+                   dropout_p: float = 0.0) -> bool:
     """Whether the dispatcher, left alone, ran the CPU flash kernel (seen in the autograd node)."""
     qkv = torch.randn(2, seq_len, 3, heads, head_dim, dtype=dtype, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
