@@ -22,11 +22,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def check_before_launch(cfg: Config, world: int) -> None:
     """The cheap checks that must pass before any process or GPU work."""
     cfg.train.check_world(world)
-    try:
-        from launch.preflight import run_cheap_checks
-    except ImportError:
-        return
-    run_cheap_checks(cfg, world)
+    from launch.preflight import raise_on_failure, run_cheap_checks
+
+    raise_on_failure(run_cheap_checks(cfg, world))
 
 
 def launch_or_run(command: str, argv: list[str], args: argparse.Namespace, cfg: Config, worker) -> int:
