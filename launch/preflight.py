@@ -17,7 +17,8 @@ failure, and exits 1 if anything failed:
    60 s timeout; skipped otherwise.
 
 :func:`run_cheap_checks` (config, batch, shards, run dir, sdpa) is what ``vitscale pretrain``
-runs at start; with synthetic data it takes milliseconds and allocates only tiny tensors.
+runs at start (``raise_on_failure(run_cheap_checks(cfg, world))``); with synthetic data it takes
+milliseconds and allocates only tiny tensors, on the rank's own GPU and only inside a rank.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from launch.memory import GIB, checkpoint_bytes, estimate_memory, param_count
 from pretrain.config import Config, load_config
 from pretrain.errors import UserError
-from pretrain.sdpa_check import flash_blockers, sdpa_report
+from pretrain.sdpa_check import SdpaReport, flash_blockers, sdpa_report
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 HEADROOM = 0.9  # fraction of GPU memory the estimate may use before WARN
@@ -226,37 +227,56 @@ def local_device() -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` with CUDA (so ranks do not all touch GPU 0), else CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def check_sdpa(cfg: Config, device: torch.device | str | None = None) -> Check:
+def check_sdpa(cfg: Config, device: torch.device | str | None = None, probe: bool = True) -> Check:
+    """The backend SDPA runs for the configured shapes. With ``probe=False`` on a CUDA machine only
+    the documented constraints (dtype, head_dim) are checked, without touching the GPU."""
     shapes = sdpa_shapes(cfg)
     dev = torch.device(device) if device is not None else local_device()
-    report = sdpa_report(**shapes, device=dev)
+    kind = str(shapes["dtype"]).removeprefix("torch.")
     what = (f"heads {shapes['heads']}, seq {shapes['seq_len']}, head_dim {shapes['head_dim']}, "
-            f"{str(shapes['dtype']).removeprefix('torch.')} on {dev.type}: {report.backend}")
+            f"{kind} on {dev.type}")
+    if dev.type == "cuda" and not probe:
+        report = SdpaReport(backend="not probed")
+        what += ": not probed in this launcher process, which must not hold a GPU context"
+    else:
+        report = sdpa_report(**shapes, device=dev)
+        what += f": {report.backend}"
     if report.backend == "flash":
         return Check("sdpa", PASS, what)
-    gpu_blockers = [r for r in flash_blockers(shapes["head_dim"], shapes["dtype"], "cuda")
-                    if not r.startswith("device is")] if dev.type != "cuda" else []
-    reasons = flash_blockers(shapes["head_dim"], shapes["dtype"], dev) + report.rejected.get("flash", [])
+    gpu_blockers = [r for r in flash_blockers(shapes["head_dim"], shapes["dtype"], "cpu")
+                    if not r.startswith("device is")]
+    probed = report.backend != "not probed"
+    reasons = (flash_blockers(shapes["head_dim"], shapes["dtype"], dev) if probed else gpu_blockers)
+    reasons += report.rejected.get("flash", [])
     fix = "; ".join(dict.fromkeys(reasons)) or "see the reason above"
-    if cfg.model.require_flash:
+    if cfg.model.require_flash and (probed or gpu_blockers):
         return Check("sdpa", FAIL, f"{what}, but model.require_flash=true",
                      f"{fix}; or set model.require_flash=false")
-    if dev.type != "cuda":
+    if dev.type != "cuda" or not probed:
         note = ("these shapes are flash-eligible on an sm80+ GPU" if not gpu_blockers
                 else "flash will not run on a GPU either: " + "; ".join(gpu_blockers))
-        return Check("sdpa", PASS if not gpu_blockers else WARN, f"{what} (no GPU here; {note})",
-                     "" if not gpu_blockers else fix)
+        where = "" if not probed else "no GPU here; "
+        return Check("sdpa", WARN if gpu_blockers else PASS, f"{what} ({where}{note})",
+                     fix if gpu_blockers else "")
     return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
 
 
-def run_cheap_checks(cfg: Config, world_size: int) -> list[Check]:
-    """Config, batch arithmetic, shards, run dir (+ disk), SDPA backend: no GPU work beyond tiny
-    tensors, milliseconds with synthetic data. ``vitscale pretrain`` calls this at start."""
+def run_cheap_checks(cfg: Config, world_size: int, probe_gpu: bool | None = None) -> list[Check]:
+    """Config, batch arithmetic, shards, run dir (+ disk), SDPA backend: milliseconds with
+    synthetic data. ``vitscale pretrain`` calls this at start; pass the result to
+    :func:`raise_on_failure` to stop on a FAIL.
+
+    ``probe_gpu``: whether the SDPA check may run tiny tensors on this rank's GPU. By default only
+    inside a rank (``LOCAL_RANK`` set): a launcher process that spawns the ranks must not create a
+    CUDA context (it would hold GPU memory for the whole run), so there only dtype and head_dim
+    are checked. CPU machines always probe.
+    """
+    probe = ("LOCAL_RANK" in os.environ) if probe_gpu is None else probe_gpu
     return [describe_config(cfg), check_batch(cfg, world_size), check_shards(cfg, world_size),
-            *check_run_dir(cfg), check_sdpa(cfg)]
+            *check_run_dir(cfg), check_sdpa(cfg, probe=probe)]
 
 
 def raise_on_failure(checks: list[Check]) -> None:
@@ -381,7 +401,7 @@ def run_all(config: str | Path | None, overrides: list[str], nodes: int, gpus_pe
     if cfg is None:
         return [first]
     world = nodes * gpus_per_node
-    *checks, sdpa = run_cheap_checks(cfg, world)
+    *checks, sdpa = run_cheap_checks(cfg, world, probe_gpu=True)
     return [*checks, check_memory(cfg, world, gpu_mem_gib), sdpa, check_allreduce()]
 
 

@@ -236,6 +236,15 @@ def test_require_flash_on_cpu_fails_the_sdpa_check(recipe, capsys):
     assert checks["sdpa"]["status"] == "FAIL" and "require_flash=false" in checks["sdpa"]["fix"]
 
 
+def test_sdpa_in_a_launcher_process_checks_constraints_without_the_gpu(recipe):
+    cfg = load_config(recipe, ["model.name=vit_h14"])
+    check = preflight.check_sdpa(cfg, device="cuda", probe=False)
+    assert check.status == "PASS" and "not probed" in check.detail and "flash-eligible" in check.detail
+    bad = load_config(recipe, [*TINY, "train.bf16=false", "model.require_flash=true"])
+    check = preflight.check_sdpa(bad, device="cuda", probe=False)
+    assert check.status == "FAIL" and "dtype float32" in check.fix
+
+
 def test_allreduce_skipped_outside_a_job(recipe, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _, checks = _run(capsys, recipe, *TINY)

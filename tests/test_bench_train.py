@@ -1,0 +1,212 @@
+"""`vitscale bench train`: the real CLI on a tiny CPU plan, and its pure decisions (plan, micro
+batch search, budget, SDPA evidence, timm speed-up). No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.bench_plan import Budget, Case, build_plan, largest_fitting, parse_extra, shrink
+from pretrain.errors import UserError
+from tests.conftest import ROOT, cli_env, vitscale
+
+BREAKDOWN = {"forward_s", "backward_s", "optimizer_s", "data_wait_s"}
+REQUIRED = {"model", "img_size", "device", "torch", "zero_stage", "act_ckpt", "compile", "micro_batch", "images_per_s",
+            "mfu", "peak_mem_gb", "sdpa_backend", "step_breakdown", "speedup_vs_timm", "command"}
+
+
+def test_cpu_tiny_run_writes_records(tmp_path):
+    args = ["bench", "train", "--models", "vit_test4", "--img-sizes", "32", "--zero-stages", "2", "--steps", "3",
+            "--warmup", "1", "--phase-steps", "1", "--act-ckpt", "off", "--compile", "off",
+            "--extra", "vit_micro4@16:z3:ckpt", "--peak-flops", "1e12", "--timm", "--out", str(tmp_path), "--json"]
+    proc = vitscale(*args, check=True)
+    files = list(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1, files
+    records = json.loads(files[0].read_text())
+    assert json.loads(proc.stdout) == records  # stdout holds only the JSON document
+    ours = [r for r in records if r["framework"] == "vitscale"]
+    assert [(r["model"], r["img_size"], r["zero_stage"], r["act_ckpt"], r["compile"]) for r in ours] == [
+        ("vit_test4", 32, 2, False, False), ("vit_micro4", 16, 3, True, False)]
+    for r in ours:
+        assert r.keys() >= REQUIRED
+        assert r["error"] is None
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["world_size"] == 1
+        assert r["micro_batch"] == 8 and r["images_per_s"] > 0 and r["peak_mem_gb"] > 0
+        assert r["mfu"] == pytest.approx(r["images_per_s"] * r["train_tflops_per_image"])  # peak 1 TFLOP/s
+        assert set(r["step_breakdown"]) == BREAKDOWN and all(v >= 0 for v in r["step_breakdown"].values())
+        assert r["sdpa_backend"].startswith("cpu-") and r["sdpa_check"]["dispatcher"].startswith("cpu-")
+        assert r["speedup_vs_timm"] is None
+        assert r["command"].startswith("vitscale bench train --models vit_test4")
+    (timm,) = [r for r in records if r["framework"] == "timm"]
+    assert timm["error"] and timm["images_per_s"] is None  # no timm here, or no vit_h14@224 to compare with
+
+
+def test_script_wrapper_reports_user_errors():
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--micro-batch", "many"], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--micro-batch 'many'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _oom_above(threshold: int, seen: list[int]):
+    def try_fn(n: int) -> None:
+        seen.append(n)
+        if n > threshold:
+            raise torch.cuda.OutOfMemoryError(f"{n} > {threshold}")
+    return try_fn
+
+
+@pytest.mark.parametrize("threshold", [1, 5, 8, 100, 333, 511, 512, 4000])
+@pytest.mark.parametrize("align", [1, 8])
+def test_largest_fitting_finds_the_limit_within_tolerance(threshold, align):
+    seen: list[int] = []
+    found = largest_fitting(_oom_above(threshold, seen), start=8, limit=512, align=align, tolerance=0.125)
+    best = found.best
+    cap = min(threshold, 512)
+    assert best is not None and best <= cap
+    assert cap - best <= max(align, best * 0.125) or best == cap
+    assert (best, True) in found.trials and [n for n, _ in found.trials] == seen
+    assert seen[0] == 8 and max(seen) <= 512
+    assert all(ok == (n <= threshold) for n, ok in found.trials)
+
+
+def test_largest_fitting_when_nothing_fits_and_other_errors():
+    assert largest_fitting(_oom_above(0, []), start=8).best is None
+
+    def broken(n: int) -> None:
+        raise ValueError("not an OOM")
+
+    with pytest.raises(ValueError):
+        largest_fitting(broken, start=8)
+
+
+def test_shrink_backs_off_on_the_alignment():
+    assert shrink(256, 8) == 192 and shrink(20, 8) == 8 and shrink(6, 8) == 4 and shrink(1, 8) == 1
+
+
+def test_plan_grid_then_extras_without_duplicates():
+    plan = build_plan("vit_test4", "16,32", "2,3", "both", "off",
+                      ["vit_micro4@16:z3:ckpt:compile,vit_test4@16", "vit_test8@32"])
+    assert plan[:4] == [Case("vit_test4", 16, 2, False, False), Case("vit_test4", 16, 2, True, False),
+                        Case("vit_test4", 16, 3, False, False), Case("vit_test4", 16, 3, True, False)]
+    assert len(plan) == 8 + 2  # vit_test4@16 z2 eager is in the grid already
+    assert plan[-2:] == [Case("vit_micro4", 16, 3, True, True), Case("vit_test8", 32, 2, False, False)]
+    assert parse_extra("vit_h14@518", 1) == Case("vit_h14", 518, 1, False, False)
+
+
+@pytest.mark.parametrize("bad", [dict(models="vit_nope4"), dict(img_sizes="30"), dict(zero_stages="4"),
+                                 dict(act_ckpt="maybe"), dict(extras=["vit_test4@32:z9"])])
+def test_plan_rejects_mistakes_before_running(bad):
+    kwargs = dict(models="vit_test4", img_sizes="32", zero_stages="2", act_ckpt="off", compile_="off", extras=[])
+    kwargs.update(bad)
+    with pytest.raises(UserError):
+        build_plan(**kwargs)
+
+
+def test_budget_stops_starting_what_would_overrun():
+    now = [0.0]
+    budget = Budget(100.0, clock=lambda: now[0])
+    assert budget.allows(compiled=False)
+    now[0] = 30.0
+    budget.record(False, 30.0)
+    budget.record(True, 80.0)
+    assert budget.allows(compiled=False) and not budget.allows(compiled=True)
+    now[0] = 101.0
+    assert not budget.allows(compiled=False)
+    assert Budget(None).allows(compiled=True) and Budget(None).kill_at() is None
+    assert budget.kill_at() == 130.0 and Budget(1000.0, clock=lambda: 5.0).kill_at() == 1105.0
+
+
+def test_sdpa_backend_from_profiler_names():
+    from pretrain.bench_measure import sdpa_from_profile
+
+    cudnn = ["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_cudnn_attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128"]
+    assert sdpa_from_profile(cudnn, "cuda")[0] == "cudnn"
+    flash = ["aten::_scaled_dot_product_flash_attention", "aten::_flash_attention_forward",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<80, 128, 64, 4>>(Flash_fwd_params)"]
+    backend, evidence = sdpa_from_profile(flash, "cuda")
+    assert backend == "flash" and "aten::_scaled_dot_product_flash_attention" in evidence
+    assert sdpa_from_profile(["fmha_cutlassF_bf16_aligned_64x64_rf_sm80(Params)"], "cuda")[0] == "efficient"
+    assert sdpa_from_profile(["aten::_scaled_dot_product_attention_math", "aten::bmm"], "cuda")[0] == "math"
+    assert sdpa_from_profile(["aten::_scaled_dot_product_flash_attention_for_cpu"], "cpu")[0] == "cpu-flash"
+    assert sdpa_from_profile(["aten::linear", "aten::bmm"], "cuda") == (None, [])
+
+
+def test_speedup_vs_timm_only_on_the_reference_model():
+    from pretrain.bench_train import RECORD_KEYS, fill_speedups
+
+    def rec(**kw):
+        return {**dict.fromkeys(RECORD_KEYS), **kw}
+
+    records = [rec(model="vit_h14", framework="vitscale", img_size=224, images_per_s=300.0),
+               rec(model="vit_h14", framework="vitscale", img_size=518, images_per_s=50.0),
+               rec(model="timm:vit_huge_patch14_224", framework="timm", img_size=224, images_per_s=250.0)]
+    fill_speedups(records)
+    assert [r["speedup_vs_timm"] for r in records] == [1.2, None, None]
+
+
+def test_gpu_flow_searches_once_backs_off_after_oom_and_reuses_the_search(monkeypatch, tmp_path):
+    """The parent's side of `--micro-batch auto` on a GPU, with the child processes faked: the
+    first configuration searches (the child reports 64), its measurement runs out of memory at 64
+    and is retried in a new child at 48; the compiled and ZeRO-3 variants start from 48."""
+    from pretrain import bench_train
+
+    jobs = []
+
+    def fake_child(job, kill_at):
+        jobs.append(job)
+        mb = job["micro_batch"]
+        if job["kind"] == "case" and mb is None:
+            return {"search": {"best": 64, "trials": [[8, True], [64, True], [128, False]], "probe_stage": 2},
+                    "measurement": None, "oom": "micro batch 64: CUDA out of memory", "device_name": "NVIDIA H100"}
+        if mb > 48:
+            return {"search": None, "measurement": None, "oom": f"micro batch {mb}", "device_name": "NVIDIA H100"}
+        check = {"dispatcher": "flash", "profiled": "flash", "agree": True, "evidence": [], "rejected": {}}
+        return {"search": None, "oom": None, "device_name": "NVIDIA H100",
+                "measurement": {"images_per_s": 10.0 * mb, "step_time_s": 0.1, "final_loss": 6.9,
+                                "peak_mem_gb": 70.0, "step_breakdown": dict.fromkeys(BREAKDOWN, 0.01),
+                                "sdpa_backend": "flash", "sdpa_check": check, "compile_stats": None}}
+
+    monkeypatch.setattr(bench_train, "run_child", fake_child)
+    monkeypatch.setattr(bench_train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_train, "gpu_name", lambda: "NVIDIA H100")
+    args = bench_train.parse_args(["--models", "vit_test4", "--img-sizes", "32", "--zero-stages", "2",
+                                   "--act-ckpt", "off", "--compile", "both", "--extra", "vit_test4@32:z3",
+                                   "--out", str(tmp_path)])
+    plan = build_plan(args.models, args.img_sizes, args.zero_stages, args.act_ckpt, args.compile, args.extra)
+    records, table = bench_train.BenchRun(args, plan, "vitscale bench train ...", Budget(None)).run()
+    assert [r["micro_batch"] for r in records] == [48, 48, 48]
+    assert records[0]["micro_batch_search"]["oom_backoff"] == [64]
+    assert [r["micro_batch_search"]["mode"] for r in records] == ["auto", "auto (reused)", "auto (reused)"]
+    assert [j["micro_batch"] for j in jobs] == [None, 48, 48, 48]
+    assert all(r["mfu"] == pytest.approx(r["images_per_s"] * r["train_tflops_per_image"] * 1e12 / 989e12)
+               for r in records)
+    assert records[0]["device"] == "NVIDIA H100" and "NVIDIA H100" in table
+    assert json.loads(next(tmp_path.glob("nvidia-h100-*.json")).read_text()) == records
+
+
+def test_budget_skips_and_names_the_rerun(tmp_path):
+    proc = vitscale("bench", "train", "--models", "vit_test4", "--img-sizes", "32", "--zero-stages", "2,3",
+                    "--act-ckpt", "off", "--compile", "off", "--budget-s", "0.001", "--out", str(tmp_path), check=True)
+    records = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    assert [r["error"].split(":")[0] for r in records] == ["skipped", "skipped"]
+    assert "--extra vit_test4@32:z2,vit_test4@32:z3" in proc.stderr
+    assert "vit_test4@32" in proc.stdout  # the table still comes
+
+
+def test_a_running_measurement_is_stopped_at_the_deadline():
+    import time
+
+    from pretrain.bench_train import run_child
+
+    job = {"kind": "case", "case": {"model": "vit_test4", "img_size": 32, "zero_stage": 2, "act_ckpt": False,
+                                    "compile": False}, "micro_batch": 8, "search": None,
+           "passes": {"warmup": 1, "steps": 1000, "phase_steps": 1}}
+    t0 = time.monotonic()
+    result = run_child(job, kill_at=t0 + 1.0)
+    assert result["error"].startswith("stopped") and time.monotonic() - t0 < 60
