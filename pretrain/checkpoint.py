@@ -245,7 +245,7 @@ class CheckpointManager:
         tag_dir = Path(tag_dir)
         out = self.dir / UNIVERSAL / tag_dir.name
         error = None
-        if self.rank == 0 and not (out / META).is_file():
+        if self.rank == 0 and (read_meta(out) or {}).get("universal_source") != str(tag_dir.resolve()):
             try:
                 _convert_to_universal(tag_dir, out)
             except UserError as err:
@@ -254,6 +254,8 @@ class CheckpointManager:
         if error is not None:
             raise UserError(error)
         return out
+
+    # ---- loading ----
     def load_rank_state(self, tag_dir: Path, rank: int | None = None) -> dict | None:
         """Loader, loop and RNG state saved by ``rank`` (default: this rank)."""
         path = Path(tag_dir) / f"rank_{self.rank if rank is None else rank:05d}.pt"
@@ -275,9 +277,10 @@ def _convert_to_universal(tag_dir: Path, out: Path) -> None:
     held = {signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        to_universal(tag_dir, tmp)
+        meta = to_universal(tag_dir, tmp)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    _write_atomic(tmp / META, json.dumps({**meta, "universal_source": str(tag_dir.resolve())}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -78,7 +78,15 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     A dead peer ends collectives after ``timeout_s`` seconds (``run.timeout_s``) instead of
     hanging forever; a peer whose process exits is usually noticed at once (closed connection)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed creates its data-parallel groups with torch's default timeout (30 min), not the
+    # world group's: make that default ours so every collective honours run.timeout_s
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = ds_comm.get_rank(), ds_comm.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -4,6 +4,13 @@ A step consumes ``train.grad_accum`` micro batches per rank and applies one opti
 the LR comes from :func:`pretrain.schedule.lr_at`. Losses stay on the device between log
 steps (no per-step host sync) except the non-finite check, which every rank agrees on with one
 all-reduce so that all ranks skip the same step.
+
+Non-finite values: a NaN/Inf loss on any rank, or a finite loss with a NaN/Inf gradient norm
+(DeepSpeed skips that update on every rank: ZeRO-1/2 through ``bf16.check_grad_overflow``, on
+by default, ZeRO-3 through its global grad norm; checked for DeepSpeed 0.19), skips the step:
+the weights do not move, the step counter and the data advance, a ``nonfinite_*_skipped`` event
+is logged and ``bad_steps_total`` counts it. ``train.max_bad_steps`` skipped steps in a row stop
+the run with a message. The trainer refuses to save weights that are not finite.
 """
 
 from __future__ import annotations
@@ -183,7 +190,7 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
                                 f"these steps). Lower optim.lr, check the data, or resume from an earlier "
                                 f"checkpoint")
         if step % t.log_every == 0 or step == t.steps:
-            _log_train(state, pending, engine, lr, meter, log, t.steps, train_data)
+            _log_train(state, pending, engine, lr, meter, log, t.steps, train_data, world)
             pending = []
         if t.eval_every and step % t.eval_every == 0 and step != t.steps and eval_fn is not None:
             state.last_eval = {"kind": "eval", "step": step, **eval_fn()}
@@ -195,10 +202,15 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
     return state
 
 
-def _log_train(state, pending, engine, lr, meter, log, total_steps, train_data) -> None:
-    loss = torch.stack(pending).mean().item() if pending else math.nan
-    if state.first_loss is None and pending:
-        state.first_loss = pending[0].item()
+def _log_train(state, pending, engine, lr, meter, log, total_steps, train_data, world) -> None:
+    """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
+    last record (every rank calls this at the same steps: one all-reduce)."""
+    loss = math.nan
+    if pending:
+        per_step = all_reduce_(torch.stack(pending).float(), "sum") / world
+        loss = per_step.mean().item()
+        if state.first_loss is None:
+            state.first_loss = per_step[0].item()
     state.last_loss = loss
     rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(), **meter.read(),
            "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}

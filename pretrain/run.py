@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pretrain.config import Config, load_config
 from pretrain.launcher import add_launch_args, in_launched_job, spawn, strip_launch_args, world_size_of
@@ -27,10 +28,22 @@ def check_before_launch(cfg: Config, world: int) -> None:
     raise_on_failure(run_cheap_checks(cfg, world))
 
 
+def check_resume_before_launch(cfg: Config, command: str, args: argparse.Namespace) -> None:
+    """Resume mistakes (--no-resume over checkpoints, a damaged or mismatched checkpoint) exit 2
+    here, before any process starts; see :func:`pretrain.resume.check_before_launch`."""
+    resume, no_resume = getattr(args, "resume", None), getattr(args, "no_resume", False)
+    if not resume and not (Path(cfg.run.dir) / "checkpoints").is_dir():
+        return
+    from pretrain.resume import check_before_launch as check_resume
+
+    check_resume(cfg, command, resume, no_resume, hash_files=args.node_rank == 0)
+
+
 def launch_or_run(command: str, argv: list[str], args: argparse.Namespace, cfg: Config, worker) -> int:
     if in_launched_job():
         return worker()
     check_before_launch(cfg, world_size_of(args))
+    check_resume_before_launch(cfg, command, args)
     return spawn(args, command, strip_launch_args(argv))
 
 

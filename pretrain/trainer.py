@@ -2,10 +2,21 @@
 
 Shared by ``vitscale pretrain`` and ``vitscale finetune`` (which passes a ``prepare_model``
 hook that performs the head / position-embedding surgery before the engine is built).
+
+Order matters: the checkpoint to resume from is chosen and checked (and, for another world
+size, converted to a universal checkpoint) before the DeepSpeed engine is built, because
+DeepSpeed must know at ``initialize`` whether it will load a universal checkpoint.
+
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; after every step the ranks all-reduce
+it, so all of them stop after the same step, save it (complete and atomic, see
+:mod:`pretrain.checkpoint`) and return 0. A signal during a save lets the save finish; the stop
+then happens after the next step. The grace period a cluster gives must cover one step plus
+one save. Faults for tests come from ``VITSCALE_FAULT`` (:mod:`pretrain.faults`).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -39,6 +50,7 @@ class StopFlag:
         self.raised = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: where is a rank stuck?
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
@@ -49,6 +61,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (GPU)
         torch.use_deterministic_algorithms(True, warn_only=True)
         # filling every new tensor with NaN is a debugging aid, not needed for reproducibility,
         # and costs a lot with DeepSpeed's large communication buckets
@@ -80,9 +93,10 @@ class PeerFailure(UserError):
 
 
 def _is_peer_failure(err: RuntimeError) -> bool:
+    """gloo reports a dead or silent peer as a plain RuntimeError from its transport."""
     text = str(err)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out",
-                                    "timed out", "Broken pipe", "NCCL", "gloo"))
+    return "gloo/transport" in text or any(s in text for s in ("Connection closed by peer", "Connection reset by "
+                                                                "peer", "Timed out waiting", "Broken pipe"))
 
 
 def _run(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model, stop: StopFlag,
@@ -156,7 +170,8 @@ def _run(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_mo
         train_data.close()
         return 0
     peak = device_peak_flops(cfg.log.peak_flops)
-    log.console(f"{mode}: {cfg.model.name} {costs['params'] / 1e6:.2f}M params, {world} ranks, ZeRO-"
+    procs = f"{world} process{'es' if world > 1 else ''}"
+    log.console(f"{mode}: {cfg.model.name} {costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                 f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
                 f"run dir {run_dir}")
     t0 = time.perf_counter()

@@ -1,0 +1,111 @@
+"""Helpers for the resume / fault-tolerance tests: start, watch and kill real `vitscale pretrain`
+jobs (parent -> torchrun agent -> ranks), and read what they left in the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import ROOT, TINY, cli_env
+
+# 16 deterministic steps, a checkpoint every 5 (keep 3: 10, 15, 16 survive), sample keys recorded
+RUN = [*TINY, "train.steps=16", "checkpoint.every=5", "checkpoint.keep=3", "run.deterministic=true",
+       "log.sample_keys=true"]
+
+
+def pretrain_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["pretrain", *RUN, f"run.dir={run_dir}", *extra]
+
+
+def start(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:
+    """``vitscale pretrain`` in the background (its own session), output to RUN_DIR.out."""
+    env = cli_env()
+    if fault:
+        env["VITSCALE_FAULT"] = fault
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    out = open(f"{run_dir}.out", "w")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen([sys.executable, "-m", "pretrain", *pretrain_args(run_dir, *extra)], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def output(run_dir: Path) -> str:
+    return Path(f"{run_dir}.out").read_text()
+
+
+def wait_until(cond, proc: subprocess.Popen, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def job_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The parent, the torchrun agent and the ranks (which torchrun puts in sessions of their own,
+    so killing the parent's process group would leave them running)."""
+    try:
+        parent = psutil.Process(proc.pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def rank_process(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    for p in job_processes(proc)[1:]:
+        try:
+            if p.environ().get("RANK") == str(rank) and "pretrain" in p.cmdline():
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no rank {rank} process")
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the job at once (a node crash), then reap the parent."""
+    for p in job_processes(proc):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(30)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def logged_step(run_dir: Path, step: int) -> bool:
+    return any(r.get("step", 0) >= step and "loss" in r for r in records(run_dir))
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in records(run_dir) if r.get("kind") == "event" and r.get("event") == name]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step; a step run again after a resume keeps its last value."""
+    return {r["step"]: r["loss"] for r in records(run_dir) if "kind" not in r and "loss" in r}
+
+
+def sample_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    path = Path(run_dir) / f"sample_keys_rank{rank}.jsonl"
+    return {r["step"]: r["keys"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def latest(run_dir: Path) -> str:
+    return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+
+
+def copy_checkpoint(src_run: Path, dst_run: Path, tag: str) -> None:
+    """A run dir holding only ``tag`` of ``src_run`` (as if the run had stopped there)."""
+    ck = Path(dst_run) / "checkpoints"
+    shutil.copytree(Path(src_run) / "checkpoints" / tag, ck / tag)
+    (ck / "latest").write_text(tag)

@@ -1,0 +1,266 @@
+"""Resume on the real path: `vitscale pretrain` (torchrun, 2 gloo processes, DeepSpeed ZeRO bf16)
+killed, preempted or damaged, then relaunched with the same command.
+
+Each case compares with one uninterrupted 16-step run (``reference``): same losses bit for bit
+and the same sample keys on every rank when the world size is unchanged; on course within a
+tolerance (and exactly the same samples) when it changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+
+import pytest
+
+from pretrain.checkpoint import verify_checkpoint
+from tests.conftest import TINY as RUN_TINY
+from tests.conftest import cli_env, vitscale
+from tests.runs import (
+    copy_checkpoint,
+    events,
+    kill_job,
+    latest,
+    losses,
+    output,
+    pretrain_args,
+    sample_keys,
+    start,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    vitscale(*pretrain_args(run), check=True)
+    assert sorted(losses(run)) == list(range(1, 17))
+    return run
+
+
+def _resumed_at(run) -> list[int]:
+    return [e["step"] for e in events(run, "resumed")]
+
+
+def test_kill_mid_save_keeps_latest_and_relaunch_reproduces_the_run(reference, tmp_path):
+    """SIGKILL of the whole job after step 10, while step 15 is being saved; the same command
+    again resumes from step 10 and reproduces the uninterrupted run exactly."""
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    proc = start(run, fault="slowsave@15")  # the save of step 15 pauses before it is made visible
+    try:
+        wait_until(lambda: (ck / ".tmp-step_00000015" / "rank_00001.pt").is_file(), proc, what="the step-15 save")
+    finally:
+        kill_job(proc)
+    assert latest(run) == "step_00000010"
+    assert verify_checkpoint(ck / "step_00000010") == []
+    assert not (ck / "step_00000015").exists()
+
+    vitscale(*pretrain_args(run), check=True)
+    assert _resumed_at(run) == [10]
+    assert losses(run) == losses(reference)  # steps 1-16, bitwise
+    for rank in (0, 1):
+        assert sample_keys(run, rank) == sample_keys(reference, rank)
+    assert latest(run) == "step_00000016"
+    assert not list(ck.glob(".tmp-*"))
+
+
+def test_sigterm_during_a_save_completes_it_then_stops_cleanly(reference, tmp_path):
+    """SIGTERM to the `vitscale pretrain` parent while step 10 is being saved: that save completes,
+    every rank stops at step 11, saves it and the command exits 0; relaunching finishes the run."""
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    proc = start(run, fault="slowsave@10")
+    try:
+        wait_until(lambda: (ck / ".tmp-step_00000010").is_dir(), proc, what="the step-10 save")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, output(run)[-3000:]
+    finally:
+        kill_job(proc)
+    assert [e["step"] for e in events(run, "preempted")] == [11]
+    assert latest(run) == "step_00000011"
+    for tag in ("step_00000010", "step_00000011"):
+        assert verify_checkpoint(ck / tag) == []
+
+    vitscale(*pretrain_args(run), check=True)
+    assert _resumed_at(run) == [11]
+    assert losses(run) == losses(reference)
+    for rank in (0, 1):
+        assert sample_keys(run, rank) == sample_keys(reference, rank)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_world_size_change_resumes_through_universal_checkpoints(stage, reference, tmp_path):
+    """2 processes -> 1 (grad_accum 2 keeps the global batch) -> 2 again, each resume converting
+    the checkpoint itself; every step sees exactly the samples of the uninterrupted run and the
+    loss stays on its course (the ZeRO-2 reference; ZeRO-3 differs from it by rounding only).
+    ZeRO-2 starts from the reference's step-10 checkpoint, ZeRO-3 from its own first 6 steps."""
+    extra = [f"zero.stage={stage}"]
+    run = tmp_path / "run"
+    if stage == 2:
+        copy_checkpoint(reference, run, "step_00000010")
+        first = 10
+    else:
+        vitscale(*pretrain_args(run, *extra), env=_env(fault="stop@6"), check=True)
+        first = 6
+    one = vitscale(*pretrain_args(run, *extra, "train.grad_accum=2", "--nproc-per-node", "1"),
+                   env=_env(fault="stop@12"), check=True)
+    assert "universal" in one.stdout
+    assert (run / "checkpoints" / "universal" / f"step_{first:08d}" / "zero").is_dir()
+    vitscale(*pretrain_args(run, *extra), check=True)
+    resumed = [(e["step"], e["universal"]) for e in events(run, "resumed")]
+    assert resumed == [(first, True), (12, True)]
+
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1 if stage == 3 else 11, 17))
+    for step in got:
+        assert abs(got[step] - want[step]) < 0.02, (step, got, want)
+    ref_keys = [sample_keys(reference, r) for r in (0, 1)]
+    rank0, rank1 = sample_keys(run, 0), sample_keys(run, 1)
+    for step in range(1, 17):
+        if first < step <= 12:  # one process, two micro batches: what ranks 0 and 1 saw
+            assert rank0[step] == ref_keys[0][step] + ref_keys[1][step], step
+        elif step > first or stage == 3:
+            assert (rank0[step], rank1[step]) == (ref_keys[0][step], ref_keys[1][step]), step
+
+
+def test_damaged_checkpoints_are_refused_or_skipped(reference, tmp_path):
+    """A byte-flipped file in the newest checkpoint and a truncated one in the next: --resume of the
+    damaged one exits 2 naming the file; auto-resume falls back to the newest intact one (step 10)
+    and reproduces the run from there."""
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    shutil.copytree(reference / "checkpoints", ck)
+    flipped = ck / "step_00000016" / "mp_rank_00_model_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated = next((ck / "step_00000015").glob("*rank_1_*optim_states.pt"))
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+
+    bad = vitscale(*pretrain_args(run, "--nproc-per-node", "1", "--resume", str(ck / "step_00000016")))
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert str(flipped) in bad.stderr and "sha256" in bad.stderr
+
+    good = vitscale(*pretrain_args(run), check=True)
+    assert str(flipped) in good.stdout and str(truncated) in good.stdout and "truncated" in good.stdout
+    assert len(events(run, "checkpoint_rejected")) == 2
+    assert _resumed_at(run) == [10]
+    want = losses(reference)
+    assert losses(run) == {s: want[s] for s in range(11, 17)}
+    assert latest(run) == "step_00000016" and verify_checkpoint(ck / "step_00000016") == []
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(reference, tmp_path):
+    run = tmp_path / "run"
+    copy_checkpoint(reference, run, "step_00000016")
+    for override, message in [("model.num_classes=5", "does not match the config's model"),
+                              ("zero.stage=3", "ZeRO stage 2"),
+                              ("--no-resume", "already holds checkpoints")]:
+        proc = vitscale(*pretrain_args(run, "--nproc-per-node", "1", override))
+        assert proc.returncode == 2, (override, proc.stderr[-2000:])
+        assert message in proc.stderr, (override, proc.stderr[-2000:])
+    assert latest(run) == "step_00000016" and not events(run, "resumed")
+
+
+def _env(fault: str) -> dict:
+    return {**cli_env(), "VITSCALE_FAULT": fault}
+
+
+# ---- the same rules in-process, without DeepSpeed (fast) ----
+
+class _OneRank:
+    barrier = staticmethod(lambda: None)
+    all_gather_object = staticmethod(lambda obj: [obj])
+    broadcast_object = staticmethod(lambda obj, src=0: obj)
+
+
+class _FakeEngine:
+    """Writes one model-states file per save, as DeepSpeed's save_checkpoint would."""
+
+    def __init__(self):
+        self.value = 0
+
+    def save(self, save_dir, tag, client_state):
+        (save_dir / tag).mkdir(parents=True)
+        (save_dir / tag / "mp_rank_00_model_states.pt").write_bytes(bytes([self.value % 256]) * 64)
+
+
+def _manager(run, keep=2):
+    from pretrain.checkpoint import CheckpointManager
+
+    return CheckpointManager(run, 0, 1, keep, _OneRank())
+
+
+def _save(mgr, engine, step):
+    engine.value += 1
+    return mgr.save(engine, step, {"model_spec": {}}, {"data": {"position": step}, "loop": {}})
+
+
+def test_saves_are_published_atomically_pruned_and_never_prune_latest(tmp_path):
+    mgr, engine = _manager(tmp_path, keep=2), _FakeEngine()
+    (mgr.dir / ".tmp-step_00000009").mkdir(parents=True)  # a save killed earlier
+    (mgr.dir / "universal" / "step_00000001" / "zero").mkdir(parents=True)
+    for step in (1, 2, 3):
+        _save(mgr, engine, step)
+    assert mgr.tags() == ["step_00000002", "step_00000003"] and latest(tmp_path) == "step_00000003"
+    assert not list(mgr.dir.glob(".tmp-*"))
+    assert not (mgr.dir / "universal" / "step_00000001").exists()  # its source was pruned
+    assert verify_checkpoint(mgr.dir / "step_00000003") == []
+    (mgr.dir / "latest").write_text("step_00000002")  # as after --resume of step 2
+    _save(mgr, engine, 2)  # the same step again replaces it
+    assert latest(tmp_path) == "step_00000002" and verify_checkpoint(mgr.dir / "step_00000002") == []
+    _save(mgr, engine, 1)  # older than both kept ones: kept anyway, latest names it
+    assert latest(tmp_path) == "step_00000001" and (mgr.dir / "step_00000001").is_dir()
+
+
+def test_resume_choice_follows_latest_and_falls_back_past_damage(tmp_path):
+    mgr, engine = _manager(tmp_path, keep=5), _FakeEngine()
+    for step in (1, 2, 3):
+        _save(mgr, engine, step)
+    (mgr.dir / "latest").write_text("step_00000002")
+    assert mgr.usable_for_resume() == (mgr.dir / "step_00000002", [])  # never the abandoned step 3
+    damaged = mgr.dir / "step_00000002" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(b"\xff" * 64)
+    chosen, warnings = mgr.usable_for_resume()
+    assert chosen == mgr.dir / "step_00000001"
+    assert len(warnings) == 1 and str(damaged) in warnings[0] and "sha256" in warnings[0]
+    (mgr.dir / "latest").unlink()  # a crash between the first rename and writing `latest`
+    assert mgr.usable_for_resume()[0] == mgr.dir / "step_00000003"
+
+
+def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.errors import UserError
+    from pretrain.resume import check_before_launch
+
+    cfg = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}"])
+    mgr, engine = _manager(tmp_path), _FakeEngine()
+    engine.value = 1
+    meta = {"model_spec": cfg.model.spec().to_dict(), "zero_stage": 2, "world_size": 2, "mode": "pretrain",
+            "config": cfg.to_dict()}
+    mgr.save(engine, 4, meta, {"data": {}, "loop": {}})
+    check_before_launch(cfg, "pretrain", None, False, hash_files=True)
+    other = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}", "model.depth=3"])
+    with pytest.raises(UserError, match="depth: checkpoint 2 vs config 3"):
+        check_before_launch(other, "pretrain", None, False, hash_files=True)
+    with pytest.raises(UserError, match="finetune"):
+        check_before_launch(cfg, "finetune", None, False, hash_files=True)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        check_before_launch(cfg, "pretrain", None, True, hash_files=True)
+    (mgr.dir / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 64)
+    check_before_launch(cfg, "pretrain", str(tmp_path), False, hash_files=False)  # sizes only
+    with pytest.raises(UserError, match="sha256"):
+        check_before_launch(cfg, "pretrain", str(tmp_path), False, hash_files=True)
+
+
+def test_fault_spec():
+    from pretrain.faults import Faults
+
+    f = Faults("nan@5,7-8:rank1;stop@3;slowsave@4", rank=1)
+    assert [s for s in range(10) if f.loss_fault(s)] == [5, 7, 8] and f.stop(3) and f.save_pause(4)
+    assert not Faults("nan@5:rank1", rank=0).loss_fault(5)
+    with pytest.raises(ValueError, match="unknown fault"):
+        Faults("nna@5", rank=0)
