@@ -9,6 +9,7 @@ carry a ``kind`` field ("eval", "event").
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -85,8 +86,9 @@ class MetricsLog:
         if self.rank != 0:
             return
         record = {"time": round(time.time(), 3), **record}
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite) + "\n")  # strict JSON: NaN/Inf become null
         if self.tb is not None and "step" in record:
             prefix = record.get("kind", "train")
             for key, value in record.items():

@@ -158,9 +158,9 @@ class ShardTrain:
         if state.get("kind") == "shards" and state.get("workers") == self.workers and state.get("world") == self.world:
             self.positions = [int(p) for p in state["positions"]]
         else:  # another layout: each slot skips its share of the samples consumed so far
-            nslots = self.world * self.workers
-            share = int(state.get("global_samples", state.get("position", 0))) // nslots
-            self.positions = [share] * self.workers
+            consumed = int(state.get("global_samples", state.get("position", 0)))
+            self.positions = [consumed // (self.world * self.workers)] * self.workers
+            self.batches = consumed // (self.cfg.train.micro_batch * self.world)
         self._it = None
 
     def stats(self) -> dict:
