@@ -243,8 +243,9 @@ def _pad(images: list, targets: list, micro: int) -> dict:
 
 def shard_eval(cfg: Config, rank: int, world: int, spec: str | None = None,
                split: str = "val") -> Iterator[Batch]:
-    """The ``split`` of ``spec`` (default ``data.val``), shard ``i`` on rank ``i % world``; every rank yields the same number of
-    batches (padding rows have ``valid=False``) so collectives stay in step under ZeRO-3."""
+    """The ``split`` of ``spec`` (default ``data.val``), shard ``i`` on rank ``i % world``; every
+    rank yields the same number of batches (padding rows have ``valid=False``) so collectives stay
+    in step under ZeRO-3."""
     shards = resolve_shards(spec or cfg.data.val, split, None)
     micro = cfg.train.micro_batch
     workers = max(1, min(cfg.data.workers, 8)) if cfg.data.workers else 1  # 0: one in-process reader
