@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from launch.program import program_args
 from pretrain.config import Config
 
 
@@ -75,12 +76,7 @@ def accelerate_command(accelerate_yaml: str | Path, vitscale: list[str], config_
         cmd += ["--machine_rank", "$NODE_RANK"]
         if not master_addr:
             cmd += ["--main_process_ip", "$MASTER_ADDR"]
-    if len(vitscale) == 1:
-        cmd += ["--no_python", vitscale[0]]
-    elif len(vitscale) == 3 and vitscale[1] == "-m":
-        cmd += ["--module", vitscale[2]]
-    else:
-        raise ValueError(f"vitscale command must be [script] or [python, -m, module], got {vitscale}")
+    cmd += program_args(vitscale)
     return cmd + [command, "--config", str(config_path)]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from launch.program import program_args
 from pretrain.errors import UserError
 
 _LINE = re.compile(r"^(?P<host>[^\s#=]+)\s+slots=(?P<slots>\d+)\s*$")
@@ -93,10 +94,5 @@ def deepspeed_command(hostfile: str | Path, hosts: dict[str, int], vitscale: lis
     if len(hosts) == 1:
         cmd.append("--no_ssh_check")
     cmd.append("--no_local_rank")
-    if len(vitscale) == 1:
-        cmd += ["--no_python", vitscale[0]]
-    elif len(vitscale) == 3 and vitscale[1] == "-m":
-        cmd += ["--module", vitscale[2]]
-    else:
-        raise ValueError(f"vitscale command must be [script] or [python, -m, module], got {vitscale}")
+    cmd += program_args(vitscale)
     return cmd + [command, "--config", str(config_path)]

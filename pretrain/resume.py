@@ -78,13 +78,9 @@ def find_resume_source(cfg: Config, ckpt: CheckpointManager, resume: str | None,
         tag_dir = resolve_checkpoint(resume)
         _refuse_universal(tag_dir, resume)
         problems = ckpt.verify_shared(tag_dir)
-        if problems:
-            raise UserError(f"--resume {resume}: the checkpoint is damaged: " + "; ".join(problems) +
-                            ". Pass an older checkpoint (a tag directory under checkpoints/) instead")
+        _refuse_damaged(resume, problems)
     elif no_resume:
-        if ckpt.has_checkpoints():
-            raise UserError(f"--no-resume but {ckpt.dir} already holds checkpoints: choose a new run.dir "
-                            f"or drop --no-resume to continue that run")
+        _refuse_existing(ckpt)
         return None
     else:
         tag_dir, warnings = ckpt.usable_for_resume()
@@ -118,13 +114,9 @@ def check_before_launch(cfg: Config, mode: str, resume: str | None, no_resume: b
         tag_dir = resolve_checkpoint(resume)
         _refuse_universal(tag_dir, resume)
         problems = verify_checkpoint(tag_dir, None if hash_files else [])
-        if problems:
-            raise UserError(f"--resume {resume}: the checkpoint is damaged: " + "; ".join(problems) +
-                            ". Pass an older checkpoint (a tag directory under checkpoints/) instead")
+        _refuse_damaged(resume, problems)
     elif no_resume:
-        if ckpt.has_checkpoints():
-            raise UserError(f"--no-resume but {ckpt.dir} already holds checkpoints: choose a new run.dir "
-                            f"or drop --no-resume to continue that run")
+        _refuse_existing(ckpt)
         return
     else:
         tag_dir = ckpt.latest()
@@ -215,3 +207,15 @@ def reseed_rank(seed: int, rank: int, step: int) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def _refuse_damaged(resume: str, problems: list[str]) -> None:
+    if problems:
+        raise UserError(f"--resume {resume}: the checkpoint is damaged: " + "; ".join(problems) +
+                        ". Pass an older checkpoint (a tag directory under checkpoints/) instead")
+
+
+def _refuse_existing(ckpt: CheckpointManager) -> None:
+    if ckpt.has_checkpoints():
+        raise UserError(f"--no-resume but {ckpt.dir} already holds checkpoints: choose a new run.dir "
+                        f"or drop --no-resume to continue that run")
