@@ -180,15 +180,6 @@ class Engine:
         universal_dir = Path(universal_dir)
         return self.load(universal_dir.parent, universal_dir.name)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Whole-model fp32 weights on every rank (gathers ZeRO-3 partitions; collective)."""
-        module = self.engine.module
-        params = list(module.parameters())
-        if self.cfg.zero.stage == 3:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
     def partitioned_numel(self) -> int:
         """Parameters this rank holds (under ZeRO-3 a partition, otherwise the whole model)."""
         total = 0
@@ -207,17 +198,6 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def destroy() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 class Comm:
     """The few collectives the loop and checkpointing need (works before/without an engine)."""
 
@@ -233,4 +213,6 @@ class Comm:
 
     @staticmethod
     def broadcast_object(obj, src: int = 0):
-        return broadcast_object(obj, src)
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=src)
+        return holder[0]

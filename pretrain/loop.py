@@ -159,6 +159,7 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
     meter = Throughput(t.micro_batch * t.grad_accum * world, flops_per_image, peak_flops, world)
     pending: list[torch.Tensor] = []
     engine.train(True)
+    log.start_progress(t.steps, state.step, cfg.log.progress)
     while state.step < t.steps:
         step = state.step + 1
         lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=t.steps, warmup_steps=cfg.optim.warmup_steps,
@@ -172,6 +173,7 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
         out = run_step(engine, batches, cfg, num_classes, lr, fault_for(step))
         state.step = step
         meter.add(1, wait)
+        log.advance()
         if out.applied:
             state.bad_steps_in_row = 0
             pending.append(out.loss)
@@ -199,6 +201,7 @@ def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log:
             meter.reset()
         if on_step is not None and on_step(state):
             break
+    log.stop_progress()
     return state
 
 

@@ -95,11 +95,33 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
+    def start_progress(self, total: int, initial: int, enabled: bool) -> None:
+        """A step progress bar (stderr) on rank 0 when stderr is a terminal; log lines print above it."""
+        self.bar = None
+        if self.rank == 0 and enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+    def advance(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.update(1)
+
     def console(self, text: str) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if getattr(self, "bar", None) is not None:
+            self.bar.write(text)
+        else:
             print(text, flush=True)
 
+    def stop_progress(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self) -> None:
+        self.stop_progress()
         if self.tb is not None:
             self.tb.close()
 

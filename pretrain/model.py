@@ -245,6 +245,13 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, use_sdpa))
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block in place (the ``model.compile`` option):
+        blocks are identical, so one compiled graph serves them all and the engine still sees
+        plain parameters."""
+        for blk in self.blocks:
+            blk.compile()
+
     def reset_head(self, num_classes: int, keep_pre_logits: bool = False) -> None:
         """Replace the head with a zero-initialised Linear of ``num_classes`` outputs; the
         pre-logits layer goes too unless ``keep_pre_logits`` (fine-tune surgery)."""

@@ -116,6 +116,8 @@ def _run(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_mo
     model = build_model(spec)
     if prepare_model is not None:
         prepare_model(model, log)
+    if cfg.model.compile:
+        model.compile_blocks()
     costs = model_costs(spec)
     engine = Engine(model, cfg, world, load_universal=source is not None and source.universal is not None)
     torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout, augmentation)

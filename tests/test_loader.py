@@ -119,3 +119,23 @@ def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path):
 
     n_val = load_index(tmp_path / "sh")["splits"]["val"]["samples"]
     assert sum(int(b.valid.sum()) for run in runs for b in run) == n_val
+
+
+def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
+    import json as _json
+
+    write_synthetic_folder(tmp_path / "img", classes=3, per_class=8, img_size=16, seed=0)
+    rows = []
+    for i, path in enumerate(sorted((tmp_path / "img").rglob("*.jpg"))):
+        rows.append({"path": str(path.relative_to(tmp_path)), "labels": sorted({i % 5, (i * 3) % 5})})
+    (tmp_path / "m.jsonl").write_text("\n".join(_json.dumps(r) for r in rows))
+    write_shards(tmp_path / "m.jsonl", tmp_path / "sh", WriteOptions(samples_per_shard=6, workers=1, progress=False))
+    with pytest.raises(UserError, match="data.multi_label=true"):
+        ShardTrain(_cfg(str(tmp_path / "sh"), **{"model.num_classes": "5"}), 0, 1)
+    cfg = _cfg(str(tmp_path / "sh"), **{"model.num_classes": "5", "data.multi_label": "true", "train.loss": "sigmoid"})
+    batch = ShardTrain(cfg, 0, 1).next_batch()
+    assert batch.targets.shape == (5, 5) and batch.targets.dtype == torch.float32
+    want = {r["path"].rsplit("/", 1)[-1].split(".")[0]: r["labels"] for r in rows}  # file stem -> labels
+    for key, row in zip(batch.keys, batch.targets, strict=True):
+        stem = next(s for s in want if key.endswith(s))
+        assert sorted(torch.nonzero(row).flatten().tolist()) == want[stem]
