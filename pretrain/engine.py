@@ -198,6 +198,12 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def destroy() -> None:
+    """Leave the process group (benchmark children and tests that build engines in turn)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class Comm:
     """The few collectives the loop and checkpointing need (works before/without an engine)."""
 
