@@ -24,7 +24,6 @@ file system every node sees.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.shard_format import sha256_file
 from pretrain import __version__ as VERSION
 from pretrain.errors import UserError
 
@@ -45,14 +45,6 @@ UNIVERSAL = "universal"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
