@@ -115,9 +115,30 @@ def _n(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
 
+def _block_arrays(sd: dict, o: str, spec, names: tuple[str, str, str, str]) -> dict[str, np.ndarray]:
+    """One encoder block in the Flax layout; ``names`` = (attention, first LayerNorm, second
+    LayerNorm, MLP) module names, which differ between vit_jax and big_vision."""
+    mha, ln1, ln2, mlp = names
+    D, H = spec.width, spec.heads
+    blk = {}
+    q, k, v = _n(sd[o + "attn.qkv.weight"]).reshape(3, D, D)
+    qb, kb, vb = _n(sd[o + "attn.qkv.bias"]).reshape(3, D)
+    for name, w, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+        blk[f"{mha}/{name}/kernel"] = w.T.reshape(D, H, D // H)
+        blk[f"{mha}/{name}/bias"] = bias.reshape(H, D // H)
+    blk[f"{mha}/out/kernel"] = _n(sd[o + "attn.proj.weight"]).T.reshape(H, D // H, D)
+    blk[f"{mha}/out/bias"] = _n(sd[o + "attn.proj.bias"])
+    for ln, ours in ((ln1, "norm1"), (ln2, "norm2")):
+        blk[f"{ln}/scale"] = _n(sd[o + ours + ".weight"])
+        blk[f"{ln}/bias"] = _n(sd[o + ours + ".bias"])
+    for j, fc in enumerate(("fc1", "fc2")):
+        blk[f"{mlp}/Dense_{j}/kernel"] = _n(sd[o + f"mlp.{fc}.weight"]).T
+        blk[f"{mlp}/Dense_{j}/bias"] = _n(sd[o + f"mlp.{fc}.bias"])
+    return blk
+
+
 def vit_jax_arrays(sd: dict, spec) -> dict[str, np.ndarray]:
     """The vit_jax layout, written out key by key from google-research/vision_transformer."""
-    D, H = spec.width, spec.heads
     a = {"embedding/kernel": _n(sd["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
          "embedding/bias": _n(sd["patch_embed.proj.bias"]), "cls": _n(sd["cls_token"]),
          "Transformer/posembed_input/pos_embedding": _n(sd["pos_embed"]),
@@ -128,28 +149,15 @@ def vit_jax_arrays(sd: dict, spec) -> dict[str, np.ndarray]:
         a["pre_logits/kernel"] = _n(sd["pre_logits.weight"]).T
         a["pre_logits/bias"] = _n(sd["pre_logits.bias"])
     for i in range(spec.depth):
-        b, o = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        q, k, v = _n(sd[o + "attn.qkv.weight"]).reshape(3, D, D)
-        qb, kb, vb = _n(sd[o + "attn.qkv.bias"]).reshape(3, D)
-        for name, w, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
-            a[f"{b}MultiHeadDotProductAttention_1/{name}/kernel"] = w.T.reshape(D, H, D // H)
-            a[f"{b}MultiHeadDotProductAttention_1/{name}/bias"] = bias.reshape(H, D // H)
-        a[f"{b}MultiHeadDotProductAttention_1/out/kernel"] = \
-            _n(sd[o + "attn.proj.weight"]).T.reshape(H, D // H, D)
-        a[f"{b}MultiHeadDotProductAttention_1/out/bias"] = _n(sd[o + "attn.proj.bias"])
-        for ln, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            a[f"{b}{ln}/scale"] = _n(sd[o + ours + ".weight"])
-            a[f"{b}{ln}/bias"] = _n(sd[o + ours + ".bias"])
-        for j, fc in enumerate(("fc1", "fc2")):
-            a[f"{b}MlpBlock_3/Dense_{j}/kernel"] = _n(sd[o + f"mlp.{fc}.weight"]).T
-            a[f"{b}MlpBlock_3/Dense_{j}/bias"] = _n(sd[o + f"mlp.{fc}.bias"])
+        blk = _block_arrays(sd, f"blocks.{i}.", spec, ("MultiHeadDotProductAttention_1", "LayerNorm_0",
+                                                         "LayerNorm_2", "MlpBlock_3"))
+        a.update({f"Transformer/encoderblock_{i}/{k}": v for k, v in blk.items()})
     return a
 
 
 def big_vision_arrays(sd: dict, spec, prefix: str, scanned: bool, bf16: bool) -> dict[str, np.ndarray]:
     """big_vision models/vit.py: pos_embedding without class slot, *_0/*_1 names, optional scan."""
     jax = vit_jax_arrays(sd, spec) if spec.pool == "cls" else None
-    D = spec.width
     a = {"embedding/kernel": _n(sd["patch_embed.proj.weight"]).transpose(2, 3, 1, 0),
          "embedding/bias": _n(sd["patch_embed.proj.bias"]),
          "Transformer/encoder_norm/scale": _n(sd["norm.weight"]),
@@ -160,24 +168,8 @@ def big_vision_arrays(sd: dict, spec, prefix: str, scanned: bool, bf16: bool) ->
         a["cls"] = jax["cls"]
         pos = pos[:, 1:]
     a["pos_embedding"] = pos
-    blocks = []
-    for i in range(spec.depth):
-        o, blk = f"blocks.{i}.", {}
-        H = spec.heads
-        mha = "MultiHeadDotProductAttention_0/"
-        for j, name in enumerate(("query", "key", "value")):
-            w = _n(sd[o + "attn.qkv.weight"])[j * D:(j + 1) * D]
-            blk[f"{mha}{name}/kernel"] = w.T.reshape(D, H, D // H)
-            blk[f"{mha}{name}/bias"] = _n(sd[o + "attn.qkv.bias"])[j * D:(j + 1) * D].reshape(H, D // H)
-        blk[f"{mha}out/kernel"] = _n(sd[o + "attn.proj.weight"]).T.reshape(H, D // H, D)
-        blk[f"{mha}out/bias"] = _n(sd[o + "attn.proj.bias"])
-        for ln, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
-            blk[f"{ln}/scale"] = _n(sd[o + ours + ".weight"])
-            blk[f"{ln}/bias"] = _n(sd[o + ours + ".bias"])
-        for j, fc in enumerate(("fc1", "fc2")):
-            blk[f"MlpBlock_0/Dense_{j}/kernel"] = _n(sd[o + f"mlp.{fc}.weight"]).T
-            blk[f"MlpBlock_0/Dense_{j}/bias"] = _n(sd[o + f"mlp.{fc}.bias"])
-        blocks.append(blk)
+    names = ("MultiHeadDotProductAttention_0", "LayerNorm_0", "LayerNorm_1", "MlpBlock_0")
+    blocks = [_block_arrays(sd, f"blocks.{i}.", spec, names) for i in range(spec.depth)]
     if scanned:
         for k in blocks[0]:
             a[f"Transformer/encoderblock/{k}"] = np.stack([b[k] for b in blocks])
