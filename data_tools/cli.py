@@ -1,7 +1,7 @@
 """``vitscale shards {write,verify,stats,synth}``: offline work on WebDataset shard folders.
 
 ``main(argv) -> int`` is called by the top-level ``vitscale`` dispatcher, which turns a
-:class:`~pretrain.errors.UserError` into a one-paragraph message and exit status 2.
+:class:`~pretrain.core.errors.UserError` into a one-paragraph message and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from data_tools.parallel import default_workers
-from data_tools.shard_format import SKIPPED_FILE
+from pretrain.data.shards import SKIPPED_FILE
 
 
 def _parser() -> argparse.ArgumentParser:

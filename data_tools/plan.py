@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from data_tools.encode import EncodeOptions
-from data_tools.shard_format import json_bytes, shard_name, tar_member_bytes
 from data_tools.sources import SourceScan
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.data.shards import json_bytes, shard_name, tar_member_bytes
 
 FORMAT_REVISION = 1
 MAX_KEY_LEN = 64

@@ -23,7 +23,9 @@ from pathlib import Path
 from data_tools.encode import EncodeOptions, SkipSample, encode_image
 from data_tools.parallel import default_workers, map_with_progress
 from data_tools.plan import ShardTask, plan_shards
-from data_tools.shard_format import (
+from data_tools.sources import SourceScan, scan_source
+from pretrain.core.errors import UserError
+from pretrain.data.shards import (
     CLASSES_FILE,
     INDEX_FILE,
     INDEX_VERSION,
@@ -33,8 +35,6 @@ from data_tools.shard_format import (
     json_bytes,
     sha256_file,
 )
-from data_tools.sources import SourceScan, scan_source
-from pretrain.errors import UserError
 
 _SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
 
@@ -173,7 +173,7 @@ def _remove_stale(out: Path, tasks: list[ShardTask]) -> None:
 
 
 def build_index(scan: SourceScan, results: list[ShardResult], options: WriteOptions) -> dict:
-    """The ``index.json`` document (see :mod:`data_tools.shard_format`)."""
+    """The ``index.json`` document (see :mod:`pretrain.data.shards`)."""
     splits: dict[str, dict] = {}
     for split in ("train", "val") if options.val_fraction > 0 else ("train",):
         shards = [{"file": r.file, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}

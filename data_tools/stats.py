@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_tools.parallel import default_workers, map_with_progress
-from data_tools.shard_format import iter_tar_samples, load_classes, load_index
+from pretrain.data.shards import iter_tar_samples, load_classes, load_index
 
 _TOP = 10
 

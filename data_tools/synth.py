@@ -2,7 +2,7 @@
 
 The demo and tests use it to exercise the whole path a user takes with real data: image files
 -> ``vitscale shards write`` -> streaming loader. Sample ``i`` is
-:func:`pretrain.synthetic.synthetic_uint8` (class ``i % classes``); ``--seed`` picks the task.
+:func:`pretrain.data.synthetic.synthetic_uint8` (class ``i % classes``); ``--seed`` picks the task.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pretrain.errors import UserError
-from pretrain.synthetic import synthetic_label, synthetic_uint8
+from pretrain.core.errors import UserError
+from pretrain.data.synthetic import synthetic_label, synthetic_uint8
 
 
 def write_synthetic_folder(out: Path, classes: int, per_class: int, img_size: int, seed: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_tools.encode import SkipSample, decode_image
 from data_tools.parallel import default_workers, map_with_progress
-from data_tools.shard_format import TarSample, iter_tar_samples, load_index, sha256_file
+from pretrain.data.shards import TarSample, iter_tar_samples, load_index, sha256_file
 
 
 @dataclass(frozen=True)

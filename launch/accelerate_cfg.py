@@ -27,12 +27,12 @@ from pathlib import Path
 import yaml
 
 from launch.program import program_args
-from pretrain.config import Config
+from pretrain.train.config import Config
 
 
 def ds_config_json(cfg: Config, world_size: int) -> dict:
-    """The engine's DeepSpeed config (imports deepspeed through ``pretrain.engine``, hence lazily)."""
-    from pretrain.engine import build_ds_config
+    """The engine's DeepSpeed config (imports deepspeed through ``pretrain.train.engine``, hence lazily)."""
+    from pretrain.train.engine import build_ds_config
 
     return build_ds_config(cfg, world_size)
 

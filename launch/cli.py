@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from launch import accelerate_cfg, hostfile, slurm
-from pretrain.config import Config, load_config, save_config
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.train.config import Config, load_config, save_config
 
 COMMANDS = ("pretrain", "finetune")
 

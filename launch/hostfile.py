@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from launch.program import program_args
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 
 _LINE = re.compile(r"^(?P<host>[^\s#=]+)\s+slots=(?P<slots>\d+)\s*$")
 

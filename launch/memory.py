@@ -49,8 +49,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.config import Config
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
+from pretrain.train.config import Config
 
 GIB = 1 << 30
 CUDA_ALLOWANCE = 2 * GIB

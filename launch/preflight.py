@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 from launch.memory import GIB, checkpoint_bytes, estimate_memory, param_count
-from pretrain.config import Config, load_config
-from pretrain.errors import UserError
-from pretrain.sdpa_check import SdpaReport, flash_blockers, sdpa_report
+from pretrain.core.errors import UserError
+from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
+from pretrain.train.config import Config, load_config
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 HEADROOM = 0.9  # fraction of GPU memory the estimate may use before WARN

@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 
 PORT_BASE = 20000
 PORT_SPAN = 10000

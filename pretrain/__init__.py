@@ -10,14 +10,14 @@ def load_model(path, device: str = "cpu"):
     directory (any ZeRO stage, any world size), or a consolidated safetensors file; also any
     other format :func:`pretrain.formats.read_weights` reads (npz, timm, HF).
 
-    Weights are fp32 on ``device``. Raises :class:`pretrain.errors.UserError` when the path holds
+    Weights are fp32 on ``device``. Raises :class:`pretrain.core.errors.UserError` when the path holds
     no model or its dimensions cannot be known.
     """
     import torch
 
-    from pretrain.errors import UserError
+    from pretrain.core.errors import UserError
     from pretrain.formats import read_weights
-    from pretrain.model import build_model
+    from pretrain.model.vit import build_model
 
     sd, spec, meta = read_weights(path)
     if spec is None:

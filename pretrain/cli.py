@@ -9,20 +9,20 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 
 # subcommand -> (module, help line); modules are imported only when their command runs.
 COMMANDS = {
-    "info": ("pretrain.info", "parameters, GMACs, TFLOPs per image of a model variant"),
-    "pretrain": ("pretrain.run", "pretrain a ViT (spawns or joins the distributed job)"),
-    "finetune": ("pretrain.run_finetune", "fine-tune from a checkpoint at a new resolution"),
-    "evaluate": ("pretrain.evaluate", "top-1/top-5 of a checkpoint on a shard set"),
-    "convert": ("pretrain.convert", "convert checkpoints between formats, verified by logits"),
-    "inspect": ("pretrain.inspect_ckpt", "what a checkpoint or weights file holds"),
+    "info": ("pretrain.commands.info", "parameters, GMACs, TFLOPs per image of a model variant"),
+    "pretrain": ("pretrain.commands.pretrain", "pretrain a ViT (spawns or joins the distributed job)"),
+    "finetune": ("pretrain.commands.finetune", "fine-tune from a checkpoint at a new resolution"),
+    "evaluate": ("pretrain.commands.evaluate", "top-1/top-5 of a checkpoint on a shard set"),
+    "convert": ("pretrain.commands.convert", "convert checkpoints between formats, verified by logits"),
+    "inspect": ("pretrain.commands.inspect", "what a checkpoint or weights file holds"),
     "shards": ("data_tools.cli", "write / verify / stats of WebDataset shards"),
     "launch": ("launch.cli", "generate cluster launches: slurm, deepspeed hostfile, accelerate"),
     "preflight": ("launch.preflight", "check a config against a cluster before spending GPU hours"),
-    "bench": ("pretrain.bench", "benchmarks: loader, train"),
+    "bench": ("pretrain.commands.bench", "benchmarks: loader, train"),
 }
 
 

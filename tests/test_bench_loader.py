@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_tools.bench_loader as bench_loader
+import pretrain.bench.loader as bench_loader
 from data_tools.shard_writer import WriteOptions, write_shards
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from pretrain.bench_plan import Budget, Case, build_plan, largest_fitting, parse_extra, shrink
-from pretrain.errors import UserError
+from pretrain.bench.plan import Budget, Case, build_plan, largest_fitting, parse_extra, shrink
+from pretrain.core.errors import UserError
 from tests.conftest import ROOT, cli_env, vitscale
 
 BREAKDOWN = {"forward_s", "backward_s", "optimizer_s", "data_wait_s"}
@@ -45,8 +45,8 @@ def test_cpu_tiny_run_writes_records(tmp_path):
     assert timm["error"] and timm["images_per_s"] is None  # no timm here, or no vit_h14@224 to compare with
 
 
-def test_script_wrapper_reports_user_errors():
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--micro-batch", "many"], cwd=ROOT,
+def test_cli_reports_user_errors():
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "bench", "train", "--micro-batch", "many"], cwd=ROOT,
                           env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--micro-batch 'many'" in proc.stderr and "Traceback" not in proc.stderr
@@ -122,7 +122,7 @@ def test_budget_stops_starting_what_would_overrun():
 
 
 def test_sdpa_backend_from_profiler_names():
-    from pretrain.bench_measure import sdpa_from_profile
+    from pretrain.bench.measure import sdpa_from_profile
 
     cudnn = ["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_cudnn_attention",
              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128"]
@@ -138,7 +138,7 @@ def test_sdpa_backend_from_profiler_names():
 
 
 def test_speedup_vs_timm_only_on_the_reference_model():
-    from pretrain.bench_train import RECORD_KEYS, fill_speedups
+    from pretrain.bench.train import RECORD_KEYS, fill_speedups
 
     def rec(**kw):
         return {**dict.fromkeys(RECORD_KEYS), **kw}
@@ -154,7 +154,7 @@ def test_gpu_flow_searches_once_backs_off_after_oom_and_reuses_the_search(monkey
     """The parent's side of `--micro-batch auto` on a GPU, with the child processes faked: the
     first configuration searches (the child reports 64), its measurement runs out of memory at 64
     and is retried in a new child at 48; the compiled and ZeRO-3 variants start from 48."""
-    from pretrain import bench_train
+    from pretrain.bench import train as bench_train
 
     jobs = []
 
@@ -202,7 +202,7 @@ def test_budget_skips_and_names_the_rerun(tmp_path):
 def test_a_running_measurement_is_stopped_at_the_deadline():
     import time
 
-    from pretrain.bench_train import run_child
+    from pretrain.bench.train import run_child
 
     job = {"kind": "case", "case": {"model": "vit_test4", "img_size": 32, "zero_stage": 2, "act_ckpt": False,
                                     "compile": False}, "micro_batch": 8, "search": None,

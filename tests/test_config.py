@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import load_config
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.train.config import load_config
 from tests.conftest import ROOT, vitscale
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pretrain import cli, convert
-from pretrain.errors import UserError
+from pretrain import cli
+from pretrain.commands import convert
+from pretrain.commands.inspect import inspect
+from pretrain.core.errors import UserError
 from pretrain.formats import detect_format, load_safetensors, read_weights, save_safetensors
-from pretrain.inspect_ckpt import inspect
-from pretrain.model import VisionTransformer, build_model, spec_for
+from pretrain.model.vit import VisionTransformer, build_model, spec_for
 
 PLAIN = spec_for("vit_test4", img_size=16, num_classes=5)
 REP = spec_for("vit_test4", img_size=16, num_classes=5, representation_size="auto")

@@ -19,16 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import cli, convert
-from pretrain.errors import UserError
+from pretrain import cli
+from pretrain.commands import convert
+from pretrain.commands.inspect import inspect
+from pretrain.core.errors import UserError
 from pretrain.formats import (
     consolidate_deepspeed,
     load_safetensors,
     read_weights,
     resolve_deepspeed_checkpoint,
 )
-from pretrain.inspect_ckpt import inspect
-from pretrain.model import ViTSpec, build_model
+from pretrain.model.vit import ViTSpec, build_model
 
 pytest.importorskip("deepspeed")
 

@@ -43,7 +43,7 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
 
 def test_load_model_from_run_dir_matches_the_run(pretrained):
     import pretrain
-    from pretrain.synthetic import synthetic_images
+    from pretrain.data.synthetic import synthetic_images
 
     model = pretrain.load_model(pretrained["run"])
     assert not model.training

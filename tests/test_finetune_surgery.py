@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.errors import UserError
-from pretrain.finetune import (
+from pretrain.core.errors import UserError
+from pretrain.model.surgery import (
     SurgeryReport,
     apply_finetune_surgery,
     finetune_state_dict,
     resample_state_dict,
 )
-from pretrain.model import VisionTransformer, build_model, spec_for
+from pretrain.model.vit import VisionTransformer, build_model, spec_for
 
 HEAD = ["head.weight", "head.bias"]
 PRE_LOGITS = ["pre_logits.weight", "pre_logits.bias"]
@@ -178,7 +178,7 @@ def _quadrant_images(step: int, batch: int, num_classes: int, img_size: int, see
     """A task only position embeddings can solve: every class arranges the SAME four colours over
     the four image quadrants, so all classes have the same multiset of patch colours and a ViT
     without position information is at chance. Quadrants are 2x2 patches at 16 px and 3x3 at 24
-    px (patch 4), so no patch straddles two quadrants at either size. (pretrain.synthetic's task
+    px (patch 4), so no patch straddles two quadrants at either size. (pretrain.data.synthetic's task
     can be solved from colours alone: zeroed pos_embed kept ~100% accuracy there.)"""
     g = torch.Generator().manual_seed(seed)
     palette = torch.rand(4, 3, generator=g) * 2 - 1

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from launch import cli, hostfile, slurm
-from pretrain.config import load_config
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.train.config import load_config
 
 VENV_BIN = Path(sys.executable).parent
 HOSTS = ["gpu-a17", "gpu-a18", "gpu-b01", "gpu-b02"]
@@ -254,9 +254,9 @@ def test_deepspeed_launcher_runs_one_process_per_slot(tmp_path, recipe, monkeypa
 
 def _build_ds_config_or_skip():
     try:
-        from pretrain.engine import build_ds_config
+        from pretrain.train.engine import build_ds_config
     except (ImportError, AttributeError) as err:
-        pytest.skip(f"pretrain.engine.build_ds_config is not available yet ({err})")
+        pytest.skip(f"pretrain.train.engine.build_ds_config is not available yet ({err})")
     return build_ds_config
 
 

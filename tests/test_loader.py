@@ -9,9 +9,9 @@ import torch
 
 from data_tools.shard_writer import WriteOptions, write_shards
 from data_tools.synth import write_synthetic_folder
-from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.shards_loader import ShardTrain, shard_eval
+from pretrain.core.errors import UserError
+from pretrain.data.loader import ShardTrain, shard_eval
+from pretrain.train.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path):
     cfg = _cfg(str(tmp_path / "sh"), **{"data.val": str(tmp_path / "sh")})
     runs = [list(shard_eval(cfg, r, 2)) for r in range(2)]
     assert len(runs[0]) == len(runs[1])
-    from data_tools.shard_format import load_index
+    from pretrain.data.shards import load_index
 
     n_val = load_index(tmp_path / "sh")["splits"]["val"]["samples"]
     assert sum(int(b.valid.sum()) for run in runs for b in run) == n_val

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pretrain.costs import model_costs
-from pretrain.model import build_model, reference_attention, spec_for, variant_names
+from pretrain.model.costs import model_costs
+from pretrain.model.vit import build_model, reference_attention, spec_for, variant_names
 
 
 def test_sdpa_path_equals_plain_attention():

@@ -4,7 +4,7 @@ with two processes."""
 import subprocess
 import sys
 
-from pretrain.launcher import free_port
+from pretrain.train.spawn import free_port
 from tests.conftest import ROOT, TINY, cli_env, read_metrics, vitscale
 
 COMMON = ["--config", "configs/demo_cpu.yaml", *TINY, "train.steps=6", "run.deterministic=true",

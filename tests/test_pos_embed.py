@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.pos_embed import resample_pos_embed
+from pretrain.model.pos_embed import resample_pos_embed
 
 
 def _pos_embed(grid: tuple[int, int], dim: int = 8, prefix: int = 1, seed: int = 0) -> torch.Tensor:

@@ -27,9 +27,9 @@ from launch.memory import (
     model_state_bytes,
     param_count,
 )
-from pretrain.config import load_config
-from pretrain.errors import UserError
-from pretrain.model import Block, build_model, spec_for
+from pretrain.core.errors import UserError
+from pretrain.model.vit import Block, build_model, spec_for
+from pretrain.train.config import load_config
 
 TINY = ["model.name=vit_test4", "model.img_size=32", "train.micro_batch=4"]
 

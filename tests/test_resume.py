@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from pretrain.checkpoint import verify_checkpoint
+from pretrain.checkpoint.layout import verify_checkpoint
 from tests.conftest import TINY as RUN_TINY
 from tests.conftest import cli_env, vitscale
 from tests.runs import (
@@ -189,7 +189,7 @@ class _FakeEngine:
 
 
 def _manager(run, keep=2):
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint.layout import CheckpointManager
 
     return CheckpointManager(run, 0, 1, keep, _OneRank())
 
@@ -232,9 +232,9 @@ def test_resume_choice_follows_latest_and_falls_back_past_damage(tmp_path):
 
 
 def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
-    from pretrain.config import load_config
-    from pretrain.errors import UserError
-    from pretrain.resume import check_before_launch
+    from pretrain.checkpoint.resume import check_before_launch
+    from pretrain.core.errors import UserError
+    from pretrain.train.config import load_config
 
     cfg = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}"])
     mgr, engine = _manager(tmp_path), _FakeEngine()
@@ -257,7 +257,7 @@ def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
 
 
 def test_fault_spec():
-    from pretrain.faults import Faults
+    from pretrain.train.faults import Faults
 
     f = Faults("nan@5,7-8:rank1;stop@3;slowsave@4", rank=1)
     assert [s for s in range(10) if f.loss_fault(s)] == [5, 7, 8] and f.stop(3) and f.save_pause(4)

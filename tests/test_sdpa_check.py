@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.errors import UserError
-from pretrain.sdpa_check import flash_blockers, require_flash, sdpa_backend, sdpa_report
+from pretrain.core.errors import UserError
+from pretrain.model.sdpa import flash_blockers, require_flash, sdpa_backend, sdpa_report
 
 KNOWN = {"cpu-flash", "cpu-math"}
 

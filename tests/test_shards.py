@@ -15,10 +15,10 @@ from PIL import Image
 
 import data_tools.shard_writer as shard_writer
 from data_tools.cli import main as shards_main
-from data_tools.shard_format import add_bytes, iter_tar_samples, sha256_file
 from data_tools.shard_writer import WriteOptions, write_shards
 from pretrain.cli import main as vitscale_main
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
+from pretrain.data.shards import add_bytes, iter_tar_samples, sha256_file
 
 CLASSES = ("bird", "cat", "dog")
 

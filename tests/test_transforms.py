@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.transforms import (
+from pretrain.data.transforms import (
     _open_for_box,
     baseline_transform,
     decode_crop,

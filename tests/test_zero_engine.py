@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pretrain.launcher import free_port
+from pretrain.train.spawn import free_port
 from tests.conftest import ROOT, cli_env
 
 

@@ -1,7 +1,7 @@
-"""Checkpoint formats, each read into (and written from) the state dict of :mod:`pretrain.model`.
+"""Checkpoint formats, each read into (and written from) the state dict of :mod:`pretrain.model.vit`.
 
 One module per format; :func:`read_weights` detects a path's format and returns our state dict.
-The writers and the verification live in :mod:`pretrain.convert`.
+The writers and the verification live in :mod:`pretrain.commands.convert`.
 
 =====================  =========================================  ================================
 name                   what                                       module
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.deepspeed_ckpt import (
     consolidate_deepspeed,
     read_universal,
@@ -31,7 +31,7 @@ from pretrain.formats.npz import read_npz
 from pretrain.formats.ours import load_safetensors, save_safetensors
 from pretrain.formats.state_dict import StateDict, check_state_dict, dtype_names, infer_spec
 from pretrain.formats.timm import read_timm
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 __all__ = ["FORMATS", "consolidate_deepspeed", "detect_format", "load_safetensors", "read_weights",
            "resolve_deepspeed_checkpoint", "save_safetensors"]

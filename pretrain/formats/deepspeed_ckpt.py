@@ -47,9 +47,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.state_dict import StateDict, expected_shapes, first_keys, spec_from_dict
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 META = "vitscale.json"
 FORMAT = "vitscale-deepspeed"

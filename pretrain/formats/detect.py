@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.deepspeed_ckpt import is_tag_dir, is_universal_dir
 from pretrain.formats.hf import is_hf_dir
 from pretrain.formats.ours import FORMAT as OURS

@@ -48,11 +48,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
 from pretrain.formats.state_dict import StateDict, first_keys, spec_from_dict, warn
 from pretrain.formats.timm import load_torch_state_dict
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 HEAD_FILE = "vitscale_head.safetensors"
 _EPS = 1e-6

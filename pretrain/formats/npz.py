@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.state_dict import StateDict, first_keys, infer_spec
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 _PREFIXES = ("", "opt/target/", "params/", "params/img/")
 

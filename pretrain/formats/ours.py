@@ -1,6 +1,6 @@
 """Our consolidated weights: one safetensors file that rebuilds the model with no other file.
 
-Layout: the state dict of :class:`~pretrain.model.VisionTransformer` (keys in model.py's docstring),
+Layout: the state dict of :class:`~pretrain.model.vit.VisionTransformer` (keys in model.py's docstring),
 saved with ``safetensors.torch.save_file`` and the string metadata
 
     format      "vitscale"
@@ -20,9 +20,9 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.state_dict import StateDict, check_state_dict, spec_from_dict
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 FORMAT = "vitscale"
 

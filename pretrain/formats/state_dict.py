@@ -1,7 +1,7 @@
 """What every format adapter shares: our key layout, spec inference from shapes, checks.
 
-Every reader returns a state dict in the key layout of :mod:`pretrain.model`; this module checks
-such a dict against a :class:`~pretrain.model.ViTSpec` (naming every missing, unexpected or
+Every reader returns a state dict in the key layout of :mod:`pretrain.model.vit`; this module checks
+such a dict against a :class:`~pretrain.model.vit.ViTSpec` (naming every missing, unexpected or
 mis-shaped key) and infers the spec from the tensors when a format does not store it:
 
 - width: ``patch_embed.proj.weight.shape[0]``; patch size: its kernel; depth: number of blocks;
@@ -22,8 +22,8 @@ from dataclasses import fields, replace
 
 import torch
 
-from pretrain.errors import UserError
-from pretrain.model import ViTSpec, build_model, spec_for, variant_names
+from pretrain.core.errors import UserError
+from pretrain.model.vit import ViTSpec, build_model, spec_for, variant_names
 
 StateDict = dict[str, torch.Tensor]
 

@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.errors import UserError
+from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
 from pretrain.formats.state_dict import StateDict, first_keys, infer_spec, spec_from_dict
-from pretrain.model import ViTSpec
+from pretrain.model.vit import ViTSpec
 
 _NOT_OURS = {
     "fc_norm.": "a LayerNorm after pooling (fc_norm)",

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
-from pretrain.model import build_model, spec_for
+from pretrain.model.vit import build_model, spec_for
 
 TAG = "step_00000002"
 

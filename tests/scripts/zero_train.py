@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from pretrain.config import load_config
-from pretrain.data import SyntheticTrain
-from pretrain.engine import Comm, Engine, init_distributed
-from pretrain.loop import train_step
-from pretrain.model import build_model
+from pretrain.data.pipeline import SyntheticTrain
+from pretrain.model.vit import build_model
+from pretrain.train.config import load_config
+from pretrain.train.engine import Comm, Engine, init_distributed
+from pretrain.train.loop import train_step
 
 stage, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rank, world, _ = init_distributed()

@@ -1,0 +1,438 @@
+"""``vitscale bench train``: training throughput, MFU, memory and step phases per configuration.
+
+A configuration is (model, image size, ZeRO stage, activation checkpointing, ``torch.compile``).
+The plan is the grid ``--models x --img-sizes x --zero-stages x --compile x --act-ckpt`` followed
+by the configurations of ``--extra`` (see :mod:`pretrain.bench.plan`). Each one trains our model
+in a fresh DeepSpeed engine on synthetic device-resident data at the largest micro batch that fits
+(``--micro-batch auto``) or a fixed one, and reports images/s, MFU, peak memory, the step
+breakdown and which SDPA backend ran (:mod:`pretrain.bench.measure`); ``--timm`` adds timm's
+ViT-H/14 in a plain torch loop at the micro batch of our first ViT-H/14@224 configuration.
+
+This process only plans and records: every configuration (search and measurement) runs in a child
+process of its own with a one-rank process group (world size 1), and a measurement that runs out
+of memory is retried in a new child at about 3/4 of the micro batch. With one rank, ZeRO-1/2/3
+partition nothing (every shard is the whole tensor) but run their own code paths: gradient
+buckets, the flat fp32 partition, ZeRO-3's parameter gather/release hooks. Multi-GPU throughput
+is what ``vitscale pretrain`` logs; this benchmark is not started under a launcher.
+
+Records are written to ``OUT/<device>-<date>.json`` after every configuration (atomically), so a
+run stopped by ``--budget-s`` or killed keeps what it measured; ``bench/results/README.md``
+describes the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pretrain.bench.plan import TIMM_MODEL, TIMM_REFERENCE, Budget, Case, build_plan, case_config, shrink
+from pretrain.core.errors import UserError
+from pretrain.model.costs import mfu, model_costs, peak_flops_for
+from pretrain.model.vit import spec_for
+
+DEFAULT_MODELS = "vit_b16,vit_l16,vit_h14,vit_h16"
+CPU_AUTO_MICRO_BATCH = 8
+GPU_SEARCH_START = 8
+GPU_ALIGN = 8
+OOM_RETRIES = 2
+RECORD_KEYS = ("model", "framework", "img_size", "device", "cpu", "torch", "deepspeed", "world_size", "zero_stage",
+               "act_ckpt", "compile", "micro_batch", "images_per_s", "mfu", "peak_mem_gb", "step_time_s",
+               "step_breakdown", "sdpa_backend", "sdpa_check", "compile_stats", "speedup_vs_timm",
+               "train_tflops_per_image", "peak_flops", "micro_batch_search", "final_loss", "steps", "warmup",
+               "duration_s", "error", "cuda_alloc_conf", "time", "command")
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def result_path(out: Path, slug: str, date: str) -> Path:
+    """``OUT/<slug>-<date>.json``, or ``-2``, ``-3`` ... when that file already exists."""
+    path, n = out / f"{slug}-{date}.json", 2
+    while path.exists():
+        path, n = out / f"{slug}-{date}-{n}.json", n + 1
+    return path
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def fill_speedups(records: list[dict]) -> None:
+    """``speedup_vs_timm`` = images/s / timm's images/s on our ViT-H/14@224 records, else null."""
+    timm = next((r for r in records if r["framework"] == "timm" and r["images_per_s"]), None)
+    for r in records:
+        same = (r["framework"] == "vitscale" and (r["model"], r["img_size"]) == TIMM_REFERENCE
+                and r["images_per_s"] and timm is not None)
+        r["speedup_vs_timm"] = round(r["images_per_s"] / timm["images_per_s"], 3) if same else None
+
+
+def gpu_name() -> str:
+    """Name of the first visible GPU from ``nvidia-smi`` (this process never initialises CUDA,
+    so that every child starts with a whole device); ``"cuda"`` if it cannot be read."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"] + (["-i", visible] if visible else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cuda"
+    return out.strip().splitlines()[0].strip() if out.strip() else "cuda"
+
+
+def machine_info() -> dict:
+    """Device name (GPU or ``"cpu"``), CPU model and library versions for every record."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    try:
+        ds_version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds_version = None
+    cuda = torch.cuda.is_available()
+    return {"device": gpu_name() if cuda else "cpu", "cpu": cpu, "torch": torch.__version__, "deepspeed": ds_version,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True") if cuda else None}
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    return format(value * scale if scale != 1.0 else value, spec)
+
+
+def format_table(records: list[dict], machine: dict, peak: float | None) -> str:
+    """The human summary: one line per record under a line naming the machine."""
+    peak_txt = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak FLOP/s known (MFU -)"
+    lines = [f"machine: {machine['device']}, CPU {machine['cpu']}, torch {machine['torch']}, "
+             f"deepspeed {machine['deepspeed']}, {peak_txt}",
+             f"{'model':<31}{'zero':>5}{'ckpt':>5}{'comp':>5}{'mb':>5}{'img/s':>10}{'MFU':>7}{'mem GB':>8}"
+             f"{'sdpa':>11}{'fwd ms':>8}{'bwd ms':>8}{'opt ms':>8}{'data ms':>8}{'vs timm':>8}  note"]
+    yes = {True: "on", False: "off", None: "-"}
+    for r in records:
+        b = r["step_breakdown"] or {}
+        lines.append(
+            f"{r['model'] + '@' + str(r['img_size']):<31}{_fmt(r['zero_stage'], 'd'):>5}{yes[r['act_ckpt']]:>5}"
+            f"{yes[r['compile']]:>5}{_fmt(r['micro_batch'], 'd'):>5}{_fmt(r['images_per_s'], '.1f'):>10}"
+            f"{_fmt(r['mfu'], '.1%'):>7}{_fmt(r['peak_mem_gb'], '.2f'):>8}{r['sdpa_backend'] or '-':>11}"
+            f"{_fmt(b.get('forward_s'), '.1f', 1e3):>8}{_fmt(b.get('backward_s'), '.1f', 1e3):>8}"
+            f"{_fmt(b.get('optimizer_s'), '.1f', 1e3):>8}{_fmt(b.get('data_wait_s'), '.2f', 1e3):>8}"
+            f"{_fmt(r['speedup_vs_timm'], '.2f'):>8}  {_note(r)}")
+    return "\n".join(lines)
+
+
+def _note(rec: dict) -> str:
+    if rec["error"]:
+        return rec["error"]
+    notes = []
+    if (rec["compile_stats"] or {}).get("recompile_limit_hits"):
+        notes.append("partly eager (dynamo recompile limit hit)")
+    check = rec["sdpa_check"] or {}
+    if check.get("profiled") and not check.get("agree"):
+        notes.append(f"dispatcher check said {check['dispatcher']}")
+    if (rec["micro_batch_search"] or {}).get("oom_backoff"):
+        notes.append(f"OOM at {rec['micro_batch_search']['oom_backoff']}, backed off")
+    return "; ".join(notes)
+
+
+def child_env() -> dict:
+    """The environment of a measuring child: a one-rank group on a free port, the package
+    importable, and expandable CUDA segments (less fragmentation while searching batch sizes)
+    unless ``PYTORCH_CUDA_ALLOC_CONF`` is set."""
+    from pretrain.train.spawn import free_port
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_child(job: dict, kill_at: float | None) -> dict:
+    """Run ``job`` in ``python -m pretrain.bench.measure`` (output to our stderr) and return its
+    result; stopped (SIGTERM, then SIGKILL) when ``time.monotonic()`` reaches ``kill_at``."""
+    with tempfile.TemporaryDirectory(prefix="vitscale-bench-") as tmp:
+        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "result.json")
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.bench.measure", str(job_path), str(out_path)],
+                                env=child_env(), stdout=sys.stderr, stdin=subprocess.DEVNULL)
+        try:
+            rc = proc.wait(None if kill_at is None else max(1.0, kill_at - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return {"error": "stopped: it was still running at the --budget-s deadline"}
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if not out_path.exists():
+            return {"error": f"the measuring process exited with status {rc} without a result (see stderr)"}
+        return json.loads(out_path.read_text())
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vitscale bench train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated variants (grid; '' for none)")
+    p.add_argument("--img-sizes", default="224", help="comma-separated image sizes (grid)")
+    p.add_argument("--zero-stages", default="1,2,3", help="comma-separated ZeRO stages (grid)")
+    p.add_argument("--act-ckpt", default="both", help="activation checkpointing: both, on or off (grid)")
+    p.add_argument("--compile", default="both", help="compile the blocks with torch.compile: both, on or off (grid)")
+    p.add_argument("--extra", action="append", default=[], metavar="MODEL@SIZE[:zN][:ckpt][:compile]",
+                   help="configurations after the grid (repeat or comma-separate); unnamed parts: the first "
+                        "of --zero-stages, no checkpointing, eager")
+    p.add_argument("--micro-batch", default="auto",
+                   help=f"'auto' (GPU: largest that fits, doubling from {GPU_SEARCH_START} then bisecting; "
+                        f"CPU: {CPU_AUTO_MICRO_BATCH}) or an integer")
+    p.add_argument("--max-micro-batch", type=int, default=512, help="upper end of the auto search")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    p.add_argument("--phase-steps", type=int, default=3, help="synchronised steps for the step breakdown")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="device peak FLOP/s for MFU (default: from the GPU name; none on CPU)")
+    p.add_argument("--timm", action="store_true",
+                   help=f"also train timm's {TIMM_MODEL} at the micro batch of the first "
+                        f"{TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]} configuration")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no configuration expected to end after this many seconds; stop what still "
+                        "runs at the budget plus 10%% (at least 30 s)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for <device>-<date>.json")
+    p.add_argument("--json", action="store_true", help="print the records as JSON instead of the table")
+    args = p.parse_args(argv)
+    if args.micro_batch != "auto":
+        try:
+            args.micro_batch = int(args.micro_batch)
+        except ValueError:
+            raise UserError(f"--micro-batch {args.micro_batch!r}: use auto or a positive integer") from None
+        if args.micro_batch < 1:
+            raise UserError(f"--micro-batch {args.micro_batch}: must be >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.phase_steps < 1 or args.max_micro_batch < 1:
+        raise UserError(f"--steps {args.steps}, --phase-steps {args.phase_steps} and --max-micro-batch "
+                        f"{args.max_micro_batch} must be >= 1 and --warmup {args.warmup} >= 0")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise UserError(f"--budget-s {args.budget_s}: give a positive number of seconds")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """``vitscale bench train [options]``; see ``--help`` and the module docstring."""
+    args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("vitscale bench train runs its own one-rank processes: start it as a single process, "
+                        "not under torchrun / deepspeed / srun with several ranks")
+    plan = build_plan(args.models, args.img_sizes, args.zero_stages, args.act_ckpt, args.compile, args.extra)
+    command = shlex.join(["vitscale", "bench", "train", *argv])
+    records, table = BenchRun(args, plan, command, Budget(args.budget_s)).run()
+    print(json.dumps(records, indent=1) if args.json else table, flush=True)
+    return 0
+
+
+class BenchRun:
+    """Runs the plan, one child process per measurement, and keeps the records."""
+
+    def __init__(self, args: argparse.Namespace, plan: list[Case], command: str, budget: Budget):
+        self.args, self.plan, self.command, self.budget = args, plan, command, budget
+        self.records: list[dict] = []
+        self.searches: dict[tuple, dict] = {}
+        self.machine = machine_info()
+        self.path: Path | None = None
+        self.passes = {"warmup": args.warmup, "steps": args.steps, "phase_steps": args.phase_steps}
+
+    @property
+    def peak(self) -> float | None:
+        return self.args.peak_flops or peak_flops_for(self.machine["device"])
+
+    def log(self, text: str) -> None:
+        print(f"[bench {self.budget.elapsed():6.0f}s] {text}", file=sys.stderr, flush=True)
+
+    def run(self) -> tuple[list[dict], str]:
+        """Measure every configuration; returns the records and the table."""
+        timm_note = None
+        if self.args.timm and importlib.util.find_spec("timm") is None:
+            timm_note = "timm is not installed (pip install timm): no timm baseline"
+            self.log(timm_note)
+        self.log(f"{len(self.plan)} configurations on {self.machine['device']}, one process each")
+        timm_pending = self.args.timm and timm_note is None
+        skipped: list[Case] = []
+        for i, case in enumerate(self.plan, 1):
+            self.log(f"[{i}/{len(self.plan)}] {case.label}")
+            rec = self._budgeted(case.compile, lambda c=case: self._run_case(c), self._case_record(case))
+            if rec["error"] and rec["error"].startswith("skipped"):
+                skipped.append(case)
+            if timm_pending and rec["images_per_s"] and (case.model, case.img_size) == TIMM_REFERENCE:
+                timm_pending = False
+                self._budgeted(case.compile, lambda c=case, r=rec: self._run_timm(c, r["micro_batch"]),
+                               self._timm_record(case))
+        if self.args.timm and (timm_note or timm_pending):
+            rec = self._timm_record(None)
+            ref = f"{TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]}"
+            rec["error"] = timm_note or (f"no {ref} configuration was measured to compare with (none succeeded, "
+                                         f"or none was planned: add --extra {ref})")
+            self._add(rec)
+        if skipped:
+            self.log("skipped for the budget; to measure them, run again with the same options but --models '' "
+                     "--extra " + ",".join(c.spec for c in skipped))
+        if self.path is not None:
+            self.log(f"records: {self.path}")
+        return self.records, format_table(self.records, self.machine, self.peak)
+
+    def _budgeted(self, compiled: bool, fn: Callable[[], dict], rec: dict) -> dict:
+        if not self.budget.allows(compiled):
+            rec["error"] = f"skipped: --budget-s {self.args.budget_s:g} reached ({self.budget.elapsed():.0f} s spent)"
+            self.log(rec["error"])
+            return self._add(rec)
+        t0 = time.monotonic()
+        try:
+            rec.update(fn())
+        except RuntimeError as err:
+            rec["error"] = str(err)
+        rec["duration_s"] = round(time.monotonic() - t0, 1)
+        self.budget.record(compiled, rec["duration_s"])
+        self._add(rec)
+        self.log(self._summary(rec))
+        return rec
+
+    def _add(self, rec: dict) -> dict:
+        self.records.append(rec)
+        fill_speedups(self.records)
+        if self.path is None:
+            date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+            self.path = result_path(self.args.out, device_slug(self.machine["device"]), date)
+        write_records(self.path, self.records)
+        return rec
+
+    @staticmethod
+    def _summary(rec: dict) -> str:
+        if rec["error"]:
+            return f"  -> {rec['error']}"
+        m = "-" if rec["mfu"] is None else f"{rec['mfu']:.1%}"
+        return (f"  -> micro batch {rec['micro_batch']}: {rec['images_per_s']:.1f} img/s, MFU {m}, "
+                f"{rec['peak_mem_gb']:.2f} GB, sdpa {rec['sdpa_backend']} ({rec['duration_s']} s)")
+
+    def _base_record(self) -> dict:
+        rec = dict.fromkeys(RECORD_KEYS)
+        rec.update({k: self.machine[k] for k in ("device", "cpu", "torch", "deepspeed", "cuda_alloc_conf")})
+        rec.update(world_size=1, peak_flops=self.peak, steps=self.args.steps, warmup=self.args.warmup,
+                   time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), command=self.command)
+        return rec
+
+    def _case_record(self, case: Case) -> dict:
+        rec = self._base_record()
+        rec.update(model=case.model, framework="vitscale", img_size=case.img_size, zero_stage=case.zero_stage,
+                   act_ckpt=case.act_ckpt, compile=case.compile,
+                   train_tflops_per_image=model_costs(case_config(case, 1).model.spec())["train_tflops_per_image"])
+        return rec
+
+    def _timm_record(self, reference: Case | None) -> dict:
+        rec = self._base_record()
+        spec = spec_for(TIMM_REFERENCE[0], img_size=TIMM_REFERENCE[1], num_classes=1000)
+        rec.update(model=f"timm:{TIMM_MODEL}", framework="timm", img_size=TIMM_REFERENCE[1],
+                   train_tflops_per_image=model_costs(spec)["train_tflops_per_image"])
+        if reference is not None:
+            rec.update(act_ckpt=reference.act_ckpt, compile=reference.compile)
+        return rec
+
+    def _child(self, job: dict) -> dict:
+        """One child run; raises RuntimeError with the child's error (traceback to stderr)."""
+        result = run_child({**job, "passes": self.passes}, self.budget.kill_at())
+        if result.get("device_name") and self.machine["device"] != result["device_name"]:
+            self.machine["device"] = result["device_name"]
+        if result.get("error"):
+            if result.get("traceback"):
+                print(result["traceback"], file=sys.stderr, flush=True)
+            raise RuntimeError(result["error"])
+        return result
+
+    def _with_backoff(self, job: dict, micro_batch: int | None, search: dict) -> dict:
+        """Run ``job`` at ``micro_batch`` (None: the child searches first); after an OOM retry in a
+        new child at ~3/4, up to ``OOM_RETRIES`` times (the micro batch that then fitted replaces
+        the searched one for the configurations that share the search). Returns the measurement
+        with ``micro_batch`` and ``micro_batch_search``."""
+        align = GPU_ALIGN if torch.cuda.is_available() else 1
+        tried: list[int] = []
+        for _ in range(OOM_RETRIES + 1):
+            result = self._child({**job, "micro_batch": micro_batch})
+            if result.get("search"):
+                found = result["search"]
+                search = {"mode": "auto", **found, "limit": self.args.max_micro_batch}
+                if "case" in job:
+                    self.searches[Case(**job["case"]).search_key] = search
+                self.log(f"  micro batch search: {found['trials']} -> {found['best']}")
+                if found["best"] is None:
+                    raise RuntimeError("does not fit in device memory even at micro batch 1")
+                micro_batch = found["best"]
+            if result["measurement"] is not None:
+                if tried:
+                    search = {**search, "oom_backoff": tried}
+                    key = Case(**job["case"]).search_key if "case" in job else None
+                    if key in self.searches:
+                        self.searches[key] = {**self.searches[key], "best": micro_batch}
+                return {**result["measurement"], "micro_batch": micro_batch, "micro_batch_search": search}
+            tried.append(micro_batch)
+            self.log(f"  out of memory at micro batch {micro_batch}: {result['oom']}")
+            if micro_batch == 1:
+                break
+            micro_batch = shrink(micro_batch, align)
+        raise RuntimeError(f"out of memory at micro batches {tried}")
+
+    def _run_case(self, case: Case) -> dict:
+        if self.args.micro_batch != "auto":
+            micro_batch, search = self.args.micro_batch, {"mode": "fixed"}
+        elif not torch.cuda.is_available():
+            micro_batch, search = CPU_AUTO_MICRO_BATCH, {"mode": "cpu-fixed"}
+        elif case.search_key in self.searches:
+            search = {**self.searches[case.search_key], "mode": "auto (reused)"}
+            micro_batch = search["best"]
+            if micro_batch is None:
+                raise RuntimeError("does not fit in device memory even at micro batch 1")
+        else:
+            micro_batch, search = None, {}
+        job = {"kind": "case", "case": asdict(case),
+               "search": {"start": GPU_SEARCH_START, "limit": self.args.max_micro_batch, "align": GPU_ALIGN}}
+        out = self._with_backoff(job, micro_batch, search)
+        flops = model_costs(case_config(case, 1).model.spec())["train_tflops_per_image"] * 1e12
+        out["mfu"] = mfu(out["images_per_s"], flops, self.peak, 1)
+        self._check_sdpa(case.label, out)
+        return out
+
+    def _run_timm(self, reference: Case, micro_batch: int) -> dict:
+        self.log(f"timm baseline: {TIMM_MODEL} at micro batch {micro_batch} (as {reference.label})")
+        job = {"kind": "timm", "reference": asdict(reference)}
+        out = self._with_backoff(job, micro_batch, {"mode": f"as {reference.label}"})
+        spec = spec_for(TIMM_REFERENCE[0], img_size=TIMM_REFERENCE[1], num_classes=1000)
+        out["mfu"] = mfu(out["images_per_s"], model_costs(spec)["train_tflops_per_image"] * 1e12, self.peak, 1)
+        self._check_sdpa(f"timm {TIMM_MODEL}", out)
+        return out
+
+    def _check_sdpa(self, label: str, out: dict) -> None:
+        check = out["sdpa_check"]
+        if check["profiled"] is None:
+            self.log(f"  {label}: the profiler saw no SDPA op; reporting the dispatcher's answer "
+                     f"{check['dispatcher']!r}")
+        elif not check["agree"]:
+            self.log(f"  {label}: SDPA ran {check['profiled']!r} but the dispatcher check says "
+                     f"{check['dispatcher']!r} (torch.compile or another layout may choose differently)")

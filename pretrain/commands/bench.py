@@ -1,0 +1,18 @@
+"""``vitscale bench {loader,train}``: benchmarks that print figures with the machine they ran on."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("loader", "train"):
+        print("usage: vitscale bench {loader,train} [options]  (see --help of each)", file=sys.stderr)
+        return 2
+    if argv[0] == "loader":
+        from pretrain.bench.loader import main as loader_main
+
+        return int(loader_main(argv[1:]) or 0)
+    from pretrain.bench.train import main as train_main
+
+    return int(train_main(argv[1:]) or 0)

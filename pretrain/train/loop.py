@@ -1,0 +1,230 @@
+"""One train/eval loop shared by pretraining and fine-tuning.
+
+A step consumes ``train.grad_accum`` micro batches per rank and applies one optimizer step;
+the LR comes from :func:`pretrain.train.schedule.lr_at`. Losses stay on the device between log
+steps (no per-step host sync) except the non-finite check, which every rank agrees on with one
+all-reduce so that all ranks skip the same step.
+
+Non-finite values: a NaN/Inf loss on any rank, or a finite loss with a NaN/Inf gradient norm
+(DeepSpeed skips that update on every rank: ZeRO-1/2 through ``bf16.check_grad_overflow``, on
+by default, ZeRO-3 through its global grad norm; checked for DeepSpeed 0.19), skips the step:
+the weights do not move, the step counter and the data advance, a ``nonfinite_*_skipped`` event
+is logged and ``bad_steps_total`` counts it. ``train.max_bad_steps`` skipped steps in a row stop
+the run with a message. The trainer refuses to save weights that are not finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pretrain.core.errors import UserError
+from pretrain.data.pipeline import Batch
+from pretrain.train.config import Config
+from pretrain.train.engine import Engine, all_reduce_
+from pretrain.train.losses import classification_loss, correct_counts
+from pretrain.train.metrics import MetricsLog, Throughput, format_train_line, peak_memory_gb
+from pretrain.train.schedule import lr_at
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_row: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    last_eval: dict = field(default_factory=dict)
+    images_per_s: float | None = None
+
+
+def _targets(batch: Batch, cfg: Config, num_classes: int) -> torch.Tensor:
+    t = batch.targets
+    if cfg.train.loss == "sigmoid" and t.dim() == 1:
+        return torch.nn.functional.one_hot(t, num_classes).float()
+    return t
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, batches, cfg: Config) -> dict:
+    """Top-1/top-5 (single-label) or precision@1 (multi-label) over all ranks' batches."""
+    engine.train(False)
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        logits = engine.forward(batch.images).float().cpu()
+        valid = batch.valid if batch.valid is not None else torch.ones(len(logits), dtype=torch.bool)
+        logits, targets = logits[valid], batch.targets[valid]
+        if len(logits) == 0:
+            continue
+        loss_sum += classification_loss(logits, targets, cfg.train.loss).double() * len(logits)
+        for key, val in correct_counts(logits, targets).items():
+            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + val.double()
+        count += len(logits)
+    keys = ["top1", "top5"] if not cfg.data.multi_label else ["prec1"]
+    vec = torch.stack([count, loss_sum] + [sums.get(k, torch.zeros((), dtype=torch.float64)) for k in keys])
+    vec = all_reduce_(vec.to(engine.device)).cpu()
+    engine.train(True)
+    n = max(vec[0].item(), 1.0)
+    out = {"eval_samples": int(vec[0].item()), "eval_loss": vec[1].item() / n}
+    out.update({k: vec[2 + i].item() / n for i, k in enumerate(keys)})
+    return out
+
+
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor  # mean loss over the micro batches (on the device)
+    applied: bool  # the optimizer step changed the weights
+    skip_reason: str | None = None  # "nonfinite_loss" or "nonfinite_grad" when not applied
+
+
+def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
+             lr: float, fault=None) -> StepOutcome:
+    """Forward/backward over the micro batches and one optimizer step.
+
+    A non-finite loss on any rank (one all-reduce per micro batch, no host sync) turns that
+    micro batch's loss into an exact zero on every rank; at the last micro batch one host sync
+    reads the flag and, if set, the optimizer step runs with lr 0 so the weights do not move.
+    A finite loss whose gradients are not finite is caught by DeepSpeed, which skips the update
+    on every rank (see :meth:`Engine.step_applied`); the step then counts as skipped too. Every
+    rank keeps issuing the same collectives and reaches the same verdict at the same step.
+    """
+    losses = []
+    bad_any = None
+    for i, batch in enumerate(micro_batches):
+        logits = engine.forward(batch.images)
+        loss = classification_loss(logits, _targets(batch, cfg, num_classes).to(logits.device),
+                                   cfg.train.loss, cfg.train.label_smoothing)
+        if fault is not None:
+            loss = fault(loss)
+        losses.append(loss.detach())
+        bad = all_reduce_((~torch.isfinite(loss.detach())).float().reshape(()), "max")
+        bad_any = bad if bad_any is None else torch.maximum(bad_any, bad)
+        loss = torch.where(bad > 0, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, loss)
+        engine.backward(loss)
+        if i == len(micro_batches) - 1 and bad_any.item() > 0:
+            engine.set_lr(0.0)
+        engine.step()
+    mean = torch.stack(losses).mean()
+    if bad_any.item() > 0:
+        engine.set_lr(lr)
+        return StepOutcome(mean, False, "nonfinite_loss")
+    if not engine.step_applied():
+        return StepOutcome(mean, False, "nonfinite_grad")
+    norm = engine.grad_norm()
+    if norm is not None and not math.isfinite(norm):
+        raise RuntimeError(f"DeepSpeed applied an optimizer step with grad norm {norm}; the weights are no "
+                           f"longer trustworthy (this DeepSpeed setup does not skip non-finite steps)")
+    return StepOutcome(mean, True)
+
+
+def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
+               lr: float, fault=None) -> tuple[torch.Tensor, bool]:
+    """:func:`run_step` as (mean loss, whether the update was applied)."""
+    out = run_step(engine, micro_batches, cfg, num_classes, lr, fault)
+    return out.loss, out.applied
+
+
+class SampleKeysLog:
+    """Debug record (``log.sample_keys``): each rank appends ``{"step", "keys"}`` per step to
+    ``run.dir/sample_keys_rank{r}.jsonl``; a resumed run appends to the same file."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / f"sample_keys_rank{rank}.jsonl"
+
+    def __call__(self, step: int, batches: list[Batch]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
+
+
+def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log: MetricsLog,
+        flops_per_image: float, peak_flops: float | None, world: int, on_step=None,
+        fault_for=lambda step: None, keys_log=None) -> LoopState:
+    """Train from ``state.step`` to ``train.steps``; ``on_step(state)`` runs after every step
+    (checkpointing, preemption) and may return True to stop early. ``fault_for(step)`` may
+    return a function applied to the loss (fault injection for tests); ``keys_log(step,
+    batches)`` records the sample keys of each step (debugging, resume tests).
+
+    Skipped steps (non-finite loss or gradient) still advance the step counter and consume
+    their batches; ``train.max_bad_steps`` of them in a row stop the run with a
+    :class:`UserError` before anything else is saved."""
+    t = cfg.train
+    num_classes = cfg.model.num_classes
+    meter = Throughput(t.micro_batch * t.grad_accum * world, flops_per_image, peak_flops, world)
+    pending: list[torch.Tensor] = []
+    engine.train(True)
+    log.start_progress(t.steps, state.step, cfg.log.progress)
+    while state.step < t.steps:
+        step = state.step + 1
+        lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=t.steps, warmup_steps=cfg.optim.warmup_steps,
+                   decay=cfg.optim.decay, min_lr=cfg.optim.min_lr)
+        engine.set_lr(lr)
+        t0 = time.perf_counter()
+        batches = [train_data.next_batch() for _ in range(t.grad_accum)]
+        wait = time.perf_counter() - t0
+        if keys_log is not None:
+            keys_log(step, batches)
+        out = run_step(engine, batches, cfg, num_classes, lr, fault_for(step))
+        state.step = step
+        meter.add(1, wait)
+        log.advance()
+        if out.applied:
+            state.bad_steps_in_row = 0
+            pending.append(out.loss)
+        else:
+            state.bad_steps_total += 1
+            state.bad_steps_in_row += 1
+            what = "loss" if out.skip_reason == "nonfinite_loss" else "gradient norm"
+            log.write({"kind": "event", "step": step, "event": f"{out.skip_reason}_skipped",
+                       "bad_steps_total": state.bad_steps_total, "bad_steps_in_row": state.bad_steps_in_row})
+            log.console(f"step {step}: non-finite {what} on some rank, step skipped, weights unchanged "
+                        f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
+            if state.bad_steps_in_row >= t.max_bad_steps:
+                raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                                f"(train.max_bad_steps={t.max_bad_steps}, last at step {step}); the run stops "
+                                f"to protect the checkpoints (the newest one holds the weights from before "
+                                f"these steps). Lower optim.lr, check the data, or resume from an earlier "
+                                f"checkpoint")
+        if step % t.log_every == 0 or step == t.steps:
+            _log_train(state, pending, engine, lr, meter, log, t.steps, train_data, world)
+            pending = []
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps and eval_fn is not None:
+            state.last_eval = {"kind": "eval", "step": step, **eval_fn()}
+            log.write(state.last_eval)
+            log.console(_eval_line(state.last_eval))
+            meter.reset()
+        if on_step is not None and on_step(state):
+            break
+    log.stop_progress()
+    return state
+
+
+def _log_train(state, pending, engine, lr, meter, log, total_steps, train_data, world) -> None:
+    """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
+    last record (every rank calls this at the same steps: one all-reduce)."""
+    loss = math.nan
+    if pending:
+        per_step = all_reduce_(torch.stack(pending).float(), "sum") / world
+        loss = per_step.mean().item()
+        if state.first_loss is None:
+            state.first_loss = per_step[0].item()
+    state.last_loss = loss
+    rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(), **meter.read(),
+           "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}
+    rec.update(train_data.stats())
+    state.images_per_s = rec["images_per_s"]
+    log.write(rec)
+    log.console(format_train_line(rec, total_steps))
+    meter.reset()
+
+
+def _eval_line(rec: dict) -> str:
+    parts = [f"{k} {100 * rec[k]:.2f}%" for k in ("top1", "top5", "prec1") if k in rec]
+    return f"eval @ step {rec['step']}: loss {rec['eval_loss']:.4f}  " + "  ".join(parts) + \
+        f"  ({rec['eval_samples']} images)"
