@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="re-encode as JPEG at quality Q (default 90 when re-encoding)")
     write.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
                        help="fraction of samples (by key hash) written as val-*.tar")
+    write.add_argument("--split", default="train", metavar="NAME",
+                       help="name of the split the samples go to (default train; e.g. --split val for "
+                            "ImageNet's val/ folder); files are NAME-000000.tar ...")
+    write.add_argument("--force", action="store_true",
+                       help="write into OUT even if it holds another dataset (its shards are replaced)")
     write.add_argument("--seed", type=int, default=0, help="seed for the split and the sample order")
     write.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,7 +75,8 @@ def _write(args: argparse.Namespace) -> int:
 
     options = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                            workers=args.workers, resize_max=args.resize_max, quality=args.quality,
-                           val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
+                           val_fraction=args.val_fraction, seed=args.seed, split=args.split, force=args.force,
+                           progress=not args.no_progress)
     summary = write_shards(args.src, args.out, options)
     index = summary.index
     parts = [f"{split} {info['samples']} samples in {len(info['shards'])} shards "

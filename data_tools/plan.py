@@ -9,8 +9,9 @@ a re-run produce byte-identical shards and lets an interrupted run recognise fin
   characters, or shared by several images after this clean-up, is cut to 53 characters and
   gets ``_`` + the first 10 hex digits of the SHA-1 of the original path appended. A key depends
   only on its own path (unless a colliding path is added), not on a running position.
-* **Split**: a sample is in ``val`` when ``sha256("split:{seed}:{key}")``, read as a fraction
-  in [0, 1), is below ``val_fraction``.
+* **Split**: every sample is in the split named by ``--split`` (default ``train``); with
+  ``val_fraction`` a sample is in ``val`` instead when ``sha256("split:{seed}:{key}")``, read as
+  a fraction in [0, 1), is below ``val_fraction``.
 * **Order**: within a split samples are sorted by ``sha256("order:{seed}:{key}")``, which mixes
   classes across shards (an ImageFolder walk would otherwise put one class per shard).
 * **Shards**: consecutive runs of ``samples_per_shard`` samples; with ``max_shard_bytes`` a shard
@@ -124,10 +125,12 @@ def sample_members(scan: SourceScan, labels: list[int], extra: dict | None) -> t
 
 
 def plan_shards(scan: SourceScan, out_dir: str, encode: EncodeOptions, samples_per_shard: int,
-                max_shard_bytes: int | None, val_fraction: float, seed: int) -> list[ShardTask]:
-    """Shard tasks for ``scan``: train shards first, then val (only when ``val_fraction > 0``)."""
+                max_shard_bytes: int | None, val_fraction: float, seed: int,
+                split: str = "train") -> list[ShardTask]:
+    """Shard tasks for ``scan``: the ``split`` shards first, then val (only when ``val_fraction > 0``)."""
     keys = assign_keys([r.name for r in scan.records])
-    by_split: dict[str, list[tuple[float, PlannedSample]]] = {"train": [], "val": []}
+    splits = (split, "val") if val_fraction > 0 else (split,)
+    by_split: dict[str, list[tuple[float, PlannedSample]]] = {name: [] for name in splits}
     for key, record in zip(keys, scan.records, strict=True):
         cls, meta = sample_members(scan, scan.label_indices(record), record.extra)
         est = tar_member_bytes(record.size or 0)
@@ -135,13 +138,13 @@ def plan_shards(scan: SourceScan, out_dir: str, encode: EncodeOptions, samples_p
         est += tar_member_bytes(len(json_bytes(meta))) if meta is not None else 0
         sample = PlannedSample(key=key, path=str(record.path), cls=cls, meta=meta, est_bytes=est,
                                source_size=record.size, source_mtime_ns=record.mtime_ns)
-        split = "val" if val_fraction > 0 and unit_hash(f"split:{seed}:{key}") < val_fraction else "train"
-        by_split[split].append((unit_hash(f"order:{seed}:{key}"), sample))
+        held_out = val_fraction > 0 and unit_hash(f"split:{seed}:{key}") < val_fraction
+        by_split["val" if held_out else split].append((unit_hash(f"order:{seed}:{key}"), sample))
     tasks = []
-    for split in ("train", "val") if val_fraction > 0 else ("train",):
-        ordered = [s for _, s in sorted(by_split[split], key=lambda t: (t[0], t[1].key))]
+    for name in splits:
+        ordered = [s for _, s in sorted(by_split[name], key=lambda t: (t[0], t[1].key))]
         for index, chunk in enumerate(_chunks(ordered, samples_per_shard, max_shard_bytes)):
-            tasks.append(ShardTask(split=split, index=index, out_dir=out_dir, encode=encode, samples=chunk))
+            tasks.append(ShardTask(split=name, index=index, out_dir=out_dir, encode=encode, samples=chunk))
     return tasks
 
 

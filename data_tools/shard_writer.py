@@ -8,13 +8,17 @@ the shard's plan fingerprint, size, SHA-256, sample count and skipped images; a 
 same plan reuses a shard whose sidecar matches and whose file has the recorded size, so an
 interrupted write resumes where it stopped. Shards and sidecars that the current plan does not
 name (left over from a run with other options) are deleted.
+
+Nothing a user did not mean to lose is deleted: ``OUT/.progress/source.json`` records which
+source a folder holds, and writing a *different* source into a folder that already holds shards
+(or into a non-empty folder ``shards write`` did not create) is refused unless ``force``; a re-run
+of the same source (to resume, or with other options) goes ahead.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,18 +29,20 @@ from data_tools.parallel import default_workers, map_with_progress
 from data_tools.plan import ShardTask, plan_shards
 from data_tools.sources import SourceScan, scan_source
 from pretrain.core.errors import UserError
+from pretrain.core.files import sha256_file
 from pretrain.data.shards import (
     CLASSES_FILE,
     INDEX_FILE,
     INDEX_VERSION,
     PROGRESS_DIR,
+    SHARD_FILE,
     SKIPPED_FILE,
+    SPLIT_NAME,
     add_bytes,
     json_bytes,
-    sha256_file,
 )
 
-_SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+SOURCE_FILE = "source.json"
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class WriteOptions:
     quality: int | None = None
     val_fraction: float = 0.0
     seed: int = 0
+    split: str = "train"
+    force: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -66,6 +74,10 @@ class WriteOptions:
             raise UserError(f"--quality is {self.quality}; JPEG quality must be in 1..100 (90 is typical).")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction is {self.val_fraction}; it must be in [0, 1), e.g. 0.01.")
+        if not SPLIT_NAME.match(self.split):
+            raise UserError(f"--split is {self.split!r}; use a lower-case name such as train, val or test.")
+        if self.val_fraction > 0 and self.split == "val":
+            raise UserError("--split val with --val-fraction would put both parts in one split; drop one of them.")
 
     @property
     def encode(self) -> EncodeOptions:
@@ -153,11 +165,26 @@ def completed_shard(task: ShardTask) -> ShardResult | None:
                        skipped=record.get("skipped", []), reused=True)
 
 
-def _prepare_out(out: Path) -> None:
+def _claim_out(src: Path, out: Path, force: bool) -> None:
+    """Make ``out`` ours for ``src``: refuse a folder holding another dataset unless ``force``."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; pass a folder (new or previously written by "
                         "`vitscale shards write`) as OUT.")
+    record = out / PROGRESS_DIR / SOURCE_FILE
+    me = str(src.resolve())
+    if out.is_dir() and any(out.iterdir()) and not force:
+        try:
+            held = json.loads(record.read_text()).get("source")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            held = None
+        if held is None:
+            raise UserError(f"output {out} is not empty and was not written by `vitscale shards write`; choose an "
+                            f"empty or new folder, or pass --force to write into it anyway.")
+        if held != me:
+            raise UserError(f"output {out} holds shards of {held}, not of {src}; writing here would replace them. "
+                            f"Choose another OUT, or pass --force to replace that shard set.")
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"source": me}))
     for leftover in (out / PROGRESS_DIR).glob("*.partial"):
         leftover.unlink()
 
@@ -165,7 +192,7 @@ def _prepare_out(out: Path) -> None:
 def _remove_stale(out: Path, tasks: list[ShardTask]) -> None:
     planned = {t.file for t in tasks}
     for path in out.iterdir():
-        if _SHARD_FILE.match(path.name) and path.name not in planned:
+        if SHARD_FILE.match(path.name) and path.name not in planned:
             path.unlink()
     for path in (out / PROGRESS_DIR).glob("*.tar.json"):
         if path.name[: -len(".json")] not in planned:
@@ -175,7 +202,7 @@ def _remove_stale(out: Path, tasks: list[ShardTask]) -> None:
 def build_index(scan: SourceScan, results: list[ShardResult], options: WriteOptions) -> dict:
     """The ``index.json`` document (see :mod:`pretrain.data.shards`)."""
     splits: dict[str, dict] = {}
-    for split in ("train", "val") if options.val_fraction > 0 else ("train",):
+    for split in (options.split, "val") if options.val_fraction > 0 else (options.split,):
         shards = [{"file": r.file, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
                   for r in results if r.split == split]
         splits[split] = {"samples": sum(s["samples"] for s in shards),
@@ -189,7 +216,8 @@ def build_index(scan: SourceScan, results: list[ShardResult], options: WriteOpti
         "skipped": len(scan.skipped) + sum(len(r.skipped) for r in results),
         "options": {"samples_per_shard": options.samples_per_shard,
                     "max_shard_bytes": options.max_shard_bytes, "resize_max": options.resize_max,
-                    "quality": options.quality, "val_fraction": options.val_fraction, "seed": options.seed},
+                    "quality": options.quality, "val_fraction": options.val_fraction, "seed": options.seed,
+                    "split": options.split},
     }
 
 
@@ -197,16 +225,17 @@ def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
     """Write ``src`` (ImageFolder or manifest) as shards under ``out``; see the module docstring.
 
     Raises :class:`UserError` for a missing or empty source, a bad manifest, an ``out`` that is a
-    file, or when no image at all could be read (the reasons are then in ``skipped.jsonl``).
+    file or holds another dataset (unless ``options.force``), or when no image at all could be
+    read (the reasons are then in ``skipped.jsonl``).
     """
     src, out = Path(src), Path(out)
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise UserError(f"output {out} is inside the source folder {src}, where it would be read as a "
                         "class folder; choose an OUT outside SRC.")
     scan = scan_source(src)
-    _prepare_out(out)
+    _claim_out(src, out, options.force)
     tasks = plan_shards(scan, str(out.resolve()), options.encode, options.samples_per_shard,
-                        options.max_shard_bytes, options.val_fraction, options.seed)
+                        options.max_shard_bytes, options.val_fraction, options.seed, options.split)
     results: list[ShardResult] = []
     todo = []
     for task in tasks:
@@ -220,7 +249,7 @@ def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
     reused = sum(r.samples + len(r.skipped) for r in results)
     results += map_with_progress(write_shard, todo, options.workers, [len(t.samples) for t in todo],
                                  desc=f"writing {out.name}", initial=reused, show=options.progress)
-    results.sort(key=lambda r: (r.split != "train", r.index))
+    results.sort(key=lambda r: (r.split != options.split, r.index))
     skipped = scan.skipped + [s for r in results for s in r.skipped]
     _atomic_write(out / SKIPPED_FILE, b"".join(json_bytes(s) + b"\n" for s in skipped))
     classes = {"classes": scan.classes, "class_to_idx": scan.class_to_idx}

@@ -8,9 +8,7 @@ min/median/max, and for multi-label data the number of labels per image.
 from __future__ import annotations
 
 import io
-import json
 import statistics
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,15 @@ from pathlib import Path
 from PIL import Image
 
 from data_tools.parallel import default_workers, map_with_progress
-from pretrain.data.shards import iter_tar_samples, load_classes, load_index
+from pretrain.data.shards import (
+    SampleError,
+    ShardReadError,
+    decode_label,
+    index_entries,
+    iter_tar_samples,
+    load_classes,
+    load_index,
+)
 
 _TOP = 10
 
@@ -35,23 +41,22 @@ class ShardStats:
     unreadable: int = 0
 
 
-def _labels(files: dict[str, bytes], multi_label: bool) -> list[int] | None:
+def _labels(files: dict[str, bytes], multi_label: bool, num_classes: int) -> list[int] | None:
     try:
-        if multi_label:
-            return [int(v) for v in json.loads(files["json"])["labels"]]
-        return [int(files["cls"])]
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+        value = decode_label(files, num_classes, multi_label)
+    except SampleError:
         return None
+    return value if multi_label else [value]
 
 
-def shard_stats(args: tuple[str, bool]) -> ShardStats:
+def shard_stats(args: tuple[str, bool, int]) -> ShardStats:
     """Tally one shard (runs in a worker); damaged samples count as unreadable."""
-    path, multi_label = args
+    path, multi_label, num_classes = args
     stats = ShardStats()
     try:
-        for sample in iter_tar_samples(Path(path)):
+        for sample in iter_tar_samples(path):
             stats.samples += 1
-            labels = _labels(sample.files, multi_label)
+            labels = _labels(sample.files, multi_label, num_classes)
             image = sample.image()
             try:
                 if image is None or labels is None:
@@ -65,7 +70,7 @@ def shard_stats(args: tuple[str, bool]) -> ShardStats:
             stats.heights.append(height)
             stats.label_counts.update(labels)
             stats.labels_per_image.append(len(labels))
-    except (tarfile.TarError, EOFError, OSError):
+    except ShardReadError:
         stats.unreadable += 1
     return stats
 
@@ -82,11 +87,10 @@ def collect_stats(out: Path, workers: int | None = None, progress: bool = True) 
     classes = load_classes(out)
     multi_label = bool(index["multi_label"])
     jobs, weights, split_of = [], [], []
-    for split, info in index["splits"].items():
-        for entry in info.get("shards", []):
-            jobs.append((str(out / entry["file"]), multi_label))
-            weights.append(int(entry.get("samples", 1)))
-            split_of.append(split)
+    for split, entry in index_entries(index):
+        jobs.append((str(out / entry["file"]), multi_label, int(index["num_classes"])))
+        weights.append(int(entry.get("samples", 1)))
+        split_of.append(split)
     total = ShardStats()
     per_split: Counter = Counter()
     results = map_with_progress(_indexed_stats, list(enumerate(jobs)), workers or default_workers(), weights,
@@ -124,7 +128,7 @@ def collect_stats(out: Path, workers: int | None = None, progress: bool = True) 
     return result
 
 
-def _indexed_stats(item: tuple[int, tuple[str, bool]]) -> tuple[int, ShardStats]:
+def _indexed_stats(item: tuple[int, tuple[str, bool, int]]) -> tuple[int, ShardStats]:
     return item[0], shard_stats(item[1])
 
 

@@ -18,6 +18,12 @@ from pretrain.data.synthetic import synthetic_label, synthetic_uint8
 def write_synthetic_folder(out: Path, classes: int, per_class: int, img_size: int, seed: int,
                            start: int = 0) -> int:
     """Write ``classes x per_class`` JPEGs to ``out/class_XX/img_NNNNNNN.jpg``; returns the count."""
+    for flag, value, low in (("--classes", classes, 2), ("--per-class", per_class, 1), ("--img-size", img_size, 4),
+                             ("--start", start, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: give a new folder for the images")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
     n = classes * per_class

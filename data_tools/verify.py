@@ -9,14 +9,22 @@ Images are decoded in full (JPEGs at 1/8 DCT scale, which still reads the whole 
 
 from __future__ import annotations
 
-import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_tools.encode import SkipSample, decode_image
 from data_tools.parallel import default_workers, map_with_progress
-from pretrain.data.shards import TarSample, iter_tar_samples, load_index, sha256_file
+from pretrain.core.files import sha256_file
+from pretrain.data.shards import (
+    SampleError,
+    ShardReadError,
+    TarSample,
+    decode_label,
+    image_bytes,
+    index_entries,
+    iter_tar_samples,
+    load_index,
+)
 
 
 @dataclass(frozen=True)
@@ -43,39 +51,18 @@ class ShardReport:
     keys: list[tuple[str, bool]] = field(default_factory=list)
 
 
-def _label_problem(sample: TarSample, multi_label: bool, num_classes: int) -> str | None:
-    if multi_label:
-        if "json" not in sample.files:
-            return "missing label (no .json)"
-        try:
-            labels = json.loads(sample.files["json"]).get("labels")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return "unreadable .json"
-        if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
-            return "missing label (.json has no integer 'labels' list)"
-        values = labels
-    else:
-        if "cls" not in sample.files:
-            return "missing label (no .cls)"
-        try:
-            values = [int(sample.files["cls"].decode("ascii").strip())]
-        except (UnicodeDecodeError, ValueError):
-            return f"bad label (.cls is {sample.files['cls'][:20]!r})"
-    bad = [v for v in values if not 0 <= v < num_classes]
-    return f"label {bad[0]} out of range [0, {num_classes})" if bad else None
-
-
 def _sample_problem(sample: TarSample, check: ShardCheck) -> str | None:
     if sample.duplicate_members:
         return f"duplicate members {', '.join(sample.duplicate_members)}"
-    image = sample.image()
-    if image is None:
-        return f"no image (members: {', '.join(sorted(sample.files)) or 'none'})"
     try:
-        decode_image(image[1], draft_to=lambda w, h: (max(1, w // 8), max(1, h // 8)))
+        data = image_bytes(sample)
+        decode_image(data, draft_to=lambda w, h: (max(1, w // 8), max(1, h // 8)))
+        decode_label(sample.files, check.num_classes, check.multi_label)
     except SkipSample as err:
         return f"undecodable image: {err}"
-    return _label_problem(sample, check.multi_label, check.num_classes)
+    except SampleError as err:
+        return str(err)
+    return None
 
 
 def verify_shard(check: ShardCheck) -> ShardReport:
@@ -93,7 +80,7 @@ def verify_shard(check: ShardCheck) -> ShardReport:
         report.problems.append("checksum mismatch (sha256 differs from index.json)")
     seen: set[str] = set()
     try:
-        for sample in iter_tar_samples(path):
+        for sample in iter_tar_samples(path, check_end=True):
             report.samples += 1
             problem = _sample_problem(sample, check)
             if sample.key in seen:
@@ -104,7 +91,7 @@ def verify_shard(check: ShardCheck) -> ShardReport:
                 report.good += 1
             else:
                 report.problems.append(f"{sample.key}: {problem}")
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except ShardReadError as err:
         report.problems.append(f"truncated or corrupt tar after {report.samples} samples ({err})")
     if "samples" in entry and report.samples != entry["samples"]:
         report.problems.append(f"count mismatch: tar has {report.samples} samples, index.json says "
@@ -119,7 +106,7 @@ def verify(out: Path, workers: int | None = None, progress: bool = True) -> tupl
     """
     index = load_index(out)
     checks = [ShardCheck(str(out), split, entry, bool(index["multi_label"]), int(index["num_classes"]))
-              for split, info in index["splits"].items() for entry in info.get("shards", [])]
+              for split, entry in index_entries(index)]
     weights = [int(c.entry.get("samples", 1)) for c in checks]
     reports = list(map_with_progress(verify_shard, checks, default_workers() if workers is None else workers,
                                      weights, desc=f"verifying {out.name}", show=progress))
@@ -136,12 +123,16 @@ def verify(out: Path, workers: int | None = None, progress: bool = True) -> tupl
 
 
 def format_reports(reports: list[ShardReport], good: int) -> str:
-    """Human summary: every bad shard with its problems, then the totals."""
+    """Human summary: every bad shard with its problems, the good samples of each split, then the totals."""
     lines = []
     for report in reports:
         if report.problems:
             lines.append(f"BAD {report.file} ({report.split}):")
             lines += [f"  {p}" for p in report.problems]
+    for split in dict.fromkeys(r.split for r in reports):
+        mine = [r for r in reports if r.split == split]
+        lines.append(f"split {split}: {sum(r.good for r in mine)} good samples of {sum(r.samples for r in mine)} "
+                     f"in {len(mine)} shards")
     total = sum(r.samples for r in reports)
     bad = sum(1 for r in reports if r.problems)
     lines.append(f"{good} good samples of {total} read in {len(reports)} shards; "

@@ -45,10 +45,18 @@ def vitscale_command() -> list[str]:
     return [sys.executable, "-m", "pretrain"]
 
 
-def resolve_run(config: str, overrides: list[str], world_size: int) -> tuple[Config, Path, Path]:
-    """(config, absolute run dir, path of the resolved config in it); batch arithmetic checked."""
-    cfg = load_config(config, overrides)
+def resolve_run(args: argparse.Namespace, world_size: int) -> tuple[Config, Path, Path]:
+    """(config, absolute run dir, path of the resolved config in it), after the checks
+    ``vitscale pretrain`` runs before starting (batch arithmetic, data, run dir, disk, attention;
+    for the cluster, not this machine) unless ``--no-checks``. The batch line, with the
+    accumulation derived for this world size, goes to stderr."""
+    from pretrain.train.checks import raise_on_failure, run_cheap_checks
+
+    cfg = load_config(args.config, args.overrides)
     cfg.train.check_world(world_size)
+    if not args.no_checks:
+        raise_on_failure(run_cheap_checks(cfg, world_size, runs_here=False, probe_gpu=False))
+    print(f"vitscale launch: {cfg.batch_line(world_size)}", file=sys.stderr)
     run_dir = Path(cfg.run.dir).absolute()
     return cfg, run_dir, run_dir / "config.yaml"
 
@@ -58,6 +66,8 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="run recipe YAML")
     ap.add_argument("--command", choices=COMMANDS, default="pretrain", help="what each rank runs")
     ap.add_argument("overrides", nargs="*", help="section.key=value, baked into RUN_DIR/config.yaml")
+    ap.add_argument("--no-checks", action="store_true",
+                    help="skip the data / run dir checks (for a login node that cannot see the cluster's disks)")
     return ap
 
 
@@ -85,7 +95,7 @@ def slurm_main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     _positive(args.nodes, "--nodes")
     _positive(args.gpus_per_node, "--gpus-per-node")
-    cfg, run_dir, config_path = resolve_run(args.config, args.overrides, args.nodes * args.gpus_per_node)
+    cfg, run_dir, config_path = resolve_run(args, args.nodes * args.gpus_per_node)
     job = slurm.SlurmJob(
         run_dir=run_dir, config_path=config_path, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         vitscale=tuple(vitscale_command()), workdir=Path.cwd(), command=args.command,
@@ -126,7 +136,7 @@ def deepspeed_main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     hosts = hostfile.read_hostfile(args.hostfile)
     world = hostfile.world_size(hosts, args.gpus_per_node)
-    cfg, _, config_path = resolve_run(args.config, args.overrides, world)
+    cfg, _, config_path = resolve_run(args, world)
     cmd = hostfile.deepspeed_command(Path(args.hostfile).absolute(), hosts, vitscale_command(), config_path,
                                      args.master_port, args.gpus_per_node, args.command)
     print(f"# {len(hosts)} host(s), {world} ranks; rendezvous {next(iter(hosts))}:{args.master_port}")
@@ -150,7 +160,7 @@ def accelerate_main(argv: list[str]) -> int:
     _positive(args.nodes, "--nodes")
     _positive(args.gpus_per_node, "--gpus-per-node")
     world = args.nodes * args.gpus_per_node
-    cfg, run_dir, config_path = resolve_run(args.config, args.overrides, world)
+    cfg, run_dir, config_path = resolve_run(args, world)
     acc_path = Path(args.output).absolute() if args.output else run_dir / "accelerate.yaml"
     ds_path = run_dir / "ds_config.json"
     acc = accelerate_cfg.accelerate_config(args.nodes, args.gpus_per_node, ds_path, args.master_addr,

@@ -49,40 +49,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pretrain.checkpoint.layout import OPTIMIZER_STATE_BYTES
+from pretrain.model.costs import param_count
 from pretrain.model.vit import ViTSpec
 from pretrain.train.config import Config
 
 GIB = 1 << 30
 CUDA_ALLOWANCE = 2 * GIB
-OPTIMIZER_STATE_BYTES = {"adamw": 12, "sgd": 8}
-
-
-def param_count(spec: ViTSpec) -> int:
-    """Number of parameters of ``build_model(spec)``, in closed form (no model is built)."""
-    d, m, p = spec.width, spec.mlp_dim, spec.patch_size
-    n = 3 * p * p * d + d + spec.seq_len * d + 2 * d
-    n += d if spec.pool == "cls" else 0
-    n += spec.depth * (4 * d * d + 2 * d * m + 9 * d + m)
-    rep = spec.representation_size
-    if rep:
-        n += d * rep + rep
-    if spec.num_classes:
-        n += (rep or d) * spec.num_classes + spec.num_classes
-    return n
-
-
-def optimizer_state_bytes(optim: str) -> int:
-    """K: bytes of optimizer state per parameter, fp32 master copy included."""
-    try:
-        return OPTIMIZER_STATE_BYTES[optim]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {optim!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}") from None
-
-
-def checkpoint_bytes(params: int, optim: str) -> int:
-    """Size of one checkpoint: bf16 weights (2 B) + optimizer states (K B) per parameter,
-    i.e. 14 B/param for AdamW (2 + 4 master + 8 moments) and 10 B/param for SGD momentum."""
-    return params * (2 + optimizer_state_bytes(optim))
 
 
 def model_state_bytes(params: int, stage: int, world_size: int, optim: str = "adamw") -> dict[str, int]:
@@ -91,7 +64,7 @@ def model_state_bytes(params: int, stage: int, world_size: int, optim: str = "ad
         raise ValueError(f"ZeRO stage must be 0..3, got {stage}")
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    k = optimizer_state_bytes(optim)
+    k = OPTIMIZER_STATE_BYTES[optim]
     n = world_size
     weights = 2 * params / (n if stage >= 3 else 1)
     grads = 2 * params / (n if stage >= 2 else 1)
@@ -109,11 +82,12 @@ def block_activation_bytes(batch: int, seq_len: int, width: int, mlp_dim: int, h
     return total
 
 
-def activation_bytes(spec: ViTSpec, batch: int, act_ckpt: bool) -> dict[str, int]:
+def activation_bytes(spec: ViTSpec, batch: int, act_ckpt: bool, dropout: bool = False) -> dict[str, int]:
     """Per-GPU activation bytes at micro batch ``batch``: ``blocks``, ``outside`` (image, final
-    norm, logits) and ``backward`` (gradient buffers of the block being backpropagated)."""
+    norm, logits) and ``backward`` (gradient buffers of the block being backpropagated);
+    ``dropout``: the blocks keep dropout masks."""
     b, t, d, m = batch, spec.seq_len, spec.width, spec.mlp_dim
-    block = block_activation_bytes(b, t, d, m, spec.heads, dropout=spec.dropout > 0)
+    block = block_activation_bytes(b, t, d, m, spec.heads, dropout=dropout)
     blocks = spec.depth * 2 * b * t * d + block if act_ckpt else spec.depth * block
     outside = 2 * b * 3 * spec.img_size**2 + 2 * b * t * d + 8 * b * max(spec.num_classes, 1)
     backward = 2 * b * t * d + max(4 * b * t * m, 12 * b * t * d)
@@ -156,7 +130,7 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
     spec = cfg.model.spec()
     params = param_count(spec)
     states = model_state_bytes(params, cfg.zero.stage, world_size, cfg.optim.name)
-    acts = activation_bytes(spec, cfg.train.micro_batch, cfg.model.act_ckpt)
+    acts = activation_bytes(spec, cfg.train.micro_batch, cfg.model.act_ckpt, dropout=cfg.model.dropout > 0)
     bucket = int(cfg.zero.bucket_mb * 1e6)
     return MemoryEstimate(
         params=params, stage=cfg.zero.stage, world_size=world_size, **states,

@@ -1,7 +1,12 @@
 """`vitscale` console script: one subcommand per job, each implemented in its own module.
 
 Every handler is ``main(argv: list[str]) -> int``; a :class:`UserError` anywhere becomes a
-one-paragraph message on stderr and exit status 2.
+one-paragraph message on stderr and exit status 2 (in a rank started by ``vitscale pretrain``
+the message goes to the launcher instead, which prints it once for the whole job).
+
+This module is the roof of the import floors: it names every subcommand's module, including the
+``data_tools`` and ``launch`` packages, and imports it by name only when that command runs.
+Nothing else in ``pretrain`` imports those packages.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except UserError as err:
+        from pretrain.train.spawn import exit_rank, report_rank_error
+
+        if report_rank_error(str(err), getattr(err, "secondary", False)):
+            exit_rank(2)
         print(f"vitscale {name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@ import torch
 from data_tools.shard_writer import WriteOptions, write_shards
 from data_tools.synth import write_synthetic_folder
 from pretrain.core.errors import UserError
-from pretrain.data.loader import ShardTrain, shard_eval
+from pretrain.data.loader import ShardEval, ShardTrain
 from pretrain.train.config import load_config
 
 
@@ -39,7 +39,7 @@ def _keys(src, n):
 
 def test_ranks_and_workers_see_disjoint_keys_whose_union_is_the_epoch(shards):
     cfg = _cfg(str(shards))
-    per_rank = [[k for batch in _keys(ShardTrain(cfg, r, 2), 8) for k in batch] for r in range(2)]
+    per_rank = [[k for batch in _keys(ShardTrain(cfg.loader(), r, 2), 8) for k in batch] for r in range(2)]
     assert len(set(per_rank[0]) & set(per_rank[1])) == 0
     union = set(per_rank[0]) | set(per_rank[1])
     assert len(union) == 80 and all(len(k) == 40 for k in per_rank)
@@ -47,34 +47,34 @@ def test_ranks_and_workers_see_disjoint_keys_whose_union_is_the_epoch(shards):
 
 def test_order_is_a_pure_function_of_seed_and_changes_per_epoch(shards):
     cfg = _cfg(str(shards))
-    a, b = _keys(ShardTrain(cfg, 0, 1), 32), _keys(ShardTrain(cfg, 0, 1), 32)
+    a, b = _keys(ShardTrain(cfg.loader(), 0, 1), 32), _keys(ShardTrain(cfg.loader(), 0, 1), 32)
     assert a == b
     epoch0, epoch1 = sum(a[:16], []), sum(a[16:], [])
     assert len(set(epoch0)) == 80 and sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
-    other = _keys(ShardTrain(_cfg(str(shards), **{"run.seed": 1}), 0, 1), 16)
+    other = _keys(ShardTrain(_cfg(str(shards), **{"run.seed": 1}).loader(), 0, 1), 16)
     assert other != a[:16]
 
 
 @pytest.mark.parametrize("stop", [3, 9])
 def test_resume_mid_epoch_gives_the_identical_key_sequence(shards, stop):
     cfg = _cfg(str(shards))
-    straight = _keys(ShardTrain(cfg, 1, 2), 14)
-    first = ShardTrain(cfg, 1, 2)
+    straight = _keys(ShardTrain(cfg.loader(), 1, 2), 14)
+    first = ShardTrain(cfg.loader(), 1, 2)
     head = _keys(first, stop)
     state = first.state_dict()
-    resumed = ShardTrain(cfg, 1, 2)
+    resumed = ShardTrain(cfg.loader(), 1, 2)
     resumed.load_state_dict(state)
     assert head + _keys(resumed, 14 - stop) == straight
 
 
 def test_too_few_shards_for_ranks_times_workers_is_an_error_with_the_fix(shards):
     with pytest.raises(UserError, match="data.workers=4"):
-        ShardTrain(_cfg(str(shards), **{"data.workers": "8"}), 0, 2)
+        ShardTrain(_cfg(str(shards), **{"data.workers": "8"}).loader(), 0, 2)
 
 
 def test_brace_pattern_without_index_is_counted(shards):
     cfg = _cfg(str(shards / "train-{000000..000007}.tar"))
-    src = ShardTrain(cfg, 0, 2)
+    src = ShardTrain(cfg.loader(), 0, 2)
     assert src.shards.counts == (10,) * 8
     assert len({k for b in _keys(src, 8) for k in b}) == 40
 
@@ -95,7 +95,7 @@ def _corrupt_copy(shards: Path, dst: Path) -> Path:
 def test_corrupt_samples_are_skipped_counted_and_named(shards, tmp_path):
     bad_dir = _corrupt_copy(shards, tmp_path / "bad")
     cfg = _cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.05", "data.workers": "1"})
-    src = ShardTrain(cfg, 0, 1)
+    src = ShardTrain(cfg.loader(), 0, 1)
     keys = _keys(src, 14)  # exactly the 70 good samples of epoch 0
     assert all(len(b) == 5 for b in keys)
     stats = src.stats()
@@ -103,7 +103,7 @@ def test_corrupt_samples_are_skipped_counted_and_named(shards, tmp_path):
     _keys(src, 14)  # past the minimum sample count the share is judged
     assert "train-000000.tar" in src.problem() and "max_bad_frac" in src.problem()
     lenient = ShardTrain(_cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.5",
-                                                                               "data.workers": "1"}), 0, 1)
+                                                                               "data.workers": "1"}).loader(), 0, 1)
     _keys(lenient, 28)
     assert lenient.problem() is None
 
@@ -113,7 +113,7 @@ def test_eval_gives_every_rank_the_same_number_of_batches(tmp_path):
     write_shards(tmp_path / "img", tmp_path / "sh", WriteOptions(samples_per_shard=7, workers=1, val_fraction=0.5,
                                                                  progress=False))
     cfg = _cfg(str(tmp_path / "sh"), **{"data.val": str(tmp_path / "sh")})
-    runs = [list(shard_eval(cfg, r, 2)) for r in range(2)]
+    runs = [list(ShardEval(cfg.loader(), r, 2, cfg.data.val)) for r in range(2)]
     assert len(runs[0]) == len(runs[1])
     from pretrain.data.shards import load_index
 
@@ -131,9 +131,9 @@ def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(_json.dumps(r) for r in rows))
     write_shards(tmp_path / "m.jsonl", tmp_path / "sh", WriteOptions(samples_per_shard=6, workers=1, progress=False))
     with pytest.raises(UserError, match="data.multi_label=true"):
-        ShardTrain(_cfg(str(tmp_path / "sh"), **{"model.num_classes": "5"}), 0, 1)
+        ShardTrain(_cfg(str(tmp_path / "sh"), **{"model.num_classes": "5"}).loader(), 0, 1)
     cfg = _cfg(str(tmp_path / "sh"), **{"model.num_classes": "5", "data.multi_label": "true", "train.loss": "sigmoid"})
-    batch = ShardTrain(cfg, 0, 1).next_batch()
+    batch = ShardTrain(cfg.loader(), 0, 1).next_batch()
     assert batch.targets.shape == (5, 5) and batch.targets.dtype == torch.float32
     want = {r["path"].rsplit("/", 1)[-1].split(".")[0]: r["labels"] for r in rows}  # file stem -> labels
     for key, row in zip(batch.keys, batch.targets, strict=True):

@@ -48,18 +48,24 @@ def test_pre_logits_present_and_absent():
 
 
 def test_head_is_zero_initialised_with_bias_option():
-    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3, head_bias_init=-10.0))
+    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3), head_bias_init=-10.0)
     assert torch.all(m.head.weight == 0) and torch.all(m.head.bias == -10.0)
 
 
-def test_reset_head_drops_pre_logits_and_zero_inits():
-    m = build_model(spec_for("vit_test4", img_size=16, num_classes=3, representation_size="auto"))
-    m.reset_head(11)
-    assert m.pre_logits is None and m.head.out_features == 11 and torch.all(m.head.weight == 0)
-    assert m(torch.randn(1, 3, 16, 16)).shape == (1, 11)
-    m2 = build_model(spec_for("vit_test4", img_size=16, num_classes=3, representation_size="auto"))
-    m2.reset_head(5, keep_pre_logits=True)
-    assert m2.pre_logits is not None and m2.head.in_features == 64
+def test_run_time_options_leave_the_architecture_and_the_state_dict_alone():
+    """Dropout, head bias and activation checkpointing are chosen at build / run time: a model
+    built with them has the same keys and shapes, and the spec holds architecture only."""
+    from dataclasses import fields
+
+    from pretrain.model.vit import ViTSpec
+    from pretrain.train.config import ModelConfig
+
+    spec = spec_for("vit_test4", img_size=16, num_classes=3)
+    plain, tuned = build_model(spec), build_model(spec, dropout=0.1, attn_dropout=0.1, head_bias_init=-2.0)
+    tuned.set_grad_checkpointing(True)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in tuned.state_dict().items()}
+    assert not {"dropout", "attn_dropout", "head_bias_init", "act_ckpt"} & {f.name for f in fields(ViTSpec)}
+    assert {f.name for f in fields(ViTSpec)} <= {f.name for f in fields(ModelConfig)}  # derived, every field
 
 
 def test_gap_pooling_has_no_class_token():
@@ -71,7 +77,8 @@ def test_gap_pooling_has_no_class_token():
 def test_activation_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     a = build_model(spec_for("vit_test4", img_size=16, num_classes=3))
-    b = build_model(spec_for("vit_test4", img_size=16, num_classes=3, act_ckpt=True))
+    b = build_model(spec_for("vit_test4", img_size=16, num_classes=3))
+    b.set_grad_checkpointing(True)
     b.load_state_dict(a.state_dict())
     torch.nn.init.normal_(a.head.weight)
     b.head.weight.data.copy_(a.head.weight)

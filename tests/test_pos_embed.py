@@ -88,7 +88,7 @@ def test_grid_errors():
 
 
 def test_unknown_mode_names_the_options():
-    with pytest.raises(ValueError, match="bilinear or bicubic"):
+    with pytest.raises(ValueError, match="bilinear or bicubic or timm"):
         resample_pos_embed(_pos_embed((2, 2)), (3, 3), mode="nearest")
 
 
@@ -101,7 +101,21 @@ def test_bicubic_runs_and_differs_from_bilinear():
     assert (cubic - linear).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("grids", [((4, 4), (7, 7)), ((14, 14), (37, 37)), ((24, 24), (16, 16)), ((3, 5), (6, 4))])
+def test_timm_mode_is_exactly_timms_resample_abs_pos_embed(grids):
+    """Up, down and non-square: the "timm" mode gives timm's own result (antialiased bicubic)."""
+    from timm.layers import resample_abs_pos_embed
+
+    old, new = grids
+    pe = _pos_embed(old)
+    ours = resample_pos_embed(pe, new, old_grid=old, mode="timm")
+    theirs = resample_abs_pos_embed(pe, list(new), old_size=list(old), num_prefix_tokens=1)
+    assert torch.equal(ours, theirs)
+    plain = resample_pos_embed(pe, new, old_grid=old, mode="bicubic")
+    assert (plain - theirs).abs().max() > 1e-4  # torch's plain bicubic (a = -0.75) is another kernel
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "timm"])
 def test_low_precision_in_same_dtype_out(mode):
     pe = _pos_embed((4, 4)).bfloat16()
     out = resample_pos_embed(pe, (6, 6), mode=mode)

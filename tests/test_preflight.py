@@ -17,18 +17,15 @@ import pytest
 import torch
 import yaml
 
+from data_tools.cli import main as shards_main
 from launch import preflight
-from launch.memory import (
-    GIB,
-    activation_bytes,
-    block_activation_bytes,
-    checkpoint_bytes,
-    estimate_memory,
-    model_state_bytes,
-    param_count,
-)
+from launch.memory import GIB, activation_bytes, block_activation_bytes, estimate_memory, model_state_bytes
+from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
+from pretrain.data.loader import ShardTrain
+from pretrain.model.costs import param_count
 from pretrain.model.vit import Block, build_model, spec_for
+from pretrain.train import checks as cheap_checks
 from pretrain.train.config import load_config
 
 TINY = ["model.name=vit_test4", "model.img_size=32", "train.micro_batch=4"]
@@ -54,8 +51,8 @@ def test_sane_tiny_config_passes(recipe, capsys):
     assert rc == 0, out
     assert "FAIL" not in out and "all checks passed" in out
     assert "memory per GPU (GiB):" in out
-    cheap = preflight.run_cheap_checks(load_config(recipe, TINY), world_size=2)
-    assert [c.name for c in cheap] == ["config", "batch", "shards", "run dir", "disk", "sdpa"]
+    cheap = cheap_checks.run_cheap_checks(load_config(recipe, TINY), world_size=2, runs_here=False)
+    assert [c.name for c in cheap] == ["config", "batch", "data.train", "data.val", "run dir", "disk", "sdpa"]
     assert time.perf_counter() - start < 30  # generous; the point is that nothing heavy runs
 
 
@@ -69,53 +66,127 @@ def test_batch_arithmetic_that_does_not_divide(recipe, capsys):
     rc, checks = _run(capsys, recipe, *TINY, "train.global_batch=64", "--nodes", "1", "--gpus-per-node", "3")
     assert rc == 1
     batch = checks["batch"]
-    assert batch["status"] == "FAIL" and "world size 3" in batch["detail"]
-    assert "train.micro_batch" in batch["fix"]
+    assert batch["status"] == "FAIL" and "does not split over 3 ranks" in batch["detail"]
+    assert "nearest valid settings" in batch["detail"] and "train.global_batch=60" in batch["detail"]
     rc, checks = _run(capsys, recipe, *TINY, "train.global_batch=64", "--nodes", "2", "--gpus-per-node", "4")
-    assert checks["batch"]["status"] == "FAIL" and "train.grad_accum=2" in checks["batch"]["fix"]
-    rc, checks = _run(capsys, recipe, *TINY, "train.global_batch=64", "train.grad_accum=2", "--nodes", "2",
-                      "--gpus-per-node", "4")
     assert rc == 0 and checks["batch"]["status"] == "PASS"
+    assert "accum 2 x 8 ranks" in checks["batch"]["detail"] and "derived" in checks["batch"]["detail"]
+    rc, checks = _run(capsys, recipe, *TINY, "train.global_batch=64", "train.grad_accum=1", "--nodes", "2",
+                      "--gpus-per-node", "4")
+    assert checks["batch"]["status"] == "FAIL" and "set train.grad_accum=2 or drop it" in checks["batch"]["detail"]
 
 
-def _index_dir(root: Path, shards: int) -> Path:
-    root.mkdir()
-    names = [f"train-{i:06d}.tar" for i in range(shards)]
-    for name in names:
-        (root / name).write_bytes(b"")
-    index = {"version": 1, "multi_label": False, "num_classes": 10,
-             "splits": {"train": {"shards": names, "samples": 100 * shards}}}
-    (root / "index.json").write_text(json.dumps(index))
-    return root
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """7 train shards of up to 7 samples and a val split, written by `vitscale shards write`."""
+    root = tmp_path_factory.mktemp("preflight-shards")
+    assert shards_main(["synth", str(root / "img"), "--classes", "4", "--per-class", "15", "--img-size", "8"]) == 0
+    assert shards_main(["write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "7", "--val-fraction",
+                        "0.2", "--workers", "1", "--no-progress"]) == 0
+    return root / "sh"
 
 
-def test_too_few_shards_for_ranks_times_workers(tmp_path, recipe, capsys):
-    data = _index_dir(tmp_path / "shards", 6)
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={data}", "data.workers=4", "--nodes", "1",
+def test_too_few_shards_for_ranks_times_workers(written, recipe, capsys):
+    n = len(list(written.glob("train-*.tar")))
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.workers=4", "--nodes", "1",
                       "--gpus-per-node", "2")
-    assert rc == 1
-    shards = checks["shards"]
-    assert shards["status"] == "FAIL" and "6 shards < 2 ranks x 4 workers = 8" in shards["detail"]
-    assert "data.workers to 3" in shards["fix"]
-    assert "vitscale shards write --samples-per-shard" in shards["fix"]
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={data}", "data.workers=3", "--nodes", "1",
+    assert rc == 1 and n < 8
+    data = checks["data.train"]
+    assert data["status"] == "FAIL" and f"has {n} shards but 2 ranks x 4 workers need at least 8" in data["detail"]
+    assert f"data.workers={n // 2}" in data["detail"] and "--samples-per-shard" in data["detail"]
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", f"data.workers={n // 2}", "--nodes", "1",
                       "--gpus-per-node", "2")
-    assert checks["shards"]["status"] == "PASS"
+    assert checks["data.train"]["status"] == "PASS"
 
 
-def test_brace_pattern_and_missing_shards(tmp_path, recipe, capsys):
-    data = _index_dir(tmp_path / "shards", 8)
-    pattern = f"{data}/train-{{000000..000007}}.tar"
-    _, checks = _run(capsys, recipe, *TINY, f"data.train={pattern}", "data.workers=4", "--gpus-per-node", "2")
-    assert checks["shards"]["status"] == "PASS" and checks["shards"]["data"]["shards"] == 8
-    too_many = f"data.train={data}/train-{{000000..000009}}.tar"
+def _sources(written: Path) -> dict[str, str]:
+    tars = sorted(str(t) for t in written.glob("train-*.tar"))
+    last = len(tars) - 1
+    return {"folder": str(written), "brace": f"{written}/train-{{000000..{last:06d}}}.tar",
+            "glob": f"{written}/train-*.tar", "comma": ",".join(tars)}
+
+
+@pytest.mark.parametrize("kind", ["folder", "brace", "glob", "comma"])
+def test_every_source_form_resolves_to_the_same_shards_in_preflight_and_loader(written, recipe, capsys, kind):
+    """A folder, a brace pattern, a glob and a comma list of the writer's output name the same
+    shards, with the same counts, in preflight (the parent) and in the loader (the ranks)."""
+    tars = sorted(str(t) for t in written.glob("train-*.tar"))
+    source = _sources(written)[kind]
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={source}", "data.workers=1", "data.val=null",
+                      "--gpus-per-node", "2")
+    assert rc == 0 and checks["data.train"]["data"]["shards"] == len(tars), checks["data.train"]
+    cfg = load_config(recipe, [*TINY, f"data.train={source}", "data.workers=1", "model.img_size=8"])
+    loader = ShardTrain(cfg.loader(), 0, 2)
+    assert list(loader.shards.urls) == tars
+    from pretrain.data.shards import load_index
+
+    assert sum(loader.shards.counts) == load_index(written)["splits"]["train"]["samples"]
+
+
+def test_missing_shards_and_wrong_paths_name_the_key(written, recipe, capsys):
+    too_many = f"data.train={written}/train-{{000000..000009}}.tar"
     _, checks = _run(capsys, recipe, *TINY, too_many, "--gpus-per-node", "1")
-    assert checks["shards"]["status"] == "FAIL"
-    assert "2 of 10 shards do not exist" in checks["shards"]["detail"]
-    _, checks = _run(capsys, recipe, *TINY, f"data.train={data}/train-*.tar", "data.workers=2",
-                     "--gpus-per-node", "8")
-    assert checks["shards"]["status"] == "FAIL"
-    assert "8 shards < 8 ranks x 2 workers" in checks["shards"]["detail"]
+    assert checks["data.train"]["status"] == "FAIL"
+    assert "data.train: 3 of 10 shards do not exist" in checks["data.train"]["detail"]
+    _, checks = _run(capsys, recipe, *TINY, f"data.val={written}/nope", "--gpus-per-node", "1")
+    assert checks["data.val"]["status"] == "FAIL" and checks["data.val"]["detail"].startswith("data.val=")
+
+
+RECIPES = ["pretrain_vit_b16_in21k", "pretrain_vit_l16_in21k", "pretrain_vit_h14_in21k", "pretrain_vit_h16_jft"]
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> dict[str, Path]:
+    """Enough single-sample shards for 64 ranks x 12 workers, single- and multi-label, as the
+    writer makes them (the recipes' data paths do not exist here)."""
+    root = tmp_path_factory.mktemp("many")
+    assert shards_main(["synth", str(root / "img"), "--classes", "4", "--per-class", "192", "--img-size", "4"]) == 0
+    out = {}
+    assert shards_main(["write", str(root / "img"), str(root / "single"), "--samples-per-shard", "1", "--workers", "2",
+                        "--no-progress"]) == 0
+    out["single"] = root / "single"
+    rows = [json.dumps({"path": str(p), "labels": [i % 4, (i + 1) % 4]})
+            for i, p in enumerate(sorted((root / "img").rglob("*.jpg")))]
+    (root / "m.jsonl").write_text("\n".join(rows) + "\n")
+    assert shards_main(["write", str(root / "m.jsonl"), str(root / "multi"), "--samples-per-shard", "1", "--workers",
+                        "2", "--no-progress"]) == 0
+    out["multi"] = root / "multi"
+    return out
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("nodes", [1, 4, 8])
+def test_every_pretraining_recipe_passes_on_1_4_and_8_nodes_of_8_gpus(name, nodes, many_shards, tmp_path, capsys):
+    """The recipes' global batch holds on any of these clusters: the accumulation is derived
+    (and printed), preflight passes and `launch slurm --dry-run` writes the script."""
+    from launch.cli import main as launch_main
+
+    data = many_shards["multi" if "jft" in name else "single"]
+    over = [f"data.train={data}", f"data.val={data}", f"run.dir={tmp_path / 'run'}"]
+    recipe = f"configs/{name}.yaml"
+    rc, checks = _run(capsys, recipe, *over, "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    failed = {k: c for k, c in checks.items() if c["status"] == "FAIL"}
+    assert rc == 0 and not failed, failed
+    cfg = load_config(recipe, over)
+    assert cfg.train.grad_accum is None and f"x {nodes * 8} ranks" in checks["batch"]["detail"]
+    assert checks["batch"]["detail"].startswith(f"global batch {cfg.train.global_batch} = ")
+    assert launch_main(["slurm", "--config", recipe, "--nodes", str(nodes), "--gpus-per-node", "8", "--dry-run",
+                        *over]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/bin/bash") and f"accum {cfg.train.global_batch // (cfg.train.micro_batch * nodes * 8)}" \
+        in err
+
+
+def test_a_global_batch_that_cannot_split_names_the_nearest_settings(tmp_path, capsys):
+    """512 images at micro batch 16 on 64 GPUs is half a micro batch per GPU."""
+    from launch.cli import main as launch_main
+
+    with pytest.raises(UserError) as err:
+        launch_main(["slurm", "--config", "configs/finetune_vit_h14_384.yaml", "--nodes", "8", "--gpus-per-node", "8",
+                     "--dry-run", f"run.dir={tmp_path}", "--no-checks"])
+    message = str(err.value)
+    assert "\n" not in message and "does not split over 64 ranks" in message
+    assert "train.micro_batch=8 (grad_accum 1)" in message and "train.global_batch=1024 (grad_accum 1)" in message
 
 
 def test_run_dir_under_a_regular_file_is_not_writable(tmp_path, recipe, capsys):
@@ -127,9 +198,10 @@ def test_run_dir_under_a_regular_file_is_not_writable(tmp_path, recipe, capsys):
     assert run_dir["status"] == "FAIL" and "is not a directory" in run_dir["detail"]
     assert "writable directory" in run_dir["fix"]
     assert not (blocker.parent / "sub").exists()
-    cheap = preflight.run_cheap_checks(load_config(recipe, [*TINY, f"run.dir={blocker}/sub"]), world_size=1)
+    cheap = cheap_checks.run_cheap_checks(load_config(recipe, [*TINY, f"run.dir={blocker}/sub"]), world_size=1,
+                                          runs_here=True)
     with pytest.raises(UserError, match=r"run dir: .* -> fix: set run.dir to a writable directory"):
-        preflight.raise_on_failure(cheap)
+        cheap_checks.raise_on_failure(cheap)
 
 
 def test_disk_too_small_for_the_checkpoints_to_keep(tmp_path, recipe, capsys):
@@ -230,18 +302,23 @@ def test_act_ckpt_keeps_block_inputs_only():
     assert est.total > 16 * GIB
 
 
-def test_require_flash_on_cpu_fails_the_sdpa_check(recipe, capsys):
+def test_require_flash_without_a_gpu(recipe, capsys):
+    """Here (no GPU) preflight checks the cluster's constraints, so a flash-eligible config
+    passes; a config flash cannot run anywhere fails; training on this machine fails."""
     rc, checks = _run(capsys, recipe, *TINY, "model.require_flash=true")
-    assert rc == 1
-    assert checks["sdpa"]["status"] == "FAIL" and "require_flash=false" in checks["sdpa"]["fix"]
+    assert rc == 0 and checks["sdpa"]["status"] == "PASS" and "no GPU here" in checks["sdpa"]["detail"]
+    rc, checks = _run(capsys, recipe, *TINY, "model.require_flash=true", "train.bf16=false")
+    assert rc == 1 and checks["sdpa"]["status"] == "FAIL" and "require_flash=false" in checks["sdpa"]["fix"]
+    here = cheap_checks.check_sdpa(load_config(recipe, [*TINY, "model.require_flash=true"]), runs_here=True)
+    assert here.status == "FAIL" and "this machine has no GPU" in here.detail
 
 
 def test_sdpa_in_a_launcher_process_checks_constraints_without_the_gpu(recipe):
     cfg = load_config(recipe, ["model.name=vit_h14"])
-    check = preflight.check_sdpa(cfg, device="cuda", probe=False)
+    check = cheap_checks.check_sdpa(cfg, runs_here=True, probe_gpu=False, device="cuda")
     assert check.status == "PASS" and "not probed" in check.detail and "flash-eligible" in check.detail
     bad = load_config(recipe, [*TINY, "train.bf16=false", "model.require_flash=true"])
-    check = preflight.check_sdpa(bad, device="cuda", probe=False)
+    check = cheap_checks.check_sdpa(bad, runs_here=True, probe_gpu=False, device="cuda")
     assert check.status == "FAIL" and "dtype float32" in check.fix
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -231,10 +232,33 @@ def test_resume_choice_follows_latest_and_falls_back_past_damage(tmp_path):
     assert mgr.usable_for_resume()[0] == mgr.dir / "step_00000003"
 
 
-def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
+def test_a_damaged_latest_file_falls_back_to_the_newest_verified_tag_by_step(tmp_path):
+    mgr, engine = _manager(tmp_path, keep=5), _FakeEngine()
+    for step in (9, 10, 100000000):  # a 9-digit step sorts after the 8-digit ones by number, not by text
+        _save(mgr, engine, step)
+    assert mgr.tags() == ["step_00000009", "step_00000010", "step_100000000"]
+    for garbage in (b"", b"\x00\xff\xfe binary", b"step_1234", b"../../etc"):
+        (mgr.dir / "latest").write_bytes(garbage)
+        chosen, warnings = mgr.usable_for_resume()
+        assert chosen == mgr.dir / "step_100000000" and "does not name a checkpoint tag" in warnings[0]
+    (mgr.dir / "latest").write_text("step_00000042")  # names a tag that is not there
+    chosen, warnings = mgr.usable_for_resume()
+    assert chosen == mgr.dir / "step_100000000" and "which does not exist" in warnings[0]
+
+
+def _check(cfg, mode: str, resume, no_resume: bool, hash_files: bool) -> None:
     from pretrain.checkpoint.resume import check_before_launch
+    from pretrain.train.config import identity
+
+    check_before_launch(Path(cfg.run.dir), cfg.checkpoint.keep, identity(cfg.for_world(2), mode), resume, no_resume,
+                        hash_files)
+
+
+def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
     from pretrain.core.errors import UserError
     from pretrain.train.config import load_config
+
+    check_before_launch = _check
 
     cfg = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}"])
     mgr, engine = _manager(tmp_path), _FakeEngine()

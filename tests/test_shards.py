@@ -18,7 +18,8 @@ from data_tools.cli import main as shards_main
 from data_tools.shard_writer import WriteOptions, write_shards
 from pretrain.cli import main as vitscale_main
 from pretrain.core.errors import UserError
-from pretrain.data.shards import add_bytes, iter_tar_samples, sha256_file
+from pretrain.core.files import sha256_file
+from pretrain.data.shards import add_bytes, iter_tar_samples
 
 CLASSES = ("bird", "cat", "dog")
 

@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 
 from pretrain.bench.plan import Case, case_config, largest_fitting
-from pretrain.data.pipeline import Batch
+from pretrain.data.batch import Batch
 from pretrain.model.sdpa import sdpa_report
 from pretrain.model.vit import ViTSpec, build_model
 from pretrain.train.config import Config
@@ -245,8 +245,7 @@ def sdpa_summary(spec: ViTSpec, micro_batch: int, names: set[str]) -> tuple[str,
     ``{"dispatcher", "profiled", "agree", "evidence", "rejected"}``; ``rejected`` maps each
     backend the dispatcher tried before the one that ran to its reasons."""
     dev = device()
-    report = sdpa_report(micro_batch, spec.heads, spec.seq_len, spec.head_dim, torch.bfloat16, dev,
-                         spec.attn_dropout)
+    report = sdpa_report(micro_batch, spec.heads, spec.seq_len, spec.head_dim, torch.bfloat16, dev, 0.0)
     profiled, evidence = sdpa_from_profile(names, dev.type)
     evidence += [k for k in _kernel_evidence(names) if k not in evidence]
     check = {"dispatcher": report.backend, "profiled": profiled, "agree": profiled in (None, report.backend),
@@ -315,10 +314,10 @@ def build_engine(case: Case, micro_batch: int) -> tuple[Engine, Config]:
     """A fresh model (blocks compiled when ``case.compile``) in a fresh DeepSpeed engine."""
     cfg = case_config(case, micro_batch)
     torch.manual_seed(0)
-    model = build_model(cfg.model.spec(), device=device())
+    model = build_model(cfg.model.spec(), device=device(), **cfg.model.runtime())
+    model.set_grad_checkpointing(cfg.model.act_ckpt)
     if case.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     return Engine(model, cfg, 1), cfg
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrain.core.errors import UserError
-from pretrain.train.config import Config, load_config
+from pretrain.data.config import DataConfig
+from pretrain.train.config import Config, ModelConfig, TrainConfig, ZeroConfig
 
 TIMM_MODEL = "vit_huge_patch14_224"
 TIMM_REFERENCE = ("vit_h14", 224)  # our variant with the dimensions of timm's model (which has no pre-logits)
@@ -52,11 +53,9 @@ class Case:
 def case_config(case: Case, micro_batch: int) -> Config:
     """The run config of ``case``: library defaults (1000 classes, pre-logits head, no dropout,
     AdamW, grad clip 1.0, bf16) with the case's model, size, stage and flags."""
-    on = {True: "true", False: "false"}
-    return load_config(None, [
-        f"model.name={case.model}", f"model.img_size={case.img_size}", f"model.act_ckpt={on[case.act_ckpt]}",
-        f"model.compile={on[case.compile]}", f"zero.stage={case.zero_stage}", f"train.micro_batch={micro_batch}",
-        "train.grad_accum=1", "train.bf16=true", "data.train=synthetic"])
+    model = ModelConfig(name=case.model, img_size=case.img_size, act_ckpt=case.act_ckpt, compile=case.compile)
+    return Config(model=model, data=DataConfig(train="synthetic"), zero=ZeroConfig(stage=case.zero_stage),
+                  train=TrainConfig(micro_batch=micro_batch, grad_accum=1, bf16=True))
 
 
 def _flag_values(text: str, name: str) -> list[bool]:

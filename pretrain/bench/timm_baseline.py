@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pretrain.bench.measure import NUM_CLASSES, Passes, compile_watch, device, measure, oom_guard
 from pretrain.bench.plan import TIMM_MODEL, TIMM_REFERENCE, Case, case_config
-from pretrain.data.pipeline import Batch
+from pretrain.data.batch import Batch
 from pretrain.model.vit import spec_for
 from pretrain.train.config import Config
 from pretrain.train.engine import param_groups

@@ -1,95 +1,93 @@
-"""Complete, atomic, verifiable training checkpoints on top of DeepSpeed's sharded save.
+"""Complete, atomic, verifiable training checkpoints: the one owner of their on-disk layout.
 
 Layout (a user may point at any of the three levels)::
 
     RUN_DIR/checkpoints/latest                 names the newest complete tag (replaced atomically)
     RUN_DIR/checkpoints/step_00000100/         DeepSpeed model + optimizer shards of every rank
-        rank_00000.pt ...                      per-rank RNG states and loader state
-        vitscale.json                          model spec, step, world size, ZeRO stage, version,
-                                               resolved config, and size + sha256 of every file
+        rank_00000.pt ...                      per-rank component states (loop, data, rng, ...)
+        vitscale.json                          format, model spec, step, world size, ZeRO stage,
+                                               optimizer, mode, version, resolved config, and
+                                               size + sha256 of every file
+    RUN_DIR/checkpoints/universal/step_.../    DeepSpeed universal conversion of a tag (another
+                                               world size resumes from it)
 
 A save goes to ``.tmp-step_...``; only when every rank has written and hashed its files does
 rank 0 write ``vitscale.json``, rename the directory to its tag and replace ``latest``. A crash at
 any moment leaves the previous checkpoint and ``latest`` intact; stale temporary directories are
-removed by the next save. The ``keep`` newest complete checkpoints are kept, never the one
-``latest`` names. Files are fsynced before the rename, so the guarantee also holds for a node
-that loses power, on file systems that honour fsync.
-
-A run resumed with another process count converts its checkpoint once into
-``checkpoints/universal/<tag>`` (DeepSpeed's universal format; not a ``step_*`` name, so pruning
-by step leaves it alone until its source tag is pruned) and loads that. ``run.dir`` must be on a
-file system every node sees.
+removed by the next save. The ``keep`` newest complete checkpoints (by step number) are kept,
+never the one ``latest`` names. Files are fsynced before the rename, so the guarantee also holds
+for a node that loses power, on file systems that honour fsync. A ``latest`` that is damaged in
+any way (empty, garbage, naming a missing or broken tag) is never fatal: resume falls back to the
+newest tag, by step number, that verifies. ``run.dir`` must be on a file system every node sees.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
+import re
 import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pretrain import __version__ as VERSION
 from pretrain.core.errors import UserError
-from pretrain.data.shards import sha256_file
+from pretrain.core.files import fsync_dir, fsync_path, sha256_file, write_atomic
 
 META = "vitscale.json"
+LATEST = "latest"
 UNIVERSAL = "universal"
+TRAINING_FORMAT = "vitscale-deepspeed"
+UNIVERSAL_FORMAT = "vitscale-deepspeed-universal"
+_TAG = re.compile(r"^step_(\d{8,})$")
+OPTIMIZER_STATE_BYTES = {"adamw": 12, "sgd": 8}
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def step_of(tag: str) -> int | None:
+    """The step a tag name stands for, or None when it is not a tag name."""
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+def checkpoint_bytes(params: int, optim: str) -> int:
+    """Size of one checkpoint: bf16 weights (2 B) + optimizer states per parameter (fp32 master
+    4 + moments: AdamW 8, SGD momentum 4), i.e. 14 B/param for AdamW and 10 B/param for SGD."""
+    return params * (2 + OPTIMIZER_STATE_BYTES[optim])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def is_tag_dir(p: Path) -> bool:
+    has_states = (p / META).is_file() or any(p.glob("*model_states.pt"))
+    return p.is_dir() and has_states and not (p / "zero").is_dir()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        _fsync_path(path)
+def is_universal_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "zero").is_dir() and any(p.glob("*model_states.pt"))
 
 
 def read_meta(tag_dir: Path) -> dict | None:
+    """``vitscale.json`` of a tag (or universal) dir; None when it is missing or unreadable."""
     try:
-        return json.loads((Path(tag_dir) / META).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(tag_dir) / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_latest(ckdir: Path) -> str | None:
+    """The tag ``ckdir/latest`` names, or None when the file is missing, unreadable or holds
+    anything but a tag name."""
+    try:
+        text = (Path(ckdir) / LATEST).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if step_of(text) is not None else None
 
 
 def verify_checkpoint(tag_dir: Path, files: list[str] | None = None) -> list[str]:
@@ -112,20 +110,30 @@ def verify_checkpoint(tag_dir: Path, files: list[str] | None = None) -> list[str
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir, its ``checkpoints`` dir, or a tag dir -> the tag dir that ``latest`` names."""
+    """A run dir, its ``checkpoints`` dir, or a tag dir -> the tag dir (``latest``'s, else the
+    newest tag by step number)."""
     p = Path(path)
     if (p / META).is_file():
         return p
     for ckdir in (p / "checkpoints", p):
-        latest = ckdir / "latest"
-        if latest.is_file():
-            return ckdir / latest.read_text().strip()
+        tag = read_latest(ckdir) or (tags_of(ckdir) or [None])[-1]
+        if tag is not None:
+            return ckdir / tag
     raise UserError(f"no vitscale checkpoint at {str(p)!r}: expected a run directory, its checkpoints/ "
-                    f"directory (with a 'latest' file) or a checkpoint tag directory holding {META}")
+                    f"directory or a checkpoint tag directory holding {META}")
+
+
+def tags_of(ckdir: Path) -> list[str]:
+    """Complete-looking tag directories of ``ckdir``, oldest first by step number."""
+    if not Path(ckdir).is_dir():
+        return []
+    tags = [p.name for p in Path(ckdir).iterdir() if p.is_dir() and step_of(p.name) is not None]
+    return sorted(tags, key=step_of)
 
 
 class CheckpointManager:
-    """Saves and finds checkpoints of one run; every method is called on all ranks."""
+    """Saves and finds checkpoints of one run; every method is called on all ranks (``comm`` may
+    be None in a single process that only reads)."""
 
     def __init__(self, run_dir: Path, rank: int, world: int, keep: int, comm):
         self.dir = Path(run_dir) / "checkpoints"
@@ -133,33 +141,37 @@ class CheckpointManager:
 
     # ---- finding ----
     def tags(self) -> list[str]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p.name for p in self.dir.iterdir() if p.name.startswith("step_") and p.is_dir())
+        return tags_of(self.dir)
 
     def latest(self) -> Path | None:
-        latest = self.dir / "latest"
-        if not latest.is_file():
-            return None
-        return self.dir / latest.read_text().strip()
+        tag = read_latest(self.dir)
+        return None if tag is None else self.dir / tag
 
     def has_checkpoints(self) -> bool:
-        return self.latest() is not None or bool(self.tags())
+        return (self.dir / LATEST).exists() or bool(self.tags())
+
+    def candidates(self) -> list[Path]:
+        """Where a resume looks, best first: ``latest``, then older tags by step number. Tags
+        newer than ``latest`` are never used (they belong to an abandoned branch after
+        ``--resume`` of an older one); without a usable ``latest`` (missing, damaged, or naming a
+        tag that is not there) every tag is a candidate."""
+        first = self.latest()
+        tags = [self.dir / t for t in reversed(self.tags())]
+        if first is None or not first.is_dir():
+            return tags
+        return [first] + [t for t in tags if step_of(t.name) < step_of(first.name)]
 
     def usable_for_resume(self) -> tuple[Path | None, list[str]]:
-        """Newest checkpoint that verifies, starting at ``latest`` and going back to older tags;
-        plus warnings about the ones skipped. Tags newer than ``latest`` are never used (they
-        belong to an abandoned branch after ``--resume`` of an older one). Without a ``latest``
-        file (a crash between the very first rename and writing it) every tag is a candidate.
-        All ranks share the sha256 work and agree on the result."""
-        first = self.latest()
-        if first is None:
-            candidates = [self.dir / t for t in reversed(self.tags())]
-        else:
-            candidates = [first] + [self.dir / t for t in reversed(self.tags()) if self.dir / t != first
-                                    and t < first.name]
+        """Newest candidate that verifies, plus warnings about the ones skipped (a damaged
+        ``latest`` file is one). All ranks share the sha256 work and agree on the result."""
         warnings = []
-        for tag_dir in candidates:
+        if (self.dir / LATEST).exists() and self.latest() is None:
+            warnings.append(f"{self.dir / LATEST} does not name a checkpoint tag (empty or damaged)")
+        elif self.latest() is not None and not self.latest().is_dir():
+            warnings.append(f"{self.dir / LATEST} names {self.latest().name}, which does not exist")
+        for tag_dir in self.candidates():
+            if not tag_dir.is_dir():
+                continue
             problems = self.verify_shared(tag_dir)
             if not problems:
                 return tag_dir, warnings
@@ -171,6 +183,8 @@ class CheckpointManager:
         names = sorted(meta.get("files", {})) if meta else []
         mine = names[self.rank::self.world]
         problems = verify_checkpoint(tag_dir, mine) if meta else verify_checkpoint(tag_dir)
+        if self.comm is None:
+            return problems
         gathered = self.comm.all_gather_object(problems)
         return sorted({p for part in gathered for p in part})
 
@@ -190,12 +204,12 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         self.comm.barrier()
         engine.save(self.dir, tmp_tag, client_state={"step": step})
-        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
         self.comm.barrier()
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
         mine = {}
         for n in names[self.rank::self.world]:
-            _fsync_path(tmp / n)
+            fsync_path(tmp / n)
             mine[n] = {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
         files = {}
         for part in self.comm.all_gather_object(mine):
@@ -204,14 +218,14 @@ class CheckpointManager:
             before_publish()
         final = self.dir / tag
         if self.rank == 0:
-            _write_atomic(tmp / META, json.dumps({**meta, "step": step, "version": VERSION, "files": files},
-                                                 indent=1))
+            write_atomic(tmp / META, json.dumps({**meta, "step": step, "version": VERSION, "files": files},
+                                                indent=1))
             old = self.dir / f".tmp-old-{tag}"
             if final.exists():  # same step saved again (resumed from an older tag): move it aside first
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            _write_atomic(self.dir / "latest", tag)
+            fsync_dir(self.dir)
+            write_atomic(self.dir / LATEST, tag)
             shutil.rmtree(old, ignore_errors=True)
             self._prune(tag)
         self.comm.barrier()
@@ -249,7 +263,7 @@ class CheckpointManager:
 
     # ---- loading ----
     def load_rank_state(self, tag_dir: Path, rank: int | None = None) -> dict | None:
-        """Loader, loop and RNG state saved by ``rank`` (default: this rank)."""
+        """The component states saved by ``rank`` (default: this rank)."""
         path = Path(tag_dir) / f"rank_{self.rank if rank is None else rank:05d}.pt"
         if not path.is_file():
             return None
@@ -260,7 +274,7 @@ def _convert_to_universal(tag_dir: Path, out: Path) -> None:
     """DeepSpeed's converter into ``.tmp-<tag>`` beside ``out``, then one rename. Preemption
     signals are held back meanwhile (the converter's processes would die of them) and handled
     once it is done."""
-    from pretrain.formats.deepspeed_ckpt import to_universal
+    from pretrain.checkpoint.universal import to_universal
 
     tmp = out.with_name(f".tmp-{out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,8 +286,8 @@ def _convert_to_universal(tag_dir: Path, out: Path) -> None:
         meta = to_universal(tag_dir, tmp)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-    _write_atomic(tmp / META, json.dumps({**meta, "universal_source": str(tag_dir.resolve())}, indent=1))
+    write_atomic(tmp / META, json.dumps({**meta, "universal_source": str(tag_dir.resolve())}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    _write_atomic(out.parent / "latest_universal", out.name)
+    write_atomic(out.parent / "latest_universal", out.name)

@@ -29,40 +29,32 @@ What a resume restores, and what is guaranteed:
   loader resumes at the same number of samples into its epoch (see
   :mod:`pretrain.data.loader`: nothing repeated or skipped beyond the batches in flight, but
   the rest of that epoch is filled from the new shard layout). RNG streams (dropout) are
-  re-seeded from (seed, rank, step). The loss continues on course but not bitwise. World size
-  changes the global batch unless ``train.grad_accum`` changes with it: going 2 -> 1 processes
-  with ``train.global_batch`` fixed, pass ``train.grad_accum=<2x the old value>`` (the run
-  refuses a contradicting ``train.global_batch`` before starting).
+  re-seeded from (seed, rank, step). The loss continues on course but not bitwise. With
+  ``train.global_batch`` set (and ``train.grad_accum`` left to be derived) the global batch stays
+  the same; otherwise a changed global batch is listed in the warning.
+
+This module knows checkpoints, not run configs: the run describes itself with an ``identity``
+dict (:func:`pretrain.train.config.identity`: model spec, ZeRO stage, optimizer, mode, resolved
+config), and restoring the state into the engine and the components is the trainer's job.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
-import torch
 
 from pretrain.checkpoint.layout import (
+    UNIVERSAL_FORMAT,
     CheckpointManager,
     read_meta,
     resolve_checkpoint,
-    set_rng_state,
     verify_checkpoint,
 )
 from pretrain.core.errors import UserError
-from pretrain.train.config import Config
 
-if TYPE_CHECKING:  # the launching process imports this module without DeepSpeed
-    from pretrain.train.loop import LoopState
-    from pretrain.train.metrics import MetricsLog
-
-_SPEC_IGNORED = ("dropout", "attn_dropout", "act_ckpt")
+_UNWATCHED = {"run.dir", "run.timeout_s", "train.grad_accum", "train.log_every", "train.eval_every",
+              "train.eval_batches", "data.workers", "data.val", "data.val_samples"}
 _WATCHED = ("train", "optim", "data", "run")
-_UNWATCHED = {"run.dir", "run.timeout_s", "train.log_every", "train.eval_every", "train.eval_batches",
-              "data.workers", "data.val", "data.val_samples"}
 
 
 @dataclass
@@ -76,10 +68,11 @@ class ResumeSource:
         return int(self.meta["step"])
 
 
-def find_resume_source(cfg: Config, ckpt: CheckpointManager, resume: str | None, no_resume: bool,
-                       log: MetricsLog, world: int, mode: str) -> ResumeSource | None:
-    """The checkpoint to continue from (see the module docstring), checked against ``cfg``;
-    converted to a universal checkpoint when the world size differs. None: a fresh start."""
+def find_resume_source(ckpt: CheckpointManager, resume: str | None, no_resume: bool, identity: dict, world: int,
+                       log) -> ResumeSource | None:
+    """The checkpoint to continue from (see the module docstring), checked against the run's
+    ``identity``; converted to a universal checkpoint when the world size differs. None: a fresh
+    start. ``log`` has ``console(text)`` and ``write(record)``."""
     if resume:
         tag_dir = resolve_checkpoint(resume)
         _refuse_universal(tag_dir, resume)
@@ -94,13 +87,16 @@ def find_resume_source(cfg: Config, ckpt: CheckpointManager, resume: str | None,
             log.console(f"warning: {w}; falling back to an earlier checkpoint")
             log.write({"kind": "event", "event": "checkpoint_rejected", "reason": w})
         if tag_dir is None:
-            if warnings:
+            if any("is not usable" in w for w in warnings):
                 raise UserError("no usable checkpoint to resume from: " + "; ".join(warnings) + ". Start a new "
                                 "run.dir, or pass --resume with a checkpoint from elsewhere")
             return None
     meta = read_meta(tag_dir)
-    check_compatible(meta, cfg, tag_dir, mode)
-    _warn_changes(meta, cfg, world, log)
+    check_compatible(meta, identity, tag_dir)
+    changes = config_changes(meta, identity, world)
+    if changes:
+        log.console("warning: the config differs from the checkpoint's: " + "; ".join(changes))
+        log.write({"kind": "event", "event": "config_changed", "changes": changes})
     source = ResumeSource(tag_dir, meta)
     if meta.get("world_size") != world:
         log.console(f"{tag_dir.name} was written by {meta.get('world_size')} processes, this job has {world}: "
@@ -109,13 +105,14 @@ def find_resume_source(cfg: Config, ckpt: CheckpointManager, resume: str | None,
     return source
 
 
-def check_before_launch(cfg: Config, mode: str, resume: str | None, no_resume: bool, hash_files: bool) -> None:
+def check_before_launch(run_dir: Path, keep: int, identity: dict, resume: str | None, no_resume: bool,
+                        hash_files: bool) -> None:
     """The resume mistakes a user can make, caught in the launching process before any rank
     starts (exit 2 at once): ``--no-resume`` over existing checkpoints, a ``--resume`` checkpoint
-    that is missing, damaged (sizes; and sha256 when ``hash_files``) or does not fit the config,
-    and a ``latest`` checkpoint that does not fit the config. The ranks check again (and more:
+    that is missing, damaged (sizes; and sha256 when ``hash_files``) or does not fit the run,
+    and a newest usable checkpoint that does not fit the run. The ranks check again (and more:
     auto-resume verifies every file and falls back to older checkpoints)."""
-    ckpt = CheckpointManager(Path(cfg.run.dir), 0, 1, cfg.checkpoint.keep, comm=None)
+    ckpt = CheckpointManager(Path(run_dir), 0, 1, keep, comm=None)
     if resume:
         tag_dir = resolve_checkpoint(resume)
         _refuse_universal(tag_dir, resume)
@@ -125,94 +122,56 @@ def check_before_launch(cfg: Config, mode: str, resume: str | None, no_resume: b
         _refuse_existing(ckpt)
         return
     else:
-        tag_dir = ckpt.latest()
+        tag_dir = next((t for t in ckpt.candidates() if read_meta(t) is not None), None)
         if tag_dir is None:
             return
     meta = read_meta(tag_dir)
     if meta is not None:
-        check_compatible(meta, cfg, tag_dir, mode)
+        check_compatible(meta, identity, tag_dir)
 
 
 def _refuse_universal(tag_dir: Path, given: str) -> None:
     meta = read_meta(tag_dir) or {}
-    if meta.get("format") == "vitscale-deepspeed-universal":
+    if meta.get("format") == UNIVERSAL_FORMAT:
         src = meta.get("universal_from", "step_...")
         raise UserError(f"--resume {given} is a universal checkpoint; pass the training checkpoint it was "
                         f"converted from ({src}) instead: a resume with another process count converts it "
                         f"by itself and also restores the loader state")
 
 
-def check_compatible(meta: dict, cfg: Config, tag_dir: Path, mode: str) -> None:
-    """Refuse a checkpoint that cannot be loaded into this config without silent changes."""
-    spec = cfg.model.spec().to_dict()
-    saved = meta.get("model_spec", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in spec.items()
-            if k not in _SPEC_IGNORED and saved.get(k) != v]
+def check_compatible(meta: dict, identity: dict, tag_dir: Path) -> None:
+    """Refuse a checkpoint that cannot be loaded into this run without silent changes."""
+    spec, saved = identity["model_spec"], meta.get("model_spec", {})
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in spec.items() if saved.get(k) != v]
     if diff:
         raise UserError(f"checkpoint {tag_dir} does not match the config's model ({'; '.join(diff)}): use "
                         f"the config the run was started with, or a new run.dir")
-    if meta.get("zero_stage") != cfg.zero.stage:
+    if meta.get("zero_stage") != identity["zero_stage"]:
         raise UserError(f"checkpoint {tag_dir} was written with ZeRO stage {meta.get('zero_stage')} but the "
-                        f"config says zero.stage={cfg.zero.stage}: set zero.stage={meta.get('zero_stage')}")
-    saved_optim = meta.get("config", {}).get("optim", {}).get("name", cfg.optim.name)
-    if saved_optim != cfg.optim.name:
+                        f"config says zero.stage={identity['zero_stage']}: set zero.stage={meta.get('zero_stage')}")
+    saved_optim = meta.get("optimizer") or meta.get("config", {}).get("optim", {}).get("name", identity["optimizer"])
+    if saved_optim != identity["optimizer"]:
         raise UserError(f"checkpoint {tag_dir} holds {saved_optim} optimizer state but the config says "
-                        f"optim.name={cfg.optim.name}: set optim.name={saved_optim}, or start a new run.dir")
+                        f"optim.name={identity['optimizer']}: set optim.name={saved_optim}, or start a new run.dir")
+    mode = identity["mode"]
     if meta.get("mode", mode) != mode:
         raise UserError(f"checkpoint {tag_dir} comes from a {meta.get('mode')} run and cannot continue as "
                         f"{mode}: to fine-tune from it set finetune.init={tag_dir} in a new run.dir")
 
 
-def _warn_changes(meta: dict, cfg: Config, world: int, log: MetricsLog) -> None:
-    saved, now = meta.get("config", {}), cfg.to_dict()
-    changed = [f"{sec}.{k}: {saved[sec][k]!r} -> {v!r}" for sec in _WATCHED for k, v in now[sec].items()
+def config_changes(meta: dict, identity: dict, world: int) -> list[str]:
+    """Settings that differ between the checkpoint's run and this one (allowed, but listed)."""
+    saved, now = meta.get("config", {}), identity["config"]
+    changed = [f"{sec}.{k}: {saved[sec][k]!r} -> {v!r}" for sec in _WATCHED for k, v in now.get(sec, {}).items()
                if sec in saved and k in saved[sec] and saved[sec][k] != v and f"{sec}.{k}" not in _UNWATCHED]
-    t = saved.get("train", {})
-    if "micro_batch" in t and "grad_accum" in t and "world_size" in meta:
+    t, n = saved.get("train", {}), now["train"]
+    if t.get("micro_batch") and t.get("grad_accum") and "world_size" in meta:
         before = t["micro_batch"] * t["grad_accum"] * meta["world_size"]
-        after = cfg.train.micro_batch * cfg.train.grad_accum * world
+        after = n["micro_batch"] * n["grad_accum"] * world
         if before != after:
-            changed.append(f"global batch: {before} -> {after} (micro batch x grad accum x processes; keep it "
-                           f"with train.grad_accum={before / (cfg.train.micro_batch * world):g} if whole)")
-    if changed:
-        log.console("warning: the config differs from the checkpoint's: " + "; ".join(changed))
-        log.write({"kind": "event", "event": "config_changed", "changes": changed})
-
-
-def restore(source: ResumeSource, engine, ckpt: CheckpointManager, train_data, state: LoopState,
-            cfg: Config, rank: int, log: MetricsLog) -> int:
-    """Load ``source`` into the engine, the loader, the loop state and the RNGs; returns its step."""
-    if source.universal is not None:
-        engine.load_universal(source.universal)
-        rank_state = ckpt.load_rank_state(source.tag_dir, rank=0)
-    else:
-        engine.load(source.tag_dir.parent, source.tag_dir.name)
-        rank_state = ckpt.load_rank_state(source.tag_dir)
-    if rank_state is not None:
-        train_data.load_state_dict(rank_state["data"])
-        for key, value in rank_state["loop"].items():
-            setattr(state, key, value)
-        if source.universal is None:
-            set_rng_state(rank_state["rng"])
-    if source.universal is not None or rank_state is None:
-        reseed_rank(cfg.run.seed, rank, source.step)
-    if rank_state is None:
-        log.console(f"warning: {source.tag_dir} holds no loader state (rank_*.pt): the data stream starts "
-                    f"again from its beginning")
-    state.step = source.step
-    where = source.tag_dir if source.universal is None else f"{source.tag_dir} (via {source.universal})"
-    log.console(f"resumed from {where} at step {state.step}")
-    log.write({"kind": "event", "step": state.step, "event": "resumed", "path": str(source.tag_dir),
-               "universal": source.universal is not None})
-    return state.step
-
-
-def reseed_rank(seed: int, rank: int, step: int) -> None:
-    """Per-rank RNG streams as a pure function of (seed, rank, step)."""
-    s = seed + 1000 * (rank + 1) + 1_000_003 * step
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+            changed.append(f"global batch: {before} -> {after} (micro batch x grad accum x processes; set "
+                           f"train.global_batch={before} to keep it)")
+    return changed
 
 
 def _refuse_damaged(resume: str, problems: list[str]) -> None:

@@ -34,9 +34,11 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.layout import is_universal_dir
+from pretrain.checkpoint.universal import to_universal
 from pretrain.core.errors import UserError
 from pretrain.formats import FORMATS, detect_format, read_weights, save_safetensors
-from pretrain.formats.deepspeed_ckpt import consolidate_deepspeed, is_universal_dir, to_universal
+from pretrain.formats.deepspeed_ckpt import consolidate_deepspeed, resolve_deepspeed_checkpoint
 from pretrain.formats.hf import hf_architecture, is_hf_dir, load_hf_model, write_hf
 from pretrain.formats.npz import write_vit_jax_npz
 from pretrain.formats.state_dict import DTYPES, StateDict, cast, drop_head, require_spec
@@ -211,7 +213,7 @@ def verify(sd: StateDict, spec: ViTSpec, dst: Path, to: str, *, source: Source |
     skipped: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        back_sd, back_spec, back_meta = read_weights(dst, to, heads=heads)
+        back_sd, back_spec, back_meta = read_weights(dst, to, heads=heads or spec.heads)
     problems += [f"{k} missing in {dst}" for k in sd if k not in back_sd]
     problems += [f"{k} in {dst} has no source tensor" for k in back_sd if k not in sd]
     problems += [f"{k}: shape {list(back_sd[k].shape)} in {dst}, {list(sd[k].shape)} in the source"
@@ -276,7 +278,8 @@ def _convert_universal(args: argparse.Namespace) -> int:
                         "for resuming")
     tmp = _tmp_path(args.dst)
     try:
-        to_universal(args.src, tmp)
+        ckdir, tag = resolve_deepspeed_checkpoint(args.src)
+        to_universal(ckdir / tag, tmp)
         _replace_dir(tmp, args.dst)
     finally:
         if tmp.exists():

@@ -26,13 +26,14 @@ def _precheck(cfg, fmt: str) -> None:
     """Run the surgery on the meta device from the source's recorded spec, so a mismatched
     backbone fails here, before any process is spawned, with the key that does not fit."""
     from pretrain.commands.inspect import inspect
+    from pretrain.formats.state_dict import spec_from_dict
     from pretrain.model.surgery import finetune_state_dict
-    from pretrain.model.vit import ViTSpec, build_model
+    from pretrain.model.vit import build_model
 
     spec = inspect(cfg.finetune.init, fmt).get("spec")
     if not spec:
         return
-    source = build_model(ViTSpec(**spec), device="meta").state_dict()
+    source = build_model(spec_from_dict(spec, cfg.finetune.init), device="meta").state_dict()
     finetune_state_dict(source, cfg.model.spec(), keep_pre_logits=cfg.finetune.keep_pre_logits,
                         mode=cfg.finetune.pos_embed_mode)
 

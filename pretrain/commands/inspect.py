@@ -15,9 +15,10 @@ import math
 import warnings
 from pathlib import Path
 
+from pretrain.checkpoint.layout import read_meta
 from pretrain.core.errors import UserError
 from pretrain.formats import FORMATS, detect_format, read_weights
-from pretrain.formats.deepspeed_ckpt import describe, read_meta, resolve_universal
+from pretrain.formats.deepspeed_ckpt import describe, resolve_universal
 from pretrain.formats.ours import read_header, spec_of
 from pretrain.formats.state_dict import expected_shapes, spec_from_dict
 from pretrain.model.vit import ViTSpec
@@ -54,7 +55,7 @@ def _deepspeed(path: Path) -> dict:
 
 def _universal(path: Path) -> dict:
     udir = resolve_universal(path)
-    meta = read_meta(udir)
+    meta = read_meta(udir) or {}
     params = sorted(p.parent.name for p in (udir / "zero").glob("*/fp32.pt"))
     out = {"universal_dir": str(udir), "spec": meta.get("model_spec"), "dtype": "float32",
            "tensors": len(params), "files": sorted(f.name for f in udir.iterdir())}

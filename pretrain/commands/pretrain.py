@@ -1,13 +1,22 @@
-"""``vitscale pretrain --config FILE [key=value ...]``: validate, then spawn or join the job."""
+"""``vitscale pretrain --config FILE [key=value ...]``: check, then spawn or join the job."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from pretrain.train.config import Config, load_config
-from pretrain.train.spawn import add_launch_args, in_launched_job, spawn, strip_launch_args, world_size_of
+from pretrain.train.config import Config, identity, load_config
+from pretrain.train.spawn import (
+    add_launch_args,
+    bind_to_launcher,
+    check_launch_args,
+    in_launched_job,
+    spawn,
+    strip_launch_args,
+    world_size_of,
+)
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -20,31 +29,30 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_before_launch(cfg: Config, world: int) -> None:
-    """The cheap checks that must pass before any process or GPU work."""
-    cfg.train.check_world(world)
-    from launch.preflight import raise_on_failure, run_cheap_checks
-
-    raise_on_failure(run_cheap_checks(cfg, world))
-
-
-def check_resume_before_launch(cfg: Config, command: str, args: argparse.Namespace) -> None:
-    """Resume mistakes (--no-resume over checkpoints, a damaged or mismatched checkpoint) exit 2
-    here, before any process starts; see :func:`pretrain.checkpoint.resume.check_before_launch`."""
-    resume, no_resume = getattr(args, "resume", None), getattr(args, "no_resume", False)
-    if not resume and not (Path(cfg.run.dir) / "checkpoints").is_dir():
-        return
+def check_before_launch(cfg: Config, mode: str, args: argparse.Namespace) -> None:
+    """Everything that can be checked before a process starts (exit 2 with one line each):
+    launch flags, batch arithmetic, data, run dir, disk, attention backend, and the checkpoint a
+    resume would use."""
     from pretrain.checkpoint.resume import check_before_launch as check_resume
+    from pretrain.train.checks import raise_on_failure, run_cheap_checks
 
-    check_resume(cfg, command, resume, no_resume, hash_files=args.node_rank == 0)
+    check_launch_args(args)
+    world = world_size_of(args)
+    raise_on_failure(run_cheap_checks(cfg, world, runs_here=True))
+    resume, no_resume = getattr(args, "resume", None), getattr(args, "no_resume", False)
+    if resume or (Path(cfg.run.dir) / "checkpoints").is_dir():
+        check_resume(Path(cfg.run.dir), cfg.checkpoint.keep, identity(cfg.for_world(world), mode), resume, no_resume,
+                     hash_files=args.node_rank == 0)
 
 
-def launch_or_run(command: str, argv: list[str], args: argparse.Namespace, cfg: Config, worker) -> int:
+def launch_or_run(mode: str, argv: list[str], args: argparse.Namespace, cfg: Config,
+                  worker: Callable[[], int]) -> int:
+    """Inside a launched job run this rank; else check everything and start the ranks."""
     if in_launched_job():
+        bind_to_launcher()
         return worker()
-    check_before_launch(cfg, world_size_of(args))
-    check_resume_before_launch(cfg, command, args)
-    return spawn(args, command, strip_launch_args(argv))
+    check_before_launch(cfg, mode, args)
+    return spawn(args, mode, strip_launch_args(argv))
 
 
 def main(argv: list[str]) -> int:

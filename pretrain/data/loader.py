@@ -2,124 +2,110 @@
 
 Each rank runs a torch DataLoader whose ``W`` workers each own one *slot* of the shard layout
 (:mod:`pretrain.data.stream`); a worker decodes and augments on the CPU and hands over whole
-micro batches of uint8 images (normalised later, on the device). PyTorch serves worker batches
+micro batches of uint8 images (normalised in the main process). PyTorch serves worker batches
 round-robin, so batch ``k`` of a rank comes from worker ``k % W``: the sequence is a pure function
-of (seed, layout, position).
+of (seed, layout) and independent of timing.
 
-Resume: the state records, per worker, how many raw samples its stream has consumed for the
-batches the loop actually received (not the ones prefetched). A resumed rank restarts every
-worker exactly there (rotating which DataLoader worker serves which slot so the round-robin
-continues with the slot that was next), skipping whole epochs by the index counts and the rest without decoding.
-With the same world size and worker count the continuation is exact (the same keys in the same
-order). With another world size or worker count the shard layout changes; the loader then
-resumes at the same number of samples into the current epoch (each new slot skips its share),
-so no more than the batches in flight are repeated or skipped in count, but which samples fill
-the rest of that epoch differs.
+Resume: the state records, per worker, the stream position (samples consumed in index units,
+see :class:`pretrain.data.stream.StreamItem`) of the last batch *delivered* to the training loop
+(not the ones prefetched). A resumed rank restarts every worker exactly there (rotating which
+DataLoader worker serves which slot so the round-robin continues with the slot that was next),
+skipping whole epochs by the index counts and the rest without decoding. With the same world
+size and worker count the continuation is exact (the same keys in the same order), also after
+samples were lost to damaged shards. With another world size or worker count the shard layout
+changes; the loader then resumes at the same number of samples into the current epoch (each new
+slot skips its share), so no more than the batches in flight are repeated or skipped in count,
+but which samples fill the rest of that epoch differs.
 
 Augmentation randomness is seeded per sample (seed, epoch, slot, index), independent of timing.
-Undecodable samples or samples without a label are skipped and counted by reason and shard;
-``problem()`` reports when their share exceeds ``data.max_bad_frac``.
+Unusable samples are skipped and counted by reason and shard (``undecodable``, ``missing_image``,
+``missing_label``, ``bad_label``, ``label_out_of_range``; a damaged shard counts every sample its
+index says it lost as ``truncated_shard`` or ``missing_shard``); the counts are part of the
+loader state, so they add up over resumes. ``problem()`` reports when their share exceeds
+``data.max_bad_frac``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.core.errors import UserError
-from pretrain.data.pipeline import Batch
-from pretrain.data.stream import IMAGE_EXTS, RawSample, ShardSet, resolve_shards, seeded, slot_stream
+from pretrain.data.batch import Batch
+from pretrain.data.config import LoaderSpec
+from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
+from pretrain.data.stream import read_shard, seeded, slot_stream
 from pretrain.data.transforms import eval_transform, normalize, train_transform
-from pretrain.train.config import Config
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 
 
-def decode_label(sample: RawSample, num_classes: int, multi_label: bool) -> torch.Tensor:
-    """Class index (int64 scalar) from ``.cls``, or a multi-hot float row from ``.json`` labels."""
+def sample_target(sample: TarSample, num_classes: int, multi_label: bool) -> torch.Tensor:
+    """Class index (int64 scalar), or a multi-hot float row for multi-label data."""
+    value = decode_label(sample.files, num_classes, multi_label)
     if multi_label:
-        if "json" not in sample.files:
-            raise ValueError("missing_label")
-        labels = json.loads(sample.files["json"]).get("labels")
-        if not labels:
-            raise ValueError("missing_label")
-        row = torch.zeros(num_classes)
-        idx = torch.tensor([int(x) for x in labels])
-        if idx.max() >= num_classes or idx.min() < 0:
-            raise ValueError("label_out_of_range")
-        return row.index_fill_(0, idx, 1.0)
-    if "cls" in sample.files:
-        label = int(sample.files["cls"].decode().strip())
-    elif "json" in sample.files and "label" in json.loads(sample.files["json"]):
-        label = int(json.loads(sample.files["json"])["label"])
-    else:
-        raise ValueError("missing_label")
-    if not 0 <= label < num_classes:
-        raise ValueError("label_out_of_range")
-    return torch.tensor(label)
+        return torch.zeros(num_classes).index_fill_(0, torch.tensor(value), 1.0)
+    return torch.tensor(value)
 
 
-def _image_bytes(sample: RawSample) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample.files:
-            return sample.files[ext]
-    raise ValueError("missing_image")
+def bad_reason(err: Exception) -> str:
+    return err.reason if isinstance(err, SampleError) else "undecodable"
+
+
+def add_counts(into: dict, counts: dict) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
 
 
 class _TrainSlots(IterableDataset):
     """Yields micro batches of one slot per worker: dicts with uint8 images, targets, keys,
-    the worker id, the slot's raw position after the batch, and bad-sample counts."""
+    the worker id, the slot's stream position after the batch, and bad-sample counts."""
 
-    def __init__(self, shards: ShardSet, cfg: Config, rank: int, world: int, workers: int, skips: list[int],
-                 rotation: int):
-        self.shards, self.cfg, self.rank, self.world, self.workers, self.skips = \
-            shards, cfg, rank, world, workers, skips
+    def __init__(self, shards: ShardSet, spec: LoaderSpec, rank: int, world: int, workers: int,
+                 starts: list[int], rotation: int):
+        self.shards, self.spec, self.rank, self.world, self.workers, self.starts = \
+            shards, spec, rank, world, workers, starts
         self.rotation = rotation  # DataLoader worker i serves slot (i + rotation) % W after a resume
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w = ((info.id if info is not None else 0) + self.rotation) % self.workers
         torch.set_num_threads(1)
-        cfg, d = self.cfg, self.cfg.data
+        spec, d = self.spec, self.spec.data
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
         bad: dict = {}
-        pos = self.skips[w]
-        micro, size = cfg.train.micro_batch, cfg.model.img_size
         images, targets, keys = [], [], []
-        multi = d.multi_label
-        for epoch, idx, sample in slot_stream(self.shards, cfg.run.seed, slot, nslots, d.shuffle_buffer, pos, bad):
-            pos += 1
+        for item in slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad):
             try:
-                target = decode_label(sample, cfg.model.num_classes, multi)
-                rng = seeded("aug", cfg.run.seed, epoch, slot, idx)
-                img = train_transform(_image_bytes(sample), size, rng, scale=(d.crop_scale_min, 1.0),
+                target = sample_target(item.sample, spec.num_classes, d.multi_label)
+                rng = seeded("aug", spec.seed, item.epoch, slot, item.index)
+                img = train_transform(image_bytes(item.sample), spec.img_size, rng, scale=(d.crop_scale_min, 1.0),
                                       hflip=0.5 if d.hflip else 0.0)
-            except Exception as err:  # any undecodable sample is skipped and counted, never fatal
-                reason = str(err) if isinstance(err, ValueError) and str(err).isidentifier() else "undecodable"
-                bad[(reason, sample.shard)] = bad.get((reason, sample.shard), 0) + 1
+            except Exception as err:  # any unusable sample is skipped and counted, never fatal
+                key = (bad_reason(err), item.sample.shard)
+                bad[key] = bad.get(key, 0) + 1
                 continue
             images.append(img)
             targets.append(target)
-            keys.append(sample.key)
-            if len(images) == micro:
+            keys.append(item.sample.key)
+            if len(images) == spec.micro_batch:
                 yield {"images": torch.stack(images), "targets": torch.stack(targets), "keys": keys,
-                       "worker": w, "pos": pos, "epoch": epoch, "bad": bad}
+                       "worker": w, "pos": item.position, "epoch": item.epoch, "bad": bad}
                 images, targets, keys, bad = [], [], [], {}
 
 
 class ShardTrain:
     """The training source over WebDataset shards (see the module docstring for guarantees)."""
 
-    def __init__(self, cfg: Config, rank: int, world: int):
-        d = cfg.data
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.shards = resolve_shards(d.train, "train", d.samples_per_epoch)
+    def __init__(self, spec: LoaderSpec, rank: int, world: int):
+        d = spec.data
+        self.spec, self.rank, self.world = spec, rank, world
+        self.shards = resolve_shards(d.train, "train", key="data.train", samples_per_epoch=d.samples_per_epoch)
         self.workers = max(1, d.workers)
-        check_layout(self.shards, world, self.workers, d.train)
-        _check_labels(self.shards, cfg)
+        check_layout(self.shards, world, self.workers)
+        check_labels(self.shards, spec, "data.train")
         self.positions = [0] * self.workers
         self.batches = 0
         self.epoch = 0
@@ -128,9 +114,9 @@ class ShardTrain:
         self._it = None
 
     def _start(self) -> None:
-        ds = _TrainSlots(self.shards, self.cfg, self.rank, self.world, self.workers, list(self.positions),
+        ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
                          self.batches % self.workers)
-        n = self.cfg.data.workers
+        n = self.spec.workers
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if n else None, persistent_workers=False)
         self._it = iter(loader)
@@ -142,96 +128,108 @@ class ShardTrain:
         self.positions[b["worker"]] = b["pos"]
         self.batches += 1
         self.epoch = b["epoch"]
-        for key, n in b["bad"].items():
-            self.bad[key] = self.bad.get(key, 0) + n
+        add_counts(self.bad, b["bad"])
         self.seen += len(b["keys"]) + sum(b["bad"].values())
         return Batch(normalize(b["images"]), b["targets"], list(b["keys"]))
 
     def state_dict(self) -> dict:
-        micro = self.cfg.train.micro_batch
+        micro = self.spec.micro_batch
         return {"kind": "shards", "epoch": self.epoch, "positions": list(self.positions), "workers": self.workers,
-                "world": self.world, "batches": self.batches, "global_samples": self.batches * micro * self.world}
+                "world": self.world, "batches": self.batches, "global_samples": self.batches * micro * self.world,
+                "seen": self.seen, "bad": [[reason, shard, n] for (reason, shard), n in sorted(self.bad.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state.get("batches", 0))
         self.epoch = int(state.get("epoch", 0))
+        self.seen = int(state.get("seen", 0))
+        self.bad = {(reason, shard): int(n) for reason, shard, n in state.get("bad", [])}
         if state.get("kind") == "shards" and state.get("workers") == self.workers and state.get("world") == self.world:
             self.positions = [int(p) for p in state["positions"]]
         else:  # another layout: each slot skips its share of the samples consumed so far
             consumed = int(state.get("global_samples", state.get("position", 0)))
             self.positions = [consumed // (self.world * self.workers)] * self.workers
-            self.batches = consumed // (self.cfg.train.micro_batch * self.world)
+            self.batches = consumed // (self.spec.micro_batch * self.world)
         self._it = None
 
     def stats(self) -> dict:
-        total = sum(self.bad.values())
+        """This rank's bad-sample counts so far: total, by reason and by shard (the loop sums them
+        over ranks)."""
         by_reason: dict[str, int] = {}
-        for (reason, _), n in self.bad.items():
+        by_shard: dict[str, int] = {}
+        for (reason, shard), n in self.bad.items():
             by_reason[reason] = by_reason.get(reason, 0) + n
-        return {"epoch": self.epoch, "bad_samples": total, "bad_by_reason": by_reason}
+            by_shard[shard] = by_shard.get(shard, 0) + n
+        return {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": by_reason,
+                "bad_by_shard": by_shard, "samples_seen": self.seen}
 
     def problem(self) -> str | None:
         total = sum(self.bad.values())
-        if self.seen < _MIN_SEEN_FOR_BAD_CHECK or total <= self.cfg.data.max_bad_frac * self.seen:
+        if self.seen < _MIN_SEEN_FOR_BAD_CHECK or total <= self.spec.data.max_bad_frac * self.seen:
             return None
         worst = sorted(self.bad.items(), key=lambda kv: -kv[1])[:5]
         named = ", ".join(f"{shard} ({reason}: {n})" for (reason, shard), n in worst)
-        return (f"{total} of {self.seen} training samples on rank {self.rank} were unreadable "
-                f"({100 * total / self.seen:.1f}% > data.max_bad_frac={self.cfg.data.max_bad_frac}); worst shards: "
-                f"{named}. Check them with `vitscale shards verify`, or raise data.max_bad_frac")
+        return (f"{total} of {self.seen} training samples on rank {self.rank} were unusable "
+                f"({100 * total / self.seen:.1f}% > data.max_bad_frac={self.spec.data.max_bad_frac}); worst "
+                f"shards: {named}. Check them with `vitscale shards verify`, or raise data.max_bad_frac")
 
     def close(self) -> None:
         self._it = None
 
 
-def check_layout(shards: ShardSet, world: int, workers: int, where: str) -> None:
+def check_layout(shards: ShardSet, world: int, workers: int) -> None:
+    """Every dataloader worker of every rank needs a shard of its own (else ranks would see
+    different numbers of steps per epoch)."""
     n, need = len(shards.urls), world * workers
     if n < need:
-        raise UserError(f"data.train={where!r} has {n} shards but {world} ranks x {workers} workers need at least "
+        raise UserError(f"data.train has {n} shards but {world} ranks x {workers} workers need at least "
                         f"{need} (each worker reads its own shards): set data.workers={max(1, n // world)}, or "
                         f"rewrite with more shards (`vitscale shards write ... --samples-per-shard "
                         f"{max(1, (shards.samples or n) // need)}`)")
 
 
-def _check_labels(shards: ShardSet, cfg: Config) -> None:
-    if shards.multi_label is not None and shards.multi_label != cfg.data.multi_label:
+def check_labels(shards: ShardSet, spec: LoaderSpec, key: str) -> None:
+    """The shards' label kind and class count (known from an index) fit the run."""
+    d = spec.data
+    if shards.multi_label is not None and shards.multi_label != d.multi_label:
         kind = "multi-label" if shards.multi_label else "single-label"
-        raise UserError(f"the shards are {kind} but data.multi_label={cfg.data.multi_label}: set "
+        raise UserError(f"{key}: the shards are {kind} but data.multi_label={d.multi_label}: set "
                         f"data.multi_label={str(shards.multi_label).lower()}"
                         + (" and train.loss=sigmoid" if shards.multi_label else ""))
-    if shards.num_classes is not None and shards.num_classes > cfg.model.num_classes:
-        raise UserError(f"the shards hold {shards.num_classes} classes but model.num_classes="
-                        f"{cfg.model.num_classes}: set model.num_classes={shards.num_classes}")
+    if shards.num_classes is not None and shards.num_classes > spec.num_classes:
+        raise UserError(f"{key}: the shards hold {shards.num_classes} classes but model.num_classes="
+                        f"{spec.num_classes}: set model.num_classes={shards.num_classes}")
 
 
 class _EvalShards(IterableDataset):
-    def __init__(self, shards: ShardSet, cfg: Config, mine: list[int], workers: int):
-        self.shards, self.cfg, self.mine, self.workers = shards, cfg, mine, workers
+    def __init__(self, shards: ShardSet, spec: LoaderSpec, mine: list[int], workers: int):
+        self.shards, self.spec, self.mine, self.workers = shards, spec, mine, workers
 
     def __iter__(self) -> Iterator[dict]:
-        from pretrain.data.stream import iter_raw_samples
-
         info = get_worker_info()
         w = info.id if info is not None else 0
         torch.set_num_threads(1)
-        cfg = self.cfg
-        micro, size = cfg.train.micro_batch, cfg.model.img_size
+        spec = self.spec
         images, targets = [], []
         bad: dict = {}
+        counts = self.shards.counts
         for i in self.mine[w::self.workers]:
-            for sample in iter_raw_samples(self.shards.urls[i], bad):
+            for sample in read_shard(self.shards.urls[i], counts[i] if counts else None, bad):
                 try:
-                    target = decode_label(sample, cfg.model.num_classes, cfg.data.multi_label)
-                    img = eval_transform(_image_bytes(sample), size, cfg.data.eval_crop_pct)
-                except Exception:  # counted as missing from the eval set
+                    target = sample_target(sample, spec.num_classes, spec.data.multi_label)
+                    img = eval_transform(image_bytes(sample), spec.img_size, spec.data.eval_crop_pct)
+                except Exception as err:  # counted, and reported as missing from the eval set
+                    key = (bad_reason(err), sample.shard)
+                    bad[key] = bad.get(key, 0) + 1
                     continue
                 images.append(img)
                 targets.append(target)
-                if len(images) == micro:
-                    yield _pad(images, targets, micro)
-                    images, targets = [], []
+                if len(images) == spec.micro_batch:
+                    yield {**_pad(images, targets, spec.micro_batch), "bad": bad}
+                    images, targets, bad = [], [], {}
         if images:
-            yield _pad(images, targets, micro)
+            yield {**_pad(images, targets, spec.micro_batch), "bad": bad}
+        elif bad:
+            yield {"images": None, "bad": bad}
 
 
 def _pad(images: list, targets: list, micro: int) -> dict:
@@ -241,35 +239,50 @@ def _pad(images: list, targets: list, micro: int) -> dict:
     return {"images": imgs, "targets": tgts, "valid": torch.arange(micro) < n}
 
 
-def shard_eval(cfg: Config, rank: int, world: int, spec: str | None = None,
-               split: str = "val") -> Iterator[Batch]:
-    """The ``split`` of ``spec`` (default ``data.val``), shard ``i`` on rank ``i % world``; every
-    rank yields the same number of batches (padding rows have ``valid=False``) so collectives stay
-    in step under ZeRO-3."""
-    shards = resolve_shards(spec or cfg.data.val, split, None)
-    micro = cfg.train.micro_batch
-    workers = max(1, min(cfg.data.workers, 8)) if cfg.data.workers else 1  # 0: one in-process reader
-    counts = shards.counts or tuple(0 for _ in shards.urls)
-    per_rank = []
-    for r in range(world):
-        mine = list(range(r, len(shards.urls), world))
-        per_rank.append(sum(-(-sum(counts[i] for i in mine[w::workers]) // micro) for w in range(workers)))
-    total = max(per_rank)
-    if cfg.train.eval_batches:
-        total = min(total, cfg.train.eval_batches)
-    mine = list(range(rank, len(shards.urls), world))
-    loader = DataLoader(_EvalShards(shards, cfg, mine, workers), batch_size=None,
-                        num_workers=workers if cfg.data.workers else 0)
-    produced = 0
-    for b in loader:
-        if produced == total:
-            break
-        produced += 1
-        yield Batch(normalize(b["images"]), b["targets"], [], b["valid"])
-    size = cfg.model.img_size
-    while produced < total:
-        produced += 1
-        empty = torch.zeros(micro, 3, size, size)
-        tgt = (torch.zeros(micro, cfg.model.num_classes) if cfg.data.multi_label
-               else torch.zeros(micro, dtype=torch.long))
-        yield Batch(empty, tgt, [], torch.zeros(micro, dtype=torch.bool))
+class ShardEval:
+    """One rank's part of an eval shard set: shard ``i`` on rank ``i % world``. Iterating yields
+    batches; every rank yields the same number of batches (padding rows have ``valid=False``) so
+    collectives stay in step under ZeRO-3. ``expected`` is the number of samples the whole set
+    holds (all ranks; None when ``train.eval_batches`` caps the set); after iterating, ``bad``
+    holds this rank's unusable samples by (reason, shard)."""
+
+    def __init__(self, spec: LoaderSpec, rank: int, world: int, source: str, split: str = "val",
+                 key: str = "data.val"):
+        self.spec, self.rank, self.world = spec, rank, world
+        self.shards = resolve_shards(source, split, key=key, samples_per_epoch=spec.data.samples_per_epoch)
+        check_labels(self.shards, spec, key)
+        self.expected = None if spec.eval_batches else self.shards.samples
+        self.bad: dict = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec, shards = self.spec, self.shards
+        micro = spec.micro_batch
+        workers = max(1, min(spec.workers, 8)) if spec.workers else 1  # 0: one in-process reader
+        counts = shards.counts or tuple(0 for _ in shards.urls)
+        per_rank = []
+        for r in range(self.world):
+            mine = list(range(r, len(shards.urls), self.world))
+            per_rank.append(sum(-(-sum(counts[i] for i in mine[w::workers]) // micro) for w in range(workers)))
+        total = max(per_rank)
+        if spec.eval_batches:
+            total = min(total, spec.eval_batches)
+        mine = list(range(self.rank, len(shards.urls), self.world))
+        loader = DataLoader(_EvalShards(shards, spec, mine, workers), batch_size=None,
+                            num_workers=workers if spec.workers else 0)
+        produced = 0
+        self.bad = {}
+        for b in loader:
+            add_counts(self.bad, b["bad"])
+            if produced == total:
+                break
+            if b["images"] is None:
+                continue
+            produced += 1
+            yield Batch(normalize(b["images"]), b["targets"], [], b["valid"])
+        size = spec.img_size
+        while produced < total:
+            produced += 1
+            empty = torch.zeros(micro, 3, size, size)
+            tgt = (torch.zeros(micro, spec.num_classes) if spec.data.multi_label
+                   else torch.zeros(micro, dtype=torch.long))
+            yield Batch(empty, tgt, [], torch.zeros(micro, dtype=torch.bool))

@@ -1,27 +1,47 @@
-"""The on-disk shard format shared by the writer, the verifier and the statistics.
+"""The shard format, in one place: what a shard set is, where its shards are, how they are read.
 
-Layout of an output folder::
+The writer, ``shards verify`` and ``shards stats``, the training and eval loaders, the loader
+benchmark and preflight all go through this module; none of them parses an index, a tar member
+name or a label by itself.
 
-    OUT/train-000000.tar ...   WebDataset shards (val-000000.tar ... with a validation split)
-    OUT/classes.json           {"classes": [names], "class_to_idx": {name: idx}}
-    OUT/index.json             {"version": 1, "multi_label", "num_classes", "splits": {...}}
-    OUT/skipped.jsonl          one {"path", "reason"} per source image that was left out
-    OUT/.progress/             per-shard sidecars that let an interrupted write resume
+A folder written by ``vitscale shards write SRC OUT``::
 
-A sample is consecutive tar members ``KEY.jpg`` or ``KEY.png`` (the image), then ``KEY.cls``
-(ASCII decimal class index, single-label) and/or ``KEY.json`` (``{"labels": [...]}`` for
-multi-label, plus any extra manifest fields). Keys contain only ``[A-Za-z0-9_-]`` because
-WebDataset splits a member name at its first dot.
+    OUT/<split>-000000.tar ...   WebDataset shards; split "train" (and "val" with --val-fraction,
+                                 or any name given with --split)
+    OUT/classes.json             {"classes": [names], "class_to_idx": {name: idx}}
+    OUT/index.json               {"version": 1, "multi_label", "num_classes", "classes_file",
+                                  "splits": {NAME: {"samples", "bytes",
+                                                    "shards": [{"file", "samples", "bytes", "sha256"}]}},
+                                  "skipped", "options"}
+    OUT/skipped.jsonl            one {"path", "reason"} per source image that was left out
+    OUT/.progress/               per-shard sidecars that let an interrupted write resume
 
-Tar members are written with fixed metadata (mtime 0, uid/gid 0, empty owner names, mode 0644,
-ustar format), so the same samples always give byte-identical shards.
+A sample is consecutive tar members sharing a key (the member name up to its first dot, as in
+WebDataset): ``KEY.jpg`` / ``KEY.png`` (the image; ``jpeg`` and ``webp`` are read too), then
+``KEY.cls`` (ASCII decimal class index, single-label) and/or ``KEY.json`` (``{"labels": [...]}``
+for multi-label, plus any extra manifest fields). Members are written with fixed metadata
+(mtime 0, uid/gid 0, mode 0644, ustar), so the same samples always give byte-identical shards.
+
+What a user may name as a shard set (``data.train``, ``data.val``, ``vitscale evaluate --data``,
+``vitscale bench loader --shards``), resolved by :func:`resolve_shards` the same way everywhere:
+
+- a folder written by ``shards write``: its index names the shards and counts of the requested
+  split. A folder holding a single split serves any request, so ImageNet's ``train/`` and ``val/``
+  folders sharded separately work as ``data.train`` and ``data.val`` (the set's ``notes`` say so);
+- a folder of ``.tar`` files without an index (counted from their tar headers);
+- a brace pattern (``/data/in21k-{000000..012345}.tar``) or a glob (``/data/in21k-*.tar``) of
+  local tars (counted from their tar headers);
+- URLs WebDataset opens (``pipe:``, ``s3://``, ``http(s)://``, ``gs://``), counted from
+  ``data.samples_per_epoch``;
+- a comma-separated list of any of these (a comma inside braces belongs to the pattern).
 """
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,8 +55,11 @@ CLASSES_FILE = "classes.json"
 SKIPPED_FILE = "skipped.jsonl"
 PROGRESS_DIR = ".progress"
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
-SPLITS = ("train", "val")
+SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+SHARD_FILE = re.compile(r"^(?P<split>[a-z][a-z0-9_]*)-\d{6}\.tar$")
 
+
+# ---- writing (used by data_tools.shard_writer) ----
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
@@ -63,24 +86,19 @@ def tar_member_bytes(size: int) -> int:
     return 512 + -(-size // 512) * 512
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def json_bytes(obj: object) -> bytes:
     """Canonical JSON (sorted keys, no spaces) so label files are deterministic."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+# ---- reading samples ----
+
 @dataclass
 class TarSample:
-    """One sample read back from a shard: its key and ``{extension: bytes}``."""
+    """One sample read back from a shard: its key, ``{extension: bytes}`` and the shard's name."""
 
     key: str
+    shard: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
     duplicate_members: list[str] = field(default_factory=list)
 
@@ -91,39 +109,144 @@ class TarSample:
         return None
 
 
-def iter_tar_samples(path: Path) -> Iterator[TarSample]:
-    """Group consecutive tar members by key (the name up to its first dot), as WebDataset does.
+class ShardReadError(OSError):
+    """A shard could not be read to its end (``missing``, or truncated or corrupt); the samples
+    before the damage have been yielded."""
 
-    Raises ``tarfile.TarError`` / ``EOFError`` / ``OSError`` when the archive is truncated or
-    corrupt, including a cut exactly between members (no end-of-archive blocks), which
-    ``tarfile`` alone accepts silently; samples before the damage have been yielded by then.
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def open_stream(url: str):
+    if is_remote(url):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb")
+
+
+def shard_label(url: str) -> str:
+    """The name used for a shard in messages and bad-sample counts (its file name)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def iter_tar_samples(url: str | Path, check_end: bool = False) -> Iterator[TarSample]:
+    """Samples of one shard, members grouped by key (as WebDataset does), read as a stream.
+
+    Raises :class:`ShardReadError` when the shard is missing, truncated or corrupt, after yielding
+    every complete sample before the damage. ``check_end`` (local files) also requires the
+    end-of-archive blocks, which catches a cut exactly between two members; ``tarfile`` alone
+    accepts that silently.
     """
+    url = str(url)
+    name = shard_label(url)
     current: TarSample | None = None
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            fileobj = tar.extractfile(member)
-            data = fileobj.read() if fileobj is not None else b""
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"member {member.name} is truncated")
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = TarSample(key)
-            if ext.lower() in current.files:
-                current.duplicate_members.append(member.name)
-            current.files[ext.lower()] = data
-        end = tar.offset
-    with open(path, "rb") as f:
-        f.seek(end)
-        if f.read(1024) != bytes(1024):
-            raise tarfile.ReadError(f"no end-of-archive marker after byte {end}: the tar is truncated")
+    try:
+        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                fileobj = tar.extractfile(member)
+                data = fileobj.read() if fileobj is not None else b""
+                if len(data) != member.size:
+                    raise ShardReadError(f"member {member.name} is truncated")
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = TarSample(key, name)
+                ext = ext.lower()
+                if ext in current.files:
+                    current.duplicate_members.append(member.name)
+                current.files[ext] = data
+            end = tar.offset
+    except ShardReadError:
+        raise
+    except FileNotFoundError as err:
+        raise ShardReadError(f"{name} does not exist", missing=True) from err
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardReadError(f"{name}: {err}") from err
+    if check_end and not is_remote(url):
+        with open(url, "rb") as f:
+            f.seek(end)
+            if f.read(1024) != bytes(1024):
+                raise ShardReadError(f"no end-of-archive marker after byte {end}: the tar is truncated")
     if current is not None:
         yield current
 
+
+def count_tar_samples(path: str) -> int:
+    """Samples (distinct keys) in a local tar, from its headers only (member data is skipped)."""
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(f"shard {path} cannot be read ({err}); check it with `vitscale shards verify` or "
+                        f"rewrite it") from None
+    return len(keys)
+
+
+class SampleError(ValueError):
+    """A sample cannot be trained on; ``reason`` (missing_image, missing_label, bad_label,
+    label_out_of_range) is the key of bad-sample counts, ``str()`` says what was found."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class LabelError(SampleError):
+    """The sample's label is missing, unreadable or out of range."""
+
+
+def image_bytes(sample: TarSample) -> bytes:
+    """The encoded image of ``sample``; :class:`SampleError` when it has none."""
+    image = sample.image()
+    if image is None:
+        raise SampleError("missing_image", f"no image (members: {', '.join(sorted(sample.files)) or 'none'})")
+    return image[1]
+
+
+def decode_label(files: dict[str, bytes], num_classes: int, multi_label: bool) -> int | list[int]:
+    """The class index (single-label: ``.cls``, else ``.json``'s ``label``) or the sorted class
+    indices (multi-label: ``.json``'s ``labels`` list) of a sample; :class:`LabelError` otherwise."""
+    if multi_label:
+        if "json" not in files:
+            raise LabelError("missing_label", "missing label (no .json)")
+        try:
+            labels = json.loads(files["json"]).get("labels")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise LabelError("bad_label", "unreadable .json") from None
+        if not labels or not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
+            raise LabelError("missing_label", "missing label (.json has no integer 'labels' list)")
+        values = sorted(set(labels))
+    elif "cls" in files:
+        try:
+            values = [int(files["cls"].decode("ascii").strip())]
+        except (UnicodeDecodeError, ValueError):
+            raise LabelError("bad_label", f"bad label (.cls is {files['cls'][:20]!r})") from None
+    elif "json" in files:
+        try:
+            values = [int(json.loads(files["json"])["label"])]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise LabelError("missing_label", "missing label (no .cls, and .json has no integer 'label')") from None
+    else:
+        raise LabelError("missing_label", "missing label (no .cls)")
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise LabelError("label_out_of_range", f"label {bad[0]} out of range [0, {num_classes})")
+    return values if multi_label else values[0]
+
+
+# ---- index ----
 
 def read_json(path: Path) -> dict:
     try:
@@ -131,13 +254,14 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; is {path.parent} a folder written by "
                         "`vitscale shards write`?") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); rewrite the shards with "
                         "`vitscale shards write`.") from None
 
 
 def load_index(out: Path) -> dict:
     """Read ``OUT/index.json`` and check the fields every reader relies on."""
+    out = Path(out)
     if not out.is_dir():
         raise UserError(f"shard folder {out} does not exist or is not a folder; pass the OUT folder "
                         "given to `vitscale shards write`.")
@@ -153,4 +277,128 @@ def load_index(out: Path) -> dict:
 
 
 def load_classes(out: Path) -> list[str]:
-    return list(read_json(out / CLASSES_FILE)["classes"])
+    return list(read_json(Path(out) / CLASSES_FILE)["classes"])
+
+
+def index_entries(index: dict) -> Iterator[tuple[str, dict]]:
+    """``(split, shard entry)`` for every shard the index names, in split then shard order."""
+    for split, info in index["splits"].items():
+        for entry in info.get("shards", []):
+            yield split, entry
+
+
+# ---- resolving what a user names ----
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one data source, in their listed order, with what is known about them."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard, when known
+    multi_label: bool | None = None  # known from an index
+    num_classes: int | None = None  # known from an index
+    notes: tuple[str, ...] = ()  # how a split was chosen, for the log
+
+    @property
+    def samples(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def split_sources(spec: str) -> list[str]:
+    """``spec`` split at commas outside braces: ``a-{0..3}.tar,b/`` -> ``["a-{0..3}.tar", "b/"]``."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(spec):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _from_index(folder: Path, split: str, key: str) -> ShardSet:
+    index = load_index(folder)
+    splits = {name: info for name, info in index["splits"].items() if info.get("shards")}
+    notes: tuple[str, ...] = ()
+    if split in splits:
+        chosen = split
+    elif len(splits) == 1:
+        chosen = next(iter(splits))
+        notes = (f"{key}={folder}: no {split!r} split there, so its only split {chosen!r} is used",)
+    else:
+        have = ", ".join(splits) or "none"
+        raise UserError(f"{key}={str(folder)!r}: {folder / INDEX_FILE} has no {split!r} split (it has: {have}); "
+                        f"point {key} at a shard set with one, or write one with "
+                        f"`vitscale shards write SRC OUT --split {split}`")
+    shards = splits[chosen]["shards"]
+    return ShardSet(tuple(str(folder / s["file"]) for s in shards), tuple(int(s["samples"]) for s in shards),
+                    bool(index["multi_label"]), int(index["num_classes"]), notes)
+
+
+def _expand(part: str) -> list[str]:
+    import braceexpand
+
+    out: list[str] = []
+    for url in braceexpand.braceexpand(part):
+        if not is_remote(url) and glob.has_magic(url):
+            out.extend(sorted(glob.glob(url)))
+        else:
+            out.append(url)
+    return out
+
+
+def _resolve_part(part: str, split: str, key: str) -> ShardSet:
+    p = Path(part)
+    if not is_remote(part) and p.is_dir():
+        if (p / INDEX_FILE).is_file():
+            return _from_index(p, split, key)
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if not tars:
+            raise UserError(f"{key}={part!r}: the folder holds no {INDEX_FILE} and no .tar shards; write shards "
+                            f"with `vitscale shards write SRC {part}`")
+        return ShardSet(tuple(tars), tuple(count_tar_samples(t) for t in tars))
+    if not is_remote(part) and not glob.has_magic(part) and "{" not in part and not p.exists():
+        raise UserError(f"{key}={part!r} does not exist: give a shard folder written by `vitscale shards write`, "
+                        f"a brace pattern, a glob, or URLs")
+    urls = _expand(part)
+    if not urls:
+        raise UserError(f"{key}={part!r} matches no shards: give a folder written by `vitscale shards write`, "
+                        f"a brace pattern such as /data/in21k-{{000000..000127}}.tar, a glob, or URLs")
+    local = [u for u in urls if not is_remote(u)]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise UserError(f"{key}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}: check "
+                        f"{part!r}")
+    if len(local) != len(urls):
+        return ShardSet(tuple(urls), None)
+    return ShardSet(tuple(urls), tuple(count_tar_samples(u) for u in urls))
+
+
+def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
+                   samples_per_epoch: int | None = None) -> ShardSet:
+    """The shard set ``spec`` names (see the module docstring), reading the ``split`` of indexed
+    folders. ``key`` is the config key or flag that holds ``spec``, for messages. Remote shards
+    without an index need ``samples_per_epoch`` (split evenly over them). Every mistake is a
+    :class:`UserError` naming ``key`` and the fix."""
+    parts = split_sources(spec or "")
+    if not parts:
+        raise UserError(f"{key} is empty: give a shard folder, a pattern or URLs")
+    sets = [_resolve_part(part, split, key) for part in parts]
+    urls = tuple(u for s in sets for u in s.urls)
+    if len(set(urls)) != len(urls):
+        dup = next(u for u in urls if urls.count(u) > 1)
+        raise UserError(f"{key}={spec!r} names the shard {dup} more than once")
+    labelled = [s for s in sets if s.multi_label is not None]
+    if len({s.multi_label for s in labelled}) > 1:
+        raise UserError(f"{key}={spec!r} mixes single-label and multi-label shard sets")
+    counts: tuple[int, ...] | None
+    if all(s.counts is not None for s in sets):
+        counts = tuple(c for s in sets for c in s.counts)
+    elif samples_per_epoch:
+        counts = tuple([samples_per_epoch // len(urls)] * len(urls))
+    else:
+        raise UserError(f"{key}={spec!r} names remote shards without an index: set data.samples_per_epoch "
+                        f"to the number of samples they hold")
+    return ShardSet(urls, counts, labelled[0].multi_label if labelled else None,
+                    max((s.num_classes for s in labelled), default=None),
+                    tuple(n for s in sets for n in s.notes))

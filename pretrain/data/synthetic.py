@@ -7,13 +7,21 @@ with noise. Every image holds the same colours, so only *where* they are tells t
 a ViT must use its position embeddings, and the same picture at a higher resolution is the same
 task (the fine-tune tests and demo rely on both). Sample ``i`` is a pure function of
 ``(seed, i)``; labels cycle through the classes.
+
+:class:`SyntheticTrain` and :class:`SyntheticEval` serve it through the loader interface
+(``data.train=synthetic``, ``data.val=synthetic``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pretrain.data.batch import Batch
+from pretrain.data.config import LoaderSpec
 
 _BASE = 4
 
@@ -50,3 +58,64 @@ def synthetic_uint8(index: int, num_classes: int, img_size: int, seed: int) -> n
     """Sample ``index`` as an (S, S, 3) uint8 picture, for writing real image files/shards."""
     img, _ = synthetic_images([index], num_classes, img_size, seed)
     return ((img[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+class SyntheticTrain:
+    """Endless synthetic training stream with the loader interface; global micro batch ``b``
+    holds samples ``[b*W*M, (b+1)*W*M)`` and rank ``r`` takes its ``r``-th slice of ``M``."""
+
+    def __init__(self, spec: LoaderSpec, rank: int, world: int):
+        self.spec, self.rank, self.world = spec, rank, world
+        self.position = 0  # global samples consumed (all ranks)
+
+    def next_batch(self) -> Batch:
+        micro = self.spec.micro_batch
+        start = self.position + self.rank * micro
+        idx = list(range(start, start + micro))
+        self.position += self.world * micro
+        images, labels = synthetic_images(idx, synthetic_classes(self.spec), self.spec.img_size, self.spec.seed)
+        return Batch(images, labels, [f"syn{i:09d}" for i in idx])
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic", "epoch": 0, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def stats(self) -> dict:
+        return {}
+
+    def problem(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class SyntheticEval:
+    """The held-out synthetic set (indices from 10^9 on, never seen in training), split over
+    ranks with the same number of batches each; padding rows have ``valid=False``."""
+
+    def __init__(self, spec: LoaderSpec, rank: int, world: int):
+        self.spec, self.rank, self.world = spec, rank, world
+        self.expected = None if spec.eval_batches else spec.data.val_samples
+        self.bad: dict = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        n, micro = spec.data.val_samples, spec.micro_batch
+        per_rank = -(-n // self.world)
+        batches = -(-per_rank // micro)
+        if spec.eval_batches:
+            batches = min(batches, spec.eval_batches)
+        base = 1_000_000_000
+        for b in range(batches):
+            idx = [self.rank * per_rank + b * micro + j for j in range(micro)]
+            valid = torch.tensor([i < n and (i - self.rank * per_rank) < per_rank for i in idx])
+            images, labels = synthetic_images([base + i for i in idx], synthetic_classes(spec), spec.img_size,
+                                              spec.seed)
+            yield Batch(images, labels, [], valid)
+
+
+def synthetic_classes(spec: LoaderSpec) -> int:
+    return spec.data.synthetic_classes or spec.num_classes

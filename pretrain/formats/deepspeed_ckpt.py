@@ -17,52 +17,23 @@ parameter is gathered from them on its own, so the process holds one fp32 copy o
 (the result) rather than the shards plus the result. ZeRO-1/2 shards are concatenated per
 parameter group by DeepSpeed itself; the result's tensors are views of that one buffer.
 
-Universal checkpoints (``deepspeed.checkpoint.ds_to_universal``) — what we found in 0.19.8:
-
-- layout: ``OUT/zero/<param name>/{fp32,exp_avg,exp_avg_sq}.pt`` (full, unpartitioned tensors;
-  flat 1-D for ZeRO-3 sources, a ``{"param": tensor}`` dict for ZeRO-1/2 sources),
-  ``OUT/zero/optimizer_state.pt``, the ``*model_states.pt`` files copied, and a file
-  ``latest_universal`` written into ``OUT``'s *parent* directory naming ``basename(OUT)``.
-- ZeRO-1/2 checkpoints of a plain model carry no ``universal_checkpoint_info``; the tool refuses
-  them unless ``--inject_missing_state`` is passed, so we always pass it.
-- to resume from it with any world size: DeepSpeed config ``"checkpoint": {"load_universal": true}``
-  and ``engine.load_checkpoint(dirname(OUT))`` (tag None): the engine then reads
-  ``latest_universal`` instead of ``latest`` and restores weights and moments from ``zero/``.
-- we copy ``vitscale.json`` into ``OUT`` with ``"format": "vitscale-deepspeed-universal"``,
-  ``"universal_from": <source tag>`` and without the source's per-file checksums.
-- naming: put ``OUT`` beside the tags but not named ``step_*`` (e.g.
-  ``RUN_DIR/checkpoints/universal_step_00000100``), so that the training run's
-  keep-last-K pruning, which lists ``step_*`` directories, leaves it alone.
+Universal checkpoints (:mod:`pretrain.checkpoint.universal` converts; this module reads their
+``zero/<param>/fp32.pt`` files). The checkpoint layout itself (file names, ``vitscale.json``, tag
+names, format names) belongs to :mod:`pretrain.checkpoint.layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.layout import META, is_tag_dir, is_universal_dir, read_latest, read_meta, tags_of
 from pretrain.core.errors import UserError
 from pretrain.formats.state_dict import StateDict, expected_shapes, first_keys, spec_from_dict
 from pretrain.model.vit import ViTSpec
-
-META = "vitscale.json"
-FORMAT = "vitscale-deepspeed"
-UNIVERSAL_FORMAT = "vitscale-deepspeed-universal"
-
-
-def is_tag_dir(p: Path) -> bool:
-    has_states = (p / META).is_file() or any(p.glob("*model_states.pt"))
-    return p.is_dir() and has_states and not (p / "zero").is_dir()
-
-
-def is_universal_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "zero").is_dir() and any(p.glob("*model_states.pt"))
 
 
 def resolve_deepspeed_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -75,29 +46,15 @@ def resolve_deepspeed_checkpoint(path: str | Path) -> tuple[Path, str]:
     for ckdir in (p / "checkpoints", p):
         latest = ckdir / "latest"
         if latest.is_file():
-            tag = latest.read_text().strip()
-            if not (ckdir / tag).is_dir():
-                raise UserError(f"{latest} names tag {tag!r} but {ckdir / tag} does not exist; pass a tag "
-                                f"directory that exists, e.g. one of: {first_keys(_tags(ckdir)) or 'none'}")
+            tag = read_latest(ckdir)
+            if tag is None or not (ckdir / tag).is_dir():
+                named = latest.read_bytes()[:40]
+                raise UserError(f"{latest} names {named!r}, which is not an existing checkpoint tag; pass a tag "
+                                f"directory that exists, e.g. one of: {first_keys(tags_of(ckdir)) or 'none'}")
             return ckdir, tag
     raise UserError(f"{p} is not a DeepSpeed checkpoint: expected a run directory (with checkpoints/latest), "
                     f"a checkpoints directory (with a 'latest' file) or a tag directory holding "
                     f"*model_states.pt files")
-
-
-def _tags(ckdir: Path) -> list[str]:
-    return sorted(d.name for d in ckdir.iterdir() if is_tag_dir(d) and not d.name.startswith("."))
-
-
-def read_meta(tag_dir: Path) -> dict:
-    """vitscale.json of a tag (or universal) dir; {} when absent, :class:`UserError` if unreadable."""
-    f = tag_dir / META
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{f} is not valid JSON ({err}); the checkpoint save was interrupted") from err
 
 
 def spec_from_meta(meta: dict, where: Path) -> ViTSpec | None:
@@ -108,10 +65,10 @@ def describe(path: str | Path) -> dict:
     """What a DeepSpeed checkpoint holds, from vitscale.json and file names alone (nothing loaded)."""
     ckdir, tag = resolve_deepspeed_checkpoint(path)
     tag_dir = ckdir / tag
-    meta = read_meta(tag_dir)
+    meta = read_meta(tag_dir) or {}
     files = {f.name: f.stat().st_size for f in sorted(tag_dir.iterdir()) if f.is_file()}
     optim = [n for n in files if n.endswith("optim_states.pt")]
-    info = {"checkpoints_dir": str(ckdir), "tag": tag, "tags": _tags(ckdir), "files": files,
+    info = {"checkpoints_dir": str(ckdir), "tag": tag, "tags": tags_of(ckdir), "files": files,
             "optimizer_shards": len(optim)}
     for key in ("step", "world_size", "zero_stage", "version", "config", "model_spec"):
         if key in meta:
@@ -134,7 +91,7 @@ def consolidate_deepspeed(path: str | Path,
     """
     ckdir, tag = resolve_deepspeed_checkpoint(path)
     tag_dir = ckdir / tag
-    meta = read_meta(tag_dir)
+    meta = read_meta(tag_dir) or {}
     spec = spec_from_meta(meta, tag_dir)
     from deepspeed.utils import zero_to_fp32
 
@@ -176,7 +133,7 @@ def read_universal(path: str | Path) -> tuple[StateDict, ViTSpec | None, dict]:
     without one to the ``param_shapes`` recorded in the copied model-states file.
     """
     udir = resolve_universal(path)
-    meta = read_meta(udir)
+    meta = read_meta(udir) or {}
     spec = spec_from_meta(meta, udir)
     shapes = expected_shapes(spec) if spec is not None else _recorded_shapes(udir)
     sd: StateDict = {}
@@ -202,29 +159,3 @@ def _recorded_shapes(udir: Path) -> dict[str, tuple[int, ...]]:
     state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     groups = state.get("param_shapes") or []
     return {k: tuple(v) for group in groups for k, v in group.items()}
-
-
-def to_universal(path: str | Path, out_dir: str | Path) -> dict:
-    """Convert a ZeRO checkpoint to a universal one in ``out_dir`` (which must not exist).
-
-    Runs ``python -m deepspeed.checkpoint.ds_to_universal`` in a subprocess (DeepSpeed's default
-    4 extract / 2 merge workers, fewer on smaller machines), then writes ``out_dir/vitscale.json``.
-    Returns the new vitscale.json contents.
-    """
-    cpus = os.cpu_count() or 1
-    ckdir, tag = resolve_deepspeed_checkpoint(path)
-    tag_dir, out_dir = ckdir / tag, Path(out_dir)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out_dir), "--inject_missing_state",
-           "--num_extract_workers", str(min(4, cpus)), "--num_merge_workers", str(min(2, cpus))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not is_universal_dir(out_dir):
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        shutil.rmtree(out_dir / "tmp", ignore_errors=True)
-        raise UserError(f"DeepSpeed's ds_to_universal failed on {tag_dir} (exit {proc.returncode}):\n{tail}")
-    meta = read_meta(tag_dir)
-    meta.pop("files", None)
-    meta.update(format=UNIVERSAL_FORMAT, universal_from=tag)
-    (out_dir / META).write_text(json.dumps(meta, indent=1))
-    return meta

@@ -32,9 +32,9 @@ a pooler. Our models therefore map to:
 
 Global-average-pooled models have no HF ViT equivalent and are refused. We write
 ``layer_norm_eps`` 1e-6 (HF's default is 1e-12), ``hidden_act`` "gelu" (exact), and our spec
-under ``"vitscale"`` in config.json (read back for the fields HF has no name for, such as
-``head_bias_init``). Reading a model whose eps is not 1e-6, whose activation is not exact GELU
-or whose pooler is not tanh warns: our ViT computes with 1e-6 / GELU / tanh.
+under ``"vitscale"`` in config.json (for reference; everything it holds HF also names).
+Reading a model whose eps is not 1e-6, whose activation is not exact GELU or whose pooler is
+not tanh warns: our ViT computes with 1e-6 / GELU / tanh.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
-from pretrain.formats.state_dict import StateDict, first_keys, spec_from_dict, warn
+from pretrain.formats.state_dict import StateDict, first_keys, warn
 from pretrain.formats.timm import load_torch_state_dict
 from pretrain.model.vit import ViTSpec
 
@@ -76,8 +75,15 @@ _LAYER_RE = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$"
 
 
 def is_hf_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and any(
-        (p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    """A transformers model folder: weights beside a config.json that names a ``model_type``
+    (timm's Hub folders have a config.json too, without one)."""
+    if not (p.is_dir() and any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json",
+                                                            "pytorch_model.bin"))):
+        return False
+    try:
+        return "model_type" in json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
 
 
 def _load_hf_tensors(d: Path) -> StateDict:
@@ -172,12 +178,7 @@ def read_hf(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
                    mlp_dim=int(cfg.get("intermediate_size", 3072)),
                    heads=int(cfg.get("num_attention_heads", 12)),
                    num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
-                   representation_size=rep,
-                   dropout=float(cfg.get("hidden_dropout_prob", 0.0)),
-                   attn_dropout=float(cfg.get("attention_probs_dropout_prob", 0.0)))
-    if isinstance(cfg.get("vitscale"), dict):
-        ours = spec_from_dict(cfg["vitscale"], str(d / "config.json"))
-        spec = replace(spec, head_bias_init=ours.head_bias_init, act_ckpt=ours.act_ckpt)
+                   representation_size=rep)
     return sd, spec, meta
 
 
@@ -195,8 +196,8 @@ def hf_config(spec: ViTSpec, dtype: torch.dtype) -> dict:
     cfg = {
         "architectures": [arch], "model_type": "vit", "hidden_size": spec.width,
         "num_hidden_layers": spec.depth, "num_attention_heads": spec.heads, "intermediate_size": spec.mlp_dim,
-        "hidden_act": "gelu", "hidden_dropout_prob": spec.dropout,
-        "attention_probs_dropout_prob": spec.attn_dropout, "initializer_range": 0.02, "layer_norm_eps": _EPS,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": _EPS,
         "image_size": spec.img_size, "patch_size": spec.patch_size, "num_channels": 3, "qkv_bias": True,
         "encoder_stride": spec.patch_size, "pooler_output_size": spec.representation_size or spec.width,
         "pooler_act": "tanh", "dtype": str(dtype).removeprefix("torch."), "vitscale": spec.to_dict(),

@@ -109,9 +109,15 @@ def require_spec(spec: ViTSpec | None, sd: StateDict, where: str) -> ViTSpec:
                     f"not a known variant width; pass --heads N (read_weights(..., heads=N))")
 
 
+_RUNTIME_FIELDS = {"dropout", "attn_dropout", "head_bias_init", "act_ckpt"}  # in specs written before 0.2
+
+
 def spec_from_dict(d: dict, where: str) -> ViTSpec:
-    """A :class:`ViTSpec` from its ``to_dict()`` form; unknown fields are a :class:`UserError`."""
+    """A :class:`ViTSpec` from its ``to_dict()`` form; unknown fields are a :class:`UserError`.
+    Run-time fields that older versions stored in the spec (dropout, head bias, activation
+    checkpointing) are dropped."""
     names = {f.name for f in fields(ViTSpec)}
+    d = {k: v for k, v in d.items() if k not in _RUNTIME_FIELDS}
     unknown = sorted(set(d) - names)
     if unknown:
         raise UserError(f"{where}: model_spec has fields this vitscale does not know: {first_keys(unknown)}; "
@@ -148,7 +154,7 @@ def check_state_dict(sd: StateDict, spec: ViTSpec, where: str) -> None:
 def drop_head(sd: StateDict, spec: ViTSpec) -> tuple[StateDict, ViTSpec]:
     """The backbone alone: ``pre_logits.*`` and ``head.*`` removed, spec without a head."""
     kept = {k: v for k, v in sd.items() if not k.startswith(("pre_logits.", "head."))}
-    return kept, replace(spec, num_classes=0, representation_size=None, head_bias_init=0.0)
+    return kept, replace(spec, num_classes=0, representation_size=None)
 
 
 def cast(sd: StateDict, dtype: torch.dtype) -> StateDict:

@@ -17,6 +17,12 @@ a zero class row). Refused with a message naming the keys: anything timm adds th
 does not compute (``fc_norm``, register tokens, layer scale ``ls1/ls2``, ``attn_pool``,
 ``norm_pre``, q/k norms).
 
+A timm Hub folder (what ``timm``'s ``push_to_hf_hub`` / ``save_for_hf`` write, the layout of every
+``timm/...`` repository: ``config.json`` with ``architecture``, ``num_classes``, ``global_pool``,
+``pretrained_cfg`` and usually ``model_args``, but no HF ``model_type``, beside
+``model.safetensors`` or ``pytorch_model.bin``) is read from its weights file, with the head count
+from ``model_args.num_heads`` when given.
+
 Writing: current timm ViTs have no pre-logits layer, so a model with ``pre_logits`` is refused
 (:class:`UserError`); ``vitscale convert --drop-head`` writes its backbone instead. A
 ``.safetensors`` output carries ``model_spec`` in its metadata (heads are then exact on reading
@@ -100,20 +106,47 @@ def from_timm(sd: StateDict, where: str) -> StateDict:
     return out
 
 
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_config(folder: Path) -> dict | None:
+    """timm's config.json of a Hub folder, or None when ``folder`` is not one."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict) or "architecture" not in cfg or "model_type" in cfg:
+        return None
+    return cfg
+
+
+def is_timm_hub_dir(p: Path) -> bool:
+    return p.is_dir() and hub_config(p) is not None and any((p / f).is_file() for f in _HUB_WEIGHTS)
+
+
 def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
-    """(our state dict, spec, meta) of a timm ViT state-dict file.
+    """(our state dict, spec, meta) of a timm ViT state-dict file or timm Hub folder.
 
     The spec comes from the file's ``model_spec`` metadata when we wrote it, else from shapes
-    (heads: ``heads`` or the known-variant table; None when neither knows).
+    (heads: ``heads``, a Hub folder's ``model_args.num_heads``, or the known-variant table; None
+    when none of them knows).
     """
     path = Path(path)
+    meta: dict = {}
+    folder = path if path.is_dir() else path.parent
+    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    if hub is not None:
+        meta["timm_architecture"] = hub["architecture"]
+        heads = heads or (hub.get("model_args") or {}).get("num_heads")
+        if path.is_dir():
+            path = next(folder / f for f in _HUB_WEIGHTS if (folder / f).is_file())
     raw, file_meta = load_tensors(path)
     sd = from_timm(raw, str(path))
     if "model_spec" in file_meta:
         spec = spec_from_dict(json.loads(file_meta["model_spec"]), str(path))
     else:
         spec = infer_spec(sd, heads=heads, where=str(path))
-    return sd, spec, {}
+    return sd, spec, meta
 
 
 def to_timm(sd: StateDict, spec: ViTSpec) -> StateDict:

@@ -49,6 +49,20 @@ def model_costs(spec: ViTSpec) -> dict:
     }
 
 
+def param_count(spec: ViTSpec) -> int:
+    """Number of parameters of ``build_model(spec)``, in closed form (no model is built)."""
+    d, m, p = spec.width, spec.mlp_dim, spec.patch_size
+    n = 3 * p * p * d + d + spec.seq_len * d + 2 * d
+    n += d if spec.pool == "cls" else 0
+    n += spec.depth * (4 * d * d + 2 * d * m + 9 * d + m)
+    rep = spec.representation_size
+    if rep:
+        n += d * rep + rep
+    if spec.num_classes:
+        n += (rep or d) * spec.num_classes + spec.num_classes
+    return n
+
+
 def peak_flops_for(device_name: str) -> float | None:
     """Table lookup of dense bf16 peak FLOP/s for a CUDA device name; None if unknown."""
     for key, peak in PEAK_BF16_FLOPS.items():

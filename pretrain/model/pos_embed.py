@@ -9,9 +9,15 @@ the corners and output row ``i`` samples input row ``i * (old - 1) / (new - 1)``
 ``scipy.ndimage.zoom(order=1)`` computes, which is how the original vit_jax fine-tune code
 resamples, so checkpoints fine-tuned there and here see the same embeddings.
 
-``bicubic`` uses ``align_corners=False`` (half-pixel centres: each embedding is the value at the
-centre of its patch, as timm and ``jax.image.resize`` treat it) and no antialiasing, so it
-overshoots slightly between grid points and is meant for upsampling.
+``bicubic`` is torch's plain bicubic: Keys' cubic convolution with a = -0.75, half-pixel centres
+(``align_corners=False``: each embedding is the value at the centre of its patch) and the grid's
+edge values repeated beyond its border; no antialiasing, so it overshoots slightly between grid
+points and is meant for upsampling.
+
+``timm`` is exactly what ``timm.layers.resample_abs_pos_embed`` does by default, so a model
+fine-tuned here sees the embeddings a timm fine-tune of the same checkpoint would: torch's
+antialiased bicubic (``antialias=True``), whose kernel is a = -0.5 (PIL's) with its weights
+renormalised where they fall outside the grid, half-pixel centres.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-RESAMPLE_MODES = ("bilinear", "bicubic")
+RESAMPLE_MODES = ("bilinear", "bicubic", "timm")
 
 
 def _square_grid(num_tokens: int) -> tuple[int, int]:
@@ -71,7 +77,9 @@ def resample_pos_embed(
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
     grid = grid.float().reshape(1, gh, gw, dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    align_corners = mode == "bilinear"
-    grid = F.interpolate(grid, size=(nh, nw), mode=mode, align_corners=align_corners)
+    if mode == "bilinear":
+        grid = F.interpolate(grid, size=(nh, nw), mode="bilinear", align_corners=True)
+    else:
+        grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False, antialias=mode == "timm")
     grid = grid.permute(0, 2, 3, 1).reshape(1, nh * nw, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -162,6 +162,7 @@ def finetune_state_dict(
     keep_pre_logits: bool = False,
     mode: str = "bilinear",
     source_grid: tuple[int, int] | None = None,
+    head_bias_init: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], SurgeryReport]:
     """Fine-tune weights for ``VisionTransformer(target)`` from a pretrained state dict.
 
@@ -169,8 +170,8 @@ def finetune_state_dict(
     resamples ``pos_embed`` from the source grid (square, inferred from the token count and
     ``target.num_prefix_tokens``, or ``source_grid`` for a non-square one) to ``target.grid``
     with ``mode`` (see :mod:`pretrain.model.pos_embed`); adds a new head of ``target.num_classes``
-    outputs with zero weight and bias ``target.head_bias_init`` (0 by default: the paper's zero
-    head), exactly as a fresh ``VisionTransformer(target)`` initialises it. The result loads into
+    outputs with zero weight and bias ``head_bias_init`` (0 by default: the paper's zero head),
+    exactly as a fresh ``VisionTransformer(target, head_bias_init=...)`` initialises it. The result loads into
     ``VisionTransformer(target)`` with ``strict=True``; tensors keep the source dtype.
 
     ``target.representation_size`` must be None unless ``keep_pre_logits`` (then it must match the
@@ -197,7 +198,7 @@ def finetune_state_dict(
         d = target.representation_size or target.width
         dtype = source["pos_embed"].dtype
         out[f"{_HEAD}weight"] = torch.zeros(target.num_classes, d, dtype=dtype)
-        out[f"{_HEAD}bias"] = torch.full((target.num_classes,), target.head_bias_init, dtype=dtype)
+        out[f"{_HEAD}bias"] = torch.full((target.num_classes,), head_bias_init, dtype=dtype)
     return out, report
 
 
@@ -210,6 +211,6 @@ def apply_finetune_surgery(
 ) -> SurgeryReport:
     """:func:`finetune_state_dict` for ``model.spec``, loaded into ``model`` with ``strict=True``
     (values are copied into the model's own dtype and device)."""
-    state, report = finetune_state_dict(source, model.spec, keep_pre_logits, mode, source_grid)
+    state, report = finetune_state_dict(source, model.spec, keep_pre_logits, mode, source_grid, model.head_bias_init)
     model.load_state_dict(state, strict=True)
     return report

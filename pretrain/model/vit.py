@@ -36,7 +36,11 @@ _SIZES = {
 
 @dataclass(frozen=True)
 class ViTSpec:
-    """Every number that fixes a ViT's parameters and compute."""
+    """The architecture: every number that fixes a ViT's parameters and compute, nothing else.
+
+    How a model trains (dropout, initial head bias, activation checkpointing, compilation) is
+    chosen when it is built or run (``VisionTransformer(spec, dropout=...)``,
+    ``set_grad_checkpointing``), so a checkpoint loads whatever those were."""
 
     img_size: int = 224
     patch_size: int = 16
@@ -47,10 +51,6 @@ class ViTSpec:
     num_classes: int = 1000
     representation_size: int | None = None
     pool: str = "cls"  # "cls" (class token) or "gap" (global average pool, no class token)
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    head_bias_init: float = 0.0
-    act_ckpt: bool = False
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -151,13 +151,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, spec: ViTSpec):
+    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
-        self.attn = Attention(spec.width, spec.heads, spec.attn_dropout)
+        self.attn = Attention(spec.width, spec.heads, attn_dropout)
         self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
-        self.mlp = Mlp(spec.width, spec.mlp_dim, spec.dropout)
-        self.drop = nn.Dropout(spec.dropout)
+        self.mlp = Mlp(spec.width, spec.mlp_dim, dropout)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), use_sdpa))
@@ -165,21 +165,27 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT as in Dosovitskiy et al.; ``forward = forward_head(forward_features(x))``."""
+    """ViT as in Dosovitskiy et al.; ``forward = forward_head(forward_features(x))``.
 
-    def __init__(self, spec: ViTSpec):
+    ``dropout`` / ``attn_dropout`` act in training mode only; ``head_bias_init`` is the head's
+    initial bias (-10 for the JFT sigmoid setup). None of them changes the parameters, so they
+    are not part of ``spec``."""
+
+    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, head_bias_init: float = 0.0):
         super().__init__()
         if spec.img_size % spec.patch_size:
             raise ValueError(f"img_size {spec.img_size} is not divisible by patch {spec.patch_size}")
         if spec.width % spec.heads:
             raise ValueError(f"width {spec.width} is not divisible by heads {spec.heads}")
         self.spec = spec
+        self.head_bias_init = head_bias_init
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
         if spec.pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.seq_len, spec.width))
-        self.pos_drop = nn.Dropout(spec.dropout)
-        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.depth))
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self._build_head(spec.num_classes, spec.representation_size)
         self.init_weights()
@@ -214,7 +220,7 @@ class VisionTransformer(nn.Module):
     def _init_head(self) -> None:
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, self.spec.head_bias_init)
+            nn.init.constant_(self.head.bias, self.head_bias_init)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (besides every bias and norm)."""
@@ -227,7 +233,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
         for blk in self.blocks:
-            if self.spec.act_ckpt and self.training:
+            if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, use_sdpa, use_reentrant=False)
             else:
                 x = blk(x, use_sdpa)
@@ -245,6 +251,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, use_sdpa))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward pass instead of keeping them
+        (``model.act_ckpt``; training mode only)."""
+        self.grad_checkpointing = enable
+
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (the ``model.compile`` option):
         blocks are identical, so one compiled graph serves them all and the engine still sees
@@ -252,21 +263,9 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.compile()
 
-    def reset_head(self, num_classes: int, keep_pre_logits: bool = False) -> None:
-        """Replace the head with a zero-initialised Linear of ``num_classes`` outputs; the
-        pre-logits layer goes too unless ``keep_pre_logits`` (fine-tune surgery)."""
-        rep = self.spec.representation_size if keep_pre_logits else None
-        self.spec = replace(self.spec, num_classes=num_classes, representation_size=rep,
-                            head_bias_init=0.0)
-        if not keep_pre_logits:
-            self.pre_logits = None
-        d = rep or self.spec.width
-        ref = self.pos_embed
-        self.head = nn.Linear(d, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
-        self._init_head()
 
-
-def build_model(spec: ViTSpec, device: torch.device | str | None = None) -> VisionTransformer:
-    """Build on ``device`` (``"meta"`` allocates nothing)."""
+def build_model(spec: ViTSpec, device: torch.device | str | None = None, **options) -> VisionTransformer:
+    """Build on ``device`` (``"meta"`` allocates nothing); ``options`` are VisionTransformer's
+    run-time keywords (dropout, attn_dropout, head_bias_init)."""
     with torch.device(device or "cpu"):
-        return VisionTransformer(spec)
+        return VisionTransformer(spec, **options)

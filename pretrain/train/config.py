@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,16 +19,10 @@ from pathlib import Path
 import yaml
 
 from pretrain.core.errors import UserError
+from pretrain.core.errors import config_error as _fail
+from pretrain.core.errors import require as _check
+from pretrain.data.config import DataConfig, LoaderSpec
 from pretrain.model.vit import ViTSpec, spec_for
-
-
-def _fail(key: str, value, fix: str) -> typing.NoReturn:
-    raise UserError(f"config {key}={value!r}: {fix}")
-
-
-def _check(cond: bool, key: str, value, fix: str) -> None:
-    if not cond:
-        _fail(key, value, fix)
 
 
 @dataclass(frozen=True)
@@ -45,16 +40,22 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The ``model`` section: a named variant (``vit_h14``), any field of its
+    :class:`~pretrain.model.vit.ViTSpec` overridden (None keeps the variant's), and how it runs
+    (dropout, head bias, activation checkpointing, compile, flash), which is not architecture."""
+
     name: str = "vit_b16"
+    # architecture: the fields of ViTSpec (spec() passes every one of them to spec_for)
     img_size: int = 224
     patch_size: int | None = None  # None: the variant's own
-    num_classes: int = 1000
     width: int | None = None
     depth: int | None = None
     mlp_dim: int | None = None
     heads: int | None = None
+    num_classes: int = 1000
     representation_size: int | str | None = "auto"  # "auto" = width (pre-logits); None = linear head
     pool: str = "cls"
+    # how it runs
     dropout: float = 0.0
     attn_dropout: float = 0.0
     head_bias_init: float = 0.0
@@ -67,6 +68,9 @@ class ModelConfig:
             spec = self.spec()
         except ValueError as err:
             _fail("model.name", self.name, str(err))
+        for key in ("width", "depth", "mlp_dim", "heads", "patch_size"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"model.{key}", v, "must be a positive integer, or null for the variant's")
         _check(spec.img_size > 0 and spec.img_size % spec.patch_size == 0, "model.img_size", self.img_size,
                f"must be a positive multiple of the patch size {spec.patch_size}")
         _check(spec.width % spec.heads == 0, "model.heads", spec.heads,
@@ -79,46 +83,22 @@ class ModelConfig:
         for key in ("dropout", "attn_dropout"):
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"model.{key}", v, "must be in [0, 1)")
+        _check(math.isfinite(self.head_bias_init), "model.head_bias_init", self.head_bias_init, "must be finite")
 
     def spec(self) -> ViTSpec:
-        return spec_for(
-            self.name, img_size=self.img_size, patch_size=self.patch_size, num_classes=self.num_classes,
-            width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, heads=self.heads,
-            representation_size=self.representation_size, pool=self.pool, dropout=self.dropout,
-            attn_dropout=self.attn_dropout, head_bias_init=self.head_bias_init, act_ckpt=self.act_ckpt,
-        )
+        return spec_for(self.name, **{f.name: getattr(self, f.name) for f in fields(ViTSpec)})
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = "synthetic"  # "synthetic", a shard dir with index.json, a brace pattern or URLs
-    val: str | None = "synthetic"
-    workers: int = 4
-    samples_per_epoch: int | None = None  # needed for shard lists without index.json
-    val_samples: int = 512  # synthetic eval size; shards: the whole val split
-    synthetic_classes: int | None = None  # None: model.num_classes
-    multi_label: bool = False
-    shuffle_buffer: int = 2000
-    crop_scale_min: float = 0.05
-    hflip: bool = True
-    eval_crop_pct: float = 1.0
-    max_bad_frac: float = 0.01
-
-    def __post_init__(self):
-        _check(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard dir/pattern")
-        _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
-        _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", self.crop_scale_min, "use (0, 1]")
-        _check(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", self.eval_crop_pct, "use (0, 1]")
-        _check(0.0 <= self.max_bad_frac <= 1.0, "data.max_bad_frac", self.max_bad_frac, "use [0, 1]")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+    def runtime(self) -> dict:
+        """Keywords of ``build_model`` besides the spec."""
+        return {"dropout": self.dropout, "attn_dropout": self.attn_dropout, "head_bias_init": self.head_bias_init}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     micro_batch: int = 32
-    grad_accum: int = 1
-    global_batch: int | None = None  # if set, checked against micro_batch x grad_accum x world size
+    grad_accum: int | None = None  # None: global_batch / (micro_batch x world size), else 1
+    global_batch: int | None = None  # images per optimizer step over all ranks
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int | None = None  # None: the whole val set
@@ -129,30 +109,70 @@ class TrainConfig:
     max_bad_steps: int = 5
 
     def __post_init__(self):
-        for key in ("steps", "micro_batch", "grad_accum", "log_every"):
+        for key in ("steps", "micro_batch", "log_every", "max_bad_steps"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v > 0, f"train.{key}", v, "must be a positive integer")
+        _check(self.grad_accum is None or self.grad_accum > 0, "train.grad_accum", self.grad_accum,
+               "must be a positive integer, or null to derive it from train.global_batch")
+        _check(self.global_batch is None or self.global_batch > 0, "train.global_batch", self.global_batch,
+               "must be a positive integer, or null")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0 = at the end)")
+        _check(self.eval_batches is None or self.eval_batches > 0, "train.eval_batches", self.eval_batches,
+               "must be a positive integer, or null for the whole val set")
         _check(self.loss in ("softmax", "sigmoid"), "train.loss", self.loss, "use 'softmax' or 'sigmoid'")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "use [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         if self.global_batch is not None:
-            per_rank = self.micro_batch * self.grad_accum
+            per_rank = self.micro_batch * (self.grad_accum or 1)
             _check(self.global_batch % per_rank == 0, "train.global_batch", self.global_batch,
                    f"must be a multiple of micro_batch x grad_accum = {per_rank}")
 
+    def accum_for(self, world_size: int) -> int:
+        """Gradient accumulation on ``world_size`` ranks: ``train.grad_accum`` when given (checked
+        against ``train.global_batch``), else derived from ``train.global_batch`` (DeepSpeed's
+        convention: the missing one of global batch, micro batch and accumulation follows from the
+        other two), else 1. A global batch that does not split is a :class:`UserError` naming the
+        nearest valid settings."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch is None:
+            return self.grad_accum or 1
+        if self.grad_accum is not None:
+            if self.micro_batch * self.grad_accum * world_size != self.global_batch:
+                fix = (f"set train.grad_accum={self.global_batch // per_step} or drop it (it is then derived)"
+                       if self.global_batch % per_step == 0 else nearest_batch_settings(self, world_size))
+                raise UserError(
+                    f"config train.global_batch={self.global_batch} != micro_batch {self.micro_batch} x grad_accum "
+                    f"{self.grad_accum} x world size {world_size} = {per_step * self.grad_accum}: {fix}")
+            return self.grad_accum
+        if self.global_batch % per_step:
+            raise UserError(
+                f"config train.global_batch={self.global_batch} does not split over {world_size} ranks at "
+                f"train.micro_batch={self.micro_batch} ({self.global_batch} / ({self.micro_batch} x {world_size}) = "
+                f"{self.global_batch / per_step:g} accumulation steps): "
+                f"{nearest_batch_settings(self, world_size)}")
+        return self.global_batch // per_step
+
     def check_world(self, world_size: int) -> None:
         """Global batch = micro batch x grad accum x world size, checked before any allocation."""
-        if self.global_batch is None:
-            return
-        got = self.micro_batch * self.grad_accum * world_size
-        if got != self.global_batch:
-            need = self.global_batch / (self.micro_batch * world_size)
-            raise UserError(
-                f"config train.global_batch={self.global_batch} != micro_batch {self.micro_batch} x "
-                f"grad_accum {self.grad_accum} x world size {world_size} = {got}: set "
-                f"train.grad_accum={need:g} (if whole), change train.micro_batch, or drop train.global_batch"
-            )
+        self.accum_for(world_size)
+
+
+def nearest_batch_settings(t: TrainConfig, world: int) -> str:
+    """The closest settings that do split: a smaller micro batch with the same global batch, and
+    the neighbouring global batches at this micro batch."""
+    options = []
+    if t.global_batch % world == 0:
+        per_rank = t.global_batch // world
+        micro = max(m for m in range(1, min(t.micro_batch, per_rank) + 1) if per_rank % m == 0)
+        if micro != t.micro_batch:
+            options.append(f"train.micro_batch={micro} (grad_accum {per_rank // micro})")
+    per_step = t.micro_batch * world
+    below, above = (t.global_batch // per_step) * per_step, -(-t.global_batch // per_step) * per_step
+    for g in dict.fromkeys((below, above)):
+        if g > 0 and g != t.global_batch:
+            options.append(f"train.global_batch={g} (grad_accum {g // per_step})")
+    options.append("no train.global_batch (then micro batch x world size, with train.grad_accum or 1)")
+    return "nearest valid settings: " + ", or ".join(options)
 
 
 @dataclass(frozen=True)
@@ -222,8 +242,9 @@ class FinetuneConfig:
     pos_embed_mode: str = "bilinear"
 
     def __post_init__(self):
-        _check(self.pos_embed_mode in ("bilinear", "bicubic"), "finetune.pos_embed_mode",
-               self.pos_embed_mode, "use 'bilinear' (vit_jax) or 'bicubic'")
+        _check(self.pos_embed_mode in ("bilinear", "bicubic", "timm"), "finetune.pos_embed_mode",
+               self.pos_embed_mode, "use 'bilinear' (vit_jax), 'bicubic' (torch, a=-0.75) or 'timm' (antialiased "
+               "bicubic, as timm resamples)")
 
 
 @dataclass(frozen=True)
@@ -245,8 +266,33 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def loader(self) -> LoaderSpec:
+        """What the input pipelines are built from (see :mod:`pretrain.data.config`)."""
+        return LoaderSpec(self.data, self.train.micro_batch, self.model.img_size, self.model.num_classes,
+                          self.run.seed, self.train.eval_batches)
+
+    def for_world(self, world_size: int) -> Config:
+        """This config with ``train.grad_accum`` resolved for ``world_size`` ranks (derived from
+        ``train.global_batch`` when not given; :class:`UserError` when it does not split)."""
+        return self.replace(train=dataclasses.replace(self.train, grad_accum=self.train.accum_for(world_size)))
+
+    def batch_line(self, world_size: int) -> str:
+        """``global batch 4096 = micro 64 x accum 8 x 8 ranks (accumulation derived ...)``."""
+        t = self.train
+        accum = t.accum_for(world_size)
+        how = " (train.grad_accum derived from train.global_batch)" if t.global_batch and t.grad_accum is None else ""
+        return (f"global batch {t.micro_batch * accum * world_size} = micro {t.micro_batch} x accum {accum} x "
+                f"{world_size} ranks{how}")
+
     def replace(self, **sections) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def identity(cfg: Config, mode: str) -> dict:
+    """What a checkpoint of this run must agree with to be resumed by it (and what the checkpoint
+    records): the architecture, ZeRO stage, optimizer, pretrain/finetune mode and the config."""
+    return {"model_spec": cfg.model.spec().to_dict(), "zero_stage": cfg.zero.stage, "optimizer": cfg.optim.name,
+            "mode": mode, "config": cfg.to_dict()}
 
 
 def _hint(name: str, options: list[str]) -> str:

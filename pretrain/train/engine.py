@@ -38,6 +38,7 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
     ``load_universal``: the engine will be restored from a universal checkpoint (another world
     size); DeepSpeed must know before ``initialize``."""
     t, z = cfg.train, cfg.zero
+    accum = t.accum_for(world_size)
     bucket = int(z.bucket_mb * 1e6)
     zero = {"stage": z.stage, "overlap_comm": z.overlap_comm and z.stage > 0,
             "contiguous_gradients": True, "reduce_bucket_size": bucket}
@@ -48,8 +49,8 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
                     stage3_gather_16bit_weights_on_model_save=False)
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch * accum * world_size,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.bf16},
         "zero_optimization": zero,

@@ -8,6 +8,7 @@
 - ``stop``      as if SIGUSR1 arrived during that step (a preemption at a known step)
 - ``slowsave``  the save at that step pauses ``SLOW_SAVE_S`` seconds after its files are written,
                 before it becomes visible (a window to kill or signal the job mid-save)
+- ``evalfail``  the evaluation at that step fails with a user error (as unreadable val data would)
 
 Unset in real runs. An unknown kind is an error, so a typo cannot silently test nothing.
 """
@@ -19,7 +20,9 @@ from collections.abc import Callable
 
 import torch
 
-KINDS = ("nan", "nangrad", "stop", "slowsave")
+from pretrain.core.errors import UserError
+
+KINDS = ("nan", "nangrad", "stop", "slowsave", "evalfail")
 SLOW_SAVE_S = 4.0
 
 
@@ -66,3 +69,7 @@ class Faults:
 
     def save_pause(self, step: int) -> Callable[[], None] | None:
         return (lambda: time.sleep(SLOW_SAVE_S)) if step in self.at["slowsave"] else None
+
+    def eval_failure(self, step: int) -> None:
+        if step in self.at["evalfail"]:
+            raise UserError(f"evaluation at step {step} failed (injected by VITSCALE_FAULT)")

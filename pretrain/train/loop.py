@@ -1,4 +1,5 @@
-"""One train/eval loop shared by pretraining and fine-tuning.
+"""The pieces of one training step and of an evaluation pass, shared by pretraining and fine-tuning
+(the loop around them is :class:`pretrain.train.trainer.Trainer`).
 
 A step consumes ``train.grad_accum`` micro batches per rank and applies one optimizer step;
 the LR comes from :func:`pretrain.train.schedule.lr_at`. Losses stay on the device between log
@@ -17,30 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pretrain.core.errors import UserError
-from pretrain.data.pipeline import Batch
+from pretrain.data.batch import Batch
 from pretrain.train.config import Config
 from pretrain.train.engine import Engine, all_reduce_
 from pretrain.train.losses import classification_loss, correct_counts
-from pretrain.train.metrics import MetricsLog, Throughput, format_train_line, peak_memory_gb
-from pretrain.train.schedule import lr_at
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    bad_steps_total: int = 0
-    bad_steps_in_row: int = 0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    last_eval: dict = field(default_factory=dict)
-    images_per_s: float | None = None
 
 
 def _targets(batch: Batch, cfg: Config, num_classes: int) -> torch.Tensor:
@@ -143,88 +129,7 @@ class SampleKeysLog:
             f.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
 
 
-def fit(engine: Engine, train_data, eval_fn, cfg: Config, state: LoopState, log: MetricsLog,
-        flops_per_image: float, peak_flops: float | None, world: int, on_step=None,
-        fault_for=lambda step: None, keys_log=None) -> LoopState:
-    """Train from ``state.step`` to ``train.steps``; ``on_step(state)`` runs after every step
-    (checkpointing, preemption) and may return True to stop early. ``fault_for(step)`` may
-    return a function applied to the loss (fault injection for tests); ``keys_log(step,
-    batches)`` records the sample keys of each step (debugging, resume tests).
-
-    Skipped steps (non-finite loss or gradient) still advance the step counter and consume
-    their batches; ``train.max_bad_steps`` of them in a row stop the run with a
-    :class:`UserError` before anything else is saved."""
-    t = cfg.train
-    num_classes = cfg.model.num_classes
-    meter = Throughput(t.micro_batch * t.grad_accum * world, flops_per_image, peak_flops, world)
-    pending: list[torch.Tensor] = []
-    engine.train(True)
-    log.start_progress(t.steps, state.step, cfg.log.progress)
-    while state.step < t.steps:
-        step = state.step + 1
-        lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=t.steps, warmup_steps=cfg.optim.warmup_steps,
-                   decay=cfg.optim.decay, min_lr=cfg.optim.min_lr)
-        engine.set_lr(lr)
-        t0 = time.perf_counter()
-        batches = [train_data.next_batch() for _ in range(t.grad_accum)]
-        wait = time.perf_counter() - t0
-        if keys_log is not None:
-            keys_log(step, batches)
-        out = run_step(engine, batches, cfg, num_classes, lr, fault_for(step))
-        state.step = step
-        meter.add(1, wait)
-        log.advance()
-        if out.applied:
-            state.bad_steps_in_row = 0
-            pending.append(out.loss)
-        else:
-            state.bad_steps_total += 1
-            state.bad_steps_in_row += 1
-            what = "loss" if out.skip_reason == "nonfinite_loss" else "gradient norm"
-            log.write({"kind": "event", "step": step, "event": f"{out.skip_reason}_skipped",
-                       "bad_steps_total": state.bad_steps_total, "bad_steps_in_row": state.bad_steps_in_row})
-            log.console(f"step {step}: non-finite {what} on some rank, step skipped, weights unchanged "
-                        f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
-            if state.bad_steps_in_row >= t.max_bad_steps:
-                raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
-                                f"(train.max_bad_steps={t.max_bad_steps}, last at step {step}); the run stops "
-                                f"to protect the checkpoints (the newest one holds the weights from before "
-                                f"these steps). Lower optim.lr, check the data, or resume from an earlier "
-                                f"checkpoint")
-        if step % t.log_every == 0 or step == t.steps:
-            _log_train(state, pending, engine, lr, meter, log, t.steps, train_data, world)
-            pending = []
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps and eval_fn is not None:
-            state.last_eval = {"kind": "eval", "step": step, **eval_fn()}
-            log.write(state.last_eval)
-            log.console(_eval_line(state.last_eval))
-            meter.reset()
-        if on_step is not None and on_step(state):
-            break
-    log.stop_progress()
-    return state
-
-
-def _log_train(state, pending, engine, lr, meter, log, total_steps, train_data, world) -> None:
-    """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
-    last record (every rank calls this at the same steps: one all-reduce)."""
-    loss = math.nan
-    if pending:
-        per_step = all_reduce_(torch.stack(pending).float(), "sum") / world
-        loss = per_step.mean().item()
-        if state.first_loss is None:
-            state.first_loss = per_step[0].item()
-    state.last_loss = loss
-    rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(), **meter.read(),
-           "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}
-    rec.update(train_data.stats())
-    state.images_per_s = rec["images_per_s"]
-    log.write(rec)
-    log.console(format_train_line(rec, total_steps))
-    meter.reset()
-
-
-def _eval_line(rec: dict) -> str:
+def eval_line(rec: dict) -> str:
     parts = [f"{k} {100 * rec[k]:.2f}%" for k in ("top1", "top5", "prec1") if k in rec]
     return f"eval @ step {rec['step']}: loss {rec['eval_loss']:.4f}  " + "  ".join(parts) + \
         f"  ({rec['eval_samples']} images)"

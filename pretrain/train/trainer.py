@@ -1,17 +1,27 @@
-"""What one rank runs: set up, resume, train, evaluate, checkpoint, summarise.
+"""What one rank runs: set up, resume, train, checkpoint, evaluate, summarise.
 
-Shared by ``vitscale pretrain`` and ``vitscale finetune`` (which passes a ``prepare_model``
-hook that performs the head / position-embedding surgery before the engine is built).
+Shared by ``vitscale pretrain`` and ``vitscale finetune`` (which passes a ``prepare_model`` hook
+that performs the head / position-embedding surgery before the engine is built).
 
-Order matters: the checkpoint to resume from is chosen and checked (and, for another world
-size, converted to a universal checkpoint) before the DeepSpeed engine is built, because
-DeepSpeed must know at ``initialize`` whether it will load a universal checkpoint.
+The rank's state is the DeepSpeed engine (weights, optimizer) plus named components registered
+in :class:`~pretrain.train.state.Components` (``loop`` counters, ``data`` position, ``rng``);
+a checkpoint saves and restores all of them together, so a new piece of state is one
+``components.register`` call.
+
+Order matters:
+
+- the checkpoint to resume from is chosen and checked (and, for another world size, converted to
+  a universal checkpoint) before the DeepSpeed engine is built, because DeepSpeed must know at
+  ``initialize`` whether it will load a universal checkpoint;
+- after a step, a stop request is acted on first (save, exit), then a checkpoint that is due is
+  written, and only then an evaluation runs: an evaluation that fails never costs the interval
+  since the last checkpoint. At the end the final checkpoint is written before the final eval.
 
 Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; after every step the ranks all-reduce
 it, so all of them stop after the same step, save it (complete and atomic, see
-:mod:`pretrain.checkpoint.layout`) and return 0. A signal during a save lets the save finish; the stop
-then happens after the next step. The grace period a cluster gives must cover one step plus
-one save. Faults for tests come from ``VITSCALE_FAULT`` (:mod:`pretrain.train.faults`).
+:mod:`pretrain.checkpoint.layout`) and return 0. A signal during a save lets the save finish; the
+stop then happens after the next step. Faults for tests come from ``VITSCALE_FAULT``
+(:mod:`pretrain.train.faults`).
 """
 
 from __future__ import annotations
@@ -28,21 +38,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.checkpoint.layout import CheckpointManager
-from pretrain.checkpoint.resume import find_resume_source, restore
+from pretrain.checkpoint.layout import TRAINING_FORMAT, CheckpointManager
+from pretrain.checkpoint.resume import ResumeSource, find_resume_source
 from pretrain.core.errors import UserError
 from pretrain.data.pipeline import build_eval_data, build_train_data
 from pretrain.model.costs import model_costs
 from pretrain.model.vit import build_model
-from pretrain.train.config import Config, save_config
-from pretrain.train.engine import Comm, Engine, all_reduce_, init_distributed
+from pretrain.train.config import Config, identity, save_config
+from pretrain.train.engine import Comm, Engine, all_reduce_, destroy, init_distributed
 from pretrain.train.faults import Faults
-from pretrain.train.loop import LoopState, SampleKeysLog, evaluate, fit
-from pretrain.train.metrics import MetricsLog, device_peak_flops
+from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
+from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
+from pretrain.train.quiet import quiet_third_party
+from pretrain.train.schedule import lr_at
+from pretrain.train.state import Components, LoopState, RngState, reseed_rank
+
+_SHARDS_SHOWN = 20
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption; the ``vitscale`` spawner forwards both as
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption; the ``vitscale`` launcher forwards both as
     SIGUSR1); ranks agree on it at step boundaries. Installed first thing, so a signal during
     start-up, resume or a save is never fatal: it is acted on at the next step boundary."""
 
@@ -69,11 +84,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model=None) -> int:
-    """One rank of the job. Returns 0 when the run finished or was preempted (saved)."""
+    """One rank of the job. Returns 0 when the run finished or was preempted (saved); the rank
+    then leaves the process group in step with the others (see :func:`leave_job`)."""
     stop = StopFlag()
+    quiet_third_party(int(os.environ.get("RANK", "0")))
     rank, world, _ = init_distributed(cfg.run.timeout_s)
     try:
-        return _run(cfg, mode, resume, no_resume, prepare_model, stop, rank, world)
+        code = Trainer(cfg, mode, rank, world, stop, prepare_model).run(resume, no_resume)
+        leave_job()
+        return code
     except torch.distributed.DistError as err:
         raise PeerFailure(rank, cfg.run.timeout_s, err) from err
     except RuntimeError as err:
@@ -82,8 +101,18 @@ def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prep
         raise PeerFailure(rank, cfg.run.timeout_s, err) from err
 
 
+def leave_job() -> None:
+    """Wait for every rank, then destroy the process group before the interpreter exits: a gloo
+    group torn down by static destructors at exit, with its transport threads still running,
+    aborts the process ("terminate called without an active exception") after a finished run."""
+    Comm.barrier()
+    destroy()
+
+
 class PeerFailure(UserError):
     """A collective failed: another rank died or stopped answering within ``run.timeout_s``."""
+
+    secondary = True  # a consequence: the launcher reports the root cause first
 
     def __init__(self, rank: int, timeout_s: int, err: Exception):
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
@@ -99,100 +128,253 @@ def _is_peer_failure(err: RuntimeError) -> bool:
                                                                 "peer", "Timed out waiting", "Broken pipe"))
 
 
-def _run(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model, stop: StopFlag,
-         rank: int, world: int) -> int:
-    cfg.train.check_world(world)
-    run_dir = Path(cfg.run.dir)
-    log = MetricsLog(run_dir, rank, cfg.log.tensorboard)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
-    comm = Comm()
-    ckpt = CheckpointManager(run_dir, rank, world, cfg.checkpoint.keep, comm)
-    source = find_resume_source(cfg, ckpt, resume, no_resume, log, world, mode)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    spec = cfg.model.spec()
-    model = build_model(spec)
-    if prepare_model is not None:
-        prepare_model(model, log)
-    if cfg.model.compile:
-        model.compile_blocks()
-    costs = model_costs(spec)
-    engine = Engine(model, cfg, world, load_universal=source is not None and source.universal is not None)
-    torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout, augmentation)
-    train_data = build_train_data(cfg, rank, world)
-    state = LoopState()
-    start = restore(source, engine, ckpt, train_data, state, cfg, rank, log) if source is not None else 0
-    ckpt_meta = {"format": "vitscale-deepspeed", "model_spec": spec.to_dict(), "world_size": world,
-                 "zero_stage": cfg.zero.stage, "config": cfg.to_dict(), "mode": mode}
+class Trainer:
+    """One rank of a pretraining or fine-tuning run (see the module docstring)."""
 
-    def save(step: int) -> None:
-        if not _weights_finite(engine):
-            raise UserError(f"step {step}: the weights hold NaN/Inf; no checkpoint is written. Resume "
-                            f"from the previous checkpoint with a lower optim.lr")
-        path = ckpt.save(engine, step, ckpt_meta, {"data": train_data.state_dict(), "loop": vars(state)},
-                         before_publish=faults.save_pause(step))
-        log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
+    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop: StopFlag, prepare_model=None):
+        self.given = cfg
+        self.cfg = cfg.for_world(world)
+        self.mode, self.rank, self.world, self.stop = mode, rank, world, stop
+        self.prepare_model = prepare_model
+        self.run_dir = Path(cfg.run.dir)
+        self.log = MetricsLog(self.run_dir, rank, cfg.log.tensorboard)
+        self.faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
+        self.ckpt = CheckpointManager(self.run_dir, rank, world, cfg.checkpoint.keep, Comm())
+        self.state = LoopState()
+        self.components = Components()
+        self.preempted = False
 
-    def agree_to_stop() -> bool:
-        flags = torch.tensor([1.0 if stop.raised else 0.0, 1.0 if train_data.problem() else 0.0],
-                             device=engine.device)
+    # ---- set-up ----
+    def _build(self, source: ResumeSource | None) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        self.spec = cfg.model.spec()
+        model = build_model(self.spec, **cfg.model.runtime())
+        model.set_grad_checkpointing(cfg.model.act_ckpt)
+        if self.prepare_model is not None:
+            self.prepare_model(model, self.log)
+        if cfg.model.compile:
+            model.compile_blocks()
+        self.costs = model_costs(self.spec)
+        self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
+        torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
+        self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
+        self.components.register("loop", self.state)
+        self.components.register("data", self.train_data)
+        self.components.register("rng", RngState())
+        self.ckpt_meta = {"format": TRAINING_FORMAT, **identity(cfg, self.mode), "world_size": self.world}
+        self.keys_log = SampleKeysLog(self.run_dir, self.rank) if cfg.log.sample_keys else None
+
+    def _restore(self, source: ResumeSource) -> int:
+        """Engine state, then every component's part of the rank file; returns the step."""
+        same_world = source.universal is None
+        if same_world:
+            self.engine.load(source.tag_dir.parent, source.tag_dir.name)
+            rank_state = self.ckpt.load_rank_state(source.tag_dir)
+        else:
+            self.engine.load_universal(source.universal)
+            rank_state = self.ckpt.load_rank_state(source.tag_dir, rank=0)
+        if rank_state is None:
+            self.log.console(f"warning: {source.tag_dir} holds no loader state (rank_*.pt): the data stream starts "
+                             f"again from its beginning")
+        else:
+            self.components.load_state_dict(rank_state, same_world)
+        if not same_world or rank_state is None:
+            reseed_rank(self.cfg.run.seed, self.rank, source.step)
+        self.state.step = source.step
+        where = source.tag_dir if same_world else f"{source.tag_dir} (via {source.universal})"
+        self.log.console(f"resumed from {where} at step {self.state.step}")
+        self.log.write({"kind": "event", "step": self.state.step, "event": "resumed", "path": str(source.tag_dir),
+                        "universal": not same_world})
+        return self.state.step
+
+    def run(self, resume: str | None, no_resume: bool) -> int:
+        cfg, log = self.cfg, self.log
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.given, self.run_dir / "config.yaml")
+        source = find_resume_source(self.ckpt, resume, no_resume, identity(cfg, self.mode), self.world, log)
+        self._build(source)
+        start = self._restore(source) if source is not None else 0
+        if self._agree_to_stop():  # signalled during start-up: nothing new to save
+            log.console(f"stop signal received before step {start + 1}: exiting (the checkpoint of step {start} "
+                        f"stays the latest)")
+            log.write({"kind": "event", "step": start, "event": "preempted"})
+            self.train_data.close()
+            return 0
+        procs = f"{self.world} process{'es' if self.world > 1 else ''}"
+        log.console(f"{self.mode}: {cfg.model.name} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
+                    f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
+                    f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
+        t0 = time.perf_counter()
+        self._train()
+        if not self.preempted:
+            if start < cfg.train.steps:
+                self._save(self.state.step)
+            if cfg.data.val:
+                self._evaluate(self.state.step)
+            self._summary(time.perf_counter() - t0)
+        self.train_data.close()
+        log.close()
+        return 0
+
+    # ---- the loop ----
+    def _train(self) -> None:
+        cfg, t, state, log = self.cfg, self.cfg.train, self.state, self.log
+        peak = device_peak_flops(cfg.log.peak_flops)
+        self.meter = Throughput(t.micro_batch * t.grad_accum * self.world, self.costs["train_tflops_per_image"] * 1e12,
+                                peak, self.world)
+        pending: list[torch.Tensor] = []
+        self.engine.train(True)
+        log.start_progress(t.steps, state.step, cfg.log.progress)
+        while state.step < t.steps:
+            step = state.step + 1
+            lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=t.steps, warmup_steps=cfg.optim.warmup_steps,
+                       decay=cfg.optim.decay, min_lr=cfg.optim.min_lr)
+            self.engine.set_lr(lr)
+            t0 = time.perf_counter()
+            batches = [self.train_data.next_batch() for _ in range(t.grad_accum)]
+            wait = time.perf_counter() - t0
+            if self.keys_log is not None:
+                self.keys_log(step, batches)
+            out = run_step(self.engine, batches, cfg, cfg.model.num_classes, lr, self.faults.loss_fault(step))
+            state.step = step
+            self.meter.add(1, wait)
+            log.advance()
+            if out.applied:
+                state.bad_steps_in_row = 0
+                pending.append(out.loss)
+            else:
+                self._skipped(step, out.skip_reason)
+            if step % t.log_every == 0 or step == t.steps:
+                self._log_train(pending, lr)
+                pending = []
+            if self._after_step(step):
+                break
+        log.stop_progress()
+
+    def _skipped(self, step: int, reason: str) -> None:
+        state, t = self.state, self.cfg.train
+        state.bad_steps_total += 1
+        state.bad_steps_in_row += 1
+        what = "loss" if reason == "nonfinite_loss" else "gradient norm"
+        self.log.write({"kind": "event", "step": step, "event": f"{reason}_skipped",
+                        "bad_steps_total": state.bad_steps_total, "bad_steps_in_row": state.bad_steps_in_row})
+        self.log.console(f"step {step}: non-finite {what} on some rank, step skipped, weights unchanged "
+                         f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
+        if state.bad_steps_in_row >= t.max_bad_steps:
+            raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
+                            f"(train.max_bad_steps={t.max_bad_steps}, last at step {step}); the run stops "
+                            f"to protect the checkpoints (the newest one holds the weights from before "
+                            f"these steps). Lower optim.lr, check the data, or resume from an earlier "
+                            f"checkpoint")
+
+    def _after_step(self, step: int) -> bool:
+        """Stop request (save, stop), then a due checkpoint, then a due eval; True to stop."""
+        cfg = self.cfg
+        if self.faults.stop(step):
+            self.stop.raised = True
+        if self._agree_to_stop():
+            self.log.console(f"stop signal received: saving at step {step} and exiting")
+            self._save(step)
+            self.log.write({"kind": "event", "step": step, "event": "preempted"})
+            self.preempted = True
+            return True
+        if step == cfg.train.steps:
+            return False  # the final checkpoint and eval follow the loop
+        every = cfg.checkpoint.every
+        if every and step % every == 0:
+            self._save(step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.val:
+            self._evaluate(step)
+            self.meter.reset()
+        return False
+
+    def _agree_to_stop(self) -> bool:
+        flags = torch.tensor([1.0 if self.stop.raised else 0.0, 1.0 if self.train_data.problem() else 0.0],
+                             device=self.engine.device)
         flags = all_reduce_(flags, "max").tolist()
         if flags[1] > 0:
-            raise UserError(train_data.problem() or "another rank stopped on bad training data (see its "
+            raise UserError(self.train_data.problem() or "another rank stopped on bad training data (see its "
                             "message above)")
         return flags[0] > 0
 
-    preempted = False
+    # ---- checkpoint, eval, logs ----
+    def _save(self, step: int) -> None:
+        if not _weights_finite(self.engine):
+            raise UserError(f"step {step}: the weights hold NaN/Inf; no checkpoint is written. Resume "
+                            f"from the previous checkpoint with a lower optim.lr")
+        path = self.ckpt.save(self.engine, step, self.ckpt_meta, self.components.state_dict(),
+                              before_publish=self.faults.save_pause(step))
+        self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
 
-    def on_step(st: LoopState) -> bool:
-        nonlocal preempted
-        if faults.stop(st.step):
-            stop.raised = True
-        if agree_to_stop():
-            log.console(f"stop signal received: saving at step {st.step} and exiting")
-            save(st.step)
-            log.write({"kind": "event", "step": st.step, "event": "preempted"})
-            preempted = True
-            return True
-        every = cfg.checkpoint.every
-        if every and st.step % every == 0 and st.step != cfg.train.steps:
-            save(st.step)
-        return False
+    def _evaluate(self, step: int) -> None:
+        self.faults.eval_failure(step)
+        data = build_eval_data(self.cfg.loader(), self.rank, self.world)
+        result = evaluate(self.engine, data, self.cfg)
+        bad = _sum_counts(Comm.all_gather_object(data.bad))
+        record = {"kind": "eval", "step": step, **result, "eval_expected": data.expected}
+        if data.expected is not None and result["eval_samples"] < data.expected:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in _by(bad, 0).items()) or "unknown reasons"
+            record["eval_unusable"] = _by(bad, 1)
+            self.log.console(f"warning: eval scored {result['eval_samples']} of the {data.expected} images in "
+                             f"{self.cfg.data.val} ({reasons}); check them with `vitscale shards verify`")
+        self.state.last_eval = record
+        self.log.write(record)
+        self.log.console(eval_line(record))
 
-    def eval_fn() -> dict:
-        batches = build_eval_data(cfg, rank, world)
-        return evaluate(engine, batches, cfg) if batches is not None else {}
+    def _log_train(self, pending: list[torch.Tensor], lr: float) -> None:
+        """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
+        last record (every rank calls this at the same steps: one all-reduce, and for shard data
+        one gather of the bad-sample counts)."""
+        state = self.state
+        loss = float("nan")
+        if pending:
+            per_step = all_reduce_(torch.stack(pending).float(), "sum") / self.world
+            loss = per_step.mean().item()
+            if state.first_loss is None:
+                state.first_loss = per_step[0].item()
+        state.last_loss = loss
+        rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": self.engine.grad_norm(), **self.meter.read(),
+               "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}
+        rec.update(self._data_stats())
+        state.images_per_s = rec["images_per_s"]
+        self.log.write(rec)
+        self.log.console(format_train_line(rec, self.cfg.train.steps))
+        self.meter.reset()
 
-    if agree_to_stop():  # signalled during start-up: nothing new to save
-        log.console(f"stop signal received before step {start + 1}: exiting (the checkpoint of step {start} "
-                    f"stays the latest)")
-        log.write({"kind": "event", "step": start, "event": "preempted"})
-        train_data.close()
-        return 0
-    peak = device_peak_flops(cfg.log.peak_flops)
-    procs = f"{world} process{'es' if world > 1 else ''}"
-    log.console(f"{mode}: {cfg.model.name} {costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
-                f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
-                f"run dir {run_dir}")
-    t0 = time.perf_counter()
-    fit(engine, train_data, eval_fn if cfg.data.val else None, cfg, state, log,
-        costs["train_tflops_per_image"] * 1e12, peak, world, on_step, faults.loss_fault,
-        SampleKeysLog(run_dir, rank) if cfg.log.sample_keys else None)
-    if preempted:
-        train_data.close()
-        log.close()
-        return 0
-    if cfg.data.val:
-        state.last_eval = {"kind": "eval", "step": state.step, **eval_fn()}
-        log.write(state.last_eval)
-    if start < cfg.train.steps:
-        save(state.step)
-    _summary(cfg, state, log, run_dir, time.perf_counter() - t0, mode)
-    train_data.close()
-    log.close()
-    return 0
+    def _data_stats(self) -> dict:
+        """The loader's bad-sample counts summed over all ranks (shard data only)."""
+        if self.cfg.data.train == "synthetic":
+            return {}
+        parts = Comm.all_gather_object(self.train_data.stats())
+        out = {"epoch": max(p["epoch"] for p in parts), "bad_samples": sum(p["bad_samples"] for p in parts),
+               "bad_by_reason": _sum_counts([p["bad_by_reason"] for p in parts])}
+        by_shard = _sum_counts([p["bad_by_shard"] for p in parts])
+        if by_shard:
+            out["bad_by_shard"] = dict(sorted(by_shard.items(), key=lambda kv: -kv[1])[:_SHARDS_SHOWN])
+        return out
+
+    def _summary(self, seconds: float) -> None:
+        if self.rank != 0:
+            return
+        state, ev = self.state, self.state.last_eval
+        summary = {"mode": self.mode, "steps": state.step, "first_loss": state.first_loss,
+                   "final_loss": state.last_loss, "eval_top1": ev.get("top1"), "eval_top5": ev.get("top5"),
+                   "eval_prec1": ev.get("prec1"), "eval_samples": ev.get("eval_samples"),
+                   "images_per_s": state.images_per_s, "bad_steps_total": state.bad_steps_total,
+                   "seconds": round(seconds, 1), "run_dir": str(self.run_dir)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        acc = ev.get("top1", ev.get("prec1"))
+        print("\n".join([
+            f"== {self.mode} done ==",
+            f"steps          {state.step}",
+            f"loss           {_fmt(state.first_loss)} (first) -> {_fmt(state.last_loss)} (final)",
+            f"eval top-1     {'n/a' if acc is None else f'{100 * acc:.1f}%'}",
+            f"images/s       {_fmt(state.images_per_s, '.1f')}",
+            f"run directory  {self.run_dir}",
+        ]), flush=True)
+        sys.stdout.flush()
 
 
 def _weights_finite(engine: Engine) -> bool:
@@ -201,25 +383,20 @@ def _weights_finite(engine: Engine) -> bool:
     return all_reduce_(torch.tensor([0.0 if ok else 1.0], device=engine.device), "max").item() == 0
 
 
-def _summary(cfg, state: LoopState, log: MetricsLog, run_dir: Path, seconds: float, mode: str) -> None:
-    if log.rank != 0:
-        return
-    ev = state.last_eval
-    summary = {"mode": mode, "steps": state.step, "first_loss": state.first_loss, "final_loss": state.last_loss,
-               "eval_top1": ev.get("top1"), "eval_top5": ev.get("top5"), "eval_prec1": ev.get("prec1"),
-               "images_per_s": state.images_per_s, "bad_steps_total": state.bad_steps_total,
-               "seconds": round(seconds, 1), "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    acc = ev.get("top1", ev.get("prec1"))
-    print("\n".join([
-        f"== {mode} done ==",
-        f"steps          {state.step}",
-        f"loss           {_fmt(state.first_loss)} (first) -> {_fmt(state.last_loss)} (final)",
-        f"eval top-1     {'n/a' if acc is None else f'{100 * acc:.1f}%'}",
-        f"images/s       {_fmt(state.images_per_s, '.1f')}",
-        f"run directory  {run_dir}",
-    ]), flush=True)
-    sys.stdout.flush()
+def _sum_counts(parts: list[dict]) -> dict:
+    out: dict = {}
+    for part in parts:
+        for key, n in part.items():
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def _by(counts: dict, field_index: int) -> dict[str, int]:
+    """(reason, shard) counts summed by reason (0) or by shard (1)."""
+    out: dict[str, int] = {}
+    for key, n in counts.items():
+        out[key[field_index]] = out.get(key[field_index], 0) + n
+    return out
 
 
 def _fmt(x, spec: str = ".4f") -> str:

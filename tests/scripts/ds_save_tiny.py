@@ -93,6 +93,7 @@ def main() -> None:
             logits = ref(x)
         torch.save({"state_dict": master, "input": x, "logits": logits}, args.run_dir / "reference.pt")
     dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from pretrain.data.pipeline import SyntheticTrain
+from pretrain.data.synthetic import SyntheticTrain
 from pretrain.model.vit import build_model
 from pretrain.train.config import load_config
-from pretrain.train.engine import Comm, Engine, init_distributed
+from pretrain.train.engine import Comm, Engine, destroy, init_distributed
 from pretrain.train.loop import train_step
 
 stage, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -21,8 +21,9 @@ cfg = load_config(None, ["model.name=vit_test4", "model.img_size=16", "model.num
 torch.manual_seed(0)
 model = build_model(cfg.model.spec())
 total = sum(p.numel() for p in model.parameters())
+cfg = cfg.for_world(world)
 engine = Engine(model, cfg, world)
-data = SyntheticTrain(cfg, rank, world)
+data = SyntheticTrain(cfg.loader(), rank, world)
 losses = []
 for _ in range(steps):
     loss, applied = train_step(engine, [data.next_batch()], cfg, 4, cfg.optim.lr)
@@ -33,3 +34,5 @@ gathered = Comm.all_gather_object(facts)
 if rank == 0:
     with open(out, "w") as f:
         json.dump(gathered, f)
+Comm.barrier()
+destroy()

@@ -1,0 +1,58 @@
+"""The ``data`` section of the run config, and what an input pipeline is built from.
+
+The section lives on the data floor so that the loaders take it without importing the training
+floor above; :class:`pretrain.train.config.Config` composes it with the other sections and
+builds a :class:`LoaderSpec` for the loaders (``Config.loader()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.core.errors import require
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "synthetic"  # "synthetic" or a shard set (see pretrain.data.shards)
+    val: str | None = "synthetic"  # the same; null: no evaluation
+    workers: int = 4
+    samples_per_epoch: int | None = None  # needed for remote shards without index.json
+    val_samples: int = 512  # synthetic eval size; shards: the whole val split
+    synthetic_classes: int | None = None  # None: model.num_classes
+    multi_label: bool = False
+    shuffle_buffer: int = 2000
+    crop_scale_min: float = 0.05
+    hflip: bool = True
+    eval_crop_pct: float = 1.0
+    max_bad_frac: float = 0.01
+
+    def __post_init__(self):
+        require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
+        require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        require(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch",
+                self.samples_per_epoch, "must be > 0, or null for indexed shard sets")
+        require(self.val_samples > 0, "data.val_samples", self.val_samples, "must be > 0")
+        require(self.synthetic_classes is None or self.synthetic_classes > 1, "data.synthetic_classes",
+                self.synthetic_classes, "must be > 1, or null for model.num_classes")
+        require(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", self.crop_scale_min, "use (0, 1]")
+        require(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", self.eval_crop_pct, "use (0, 1]")
+        require(0.0 <= self.max_bad_frac <= 1.0, "data.max_bad_frac", self.max_bad_frac, "use [0, 1]")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything an input pipeline depends on: the data section plus the run facts it needs."""
+
+    data: DataConfig
+    micro_batch: int
+    img_size: int
+    num_classes: int
+    seed: int
+    eval_batches: int | None = None  # cap on eval batches per rank (None: the whole set)
+
+    @property
+    def workers(self) -> int:
+        """Dataloader workers per rank; 0 means one reader inside the training process."""
+        return self.data.workers

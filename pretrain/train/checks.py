@@ -1,0 +1,237 @@
+"""The checks that run before any process starts: config, batch arithmetic, data, run dir,
+disk, attention backend.
+
+``vitscale pretrain`` / ``finetune`` run them in the launching process and stop with one line per
+failure (exit 2) before spawning ranks; ``vitscale preflight`` prints them as a table (adding the
+memory estimate and an all-reduce inside a job, see ``launch/preflight.py``); ``vitscale launch``
+runs them for the cluster it writes a launch for. Each check is a :class:`Check` with a status
+and, for WARN / FAIL, the fix. With synthetic data they take milliseconds; shard sets are
+resolved exactly as the loaders resolve them (:func:`pretrain.data.shards.resolve_shards`).
+
+``runs_here``: whether this machine runs the ranks (``vitscale pretrain``) or a cluster does
+(``preflight`` / ``launch`` on a login node): a login node without a GPU cannot tell whether
+FlashAttention will run there, so it checks the documented constraints instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint.layout import checkpoint_bytes
+from pretrain.core.errors import UserError
+from pretrain.data.loader import check_labels, check_layout
+from pretrain.data.shards import resolve_shards
+from pretrain.model.costs import param_count
+from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
+from pretrain.train.config import Config
+
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+GIB = 1 << 30
+
+
+@dataclass
+class Check:
+    """One line of the report. ``fix`` says what to change when the status is WARN or FAIL."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+    data: dict = field(default_factory=dict)
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def describe_config(cfg: Config) -> Check:
+    spec = cfg.model.spec()
+    return Check("config", PASS,
+                 f"{cfg.model.name} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
+                 f"tokens, head_dim {spec.head_dim}; ZeRO-{cfg.zero.stage}, {cfg.optim.name}, "
+                 f"{'bf16' if cfg.train.bf16 else 'fp32'}")
+
+
+def check_batch(cfg: Config, world_size: int) -> Check:
+    """Global batch = micro batch x accumulation x world size; the accumulation derived from
+    ``train.global_batch`` when not given."""
+    try:
+        return Check("batch", PASS, cfg.batch_line(world_size) + ("" if cfg.train.global_batch else
+                                                                  " (train.global_batch not set)"))
+    except UserError as err:
+        return Check("batch", FAIL, str(err), "change train.micro_batch, train.global_batch or the number of GPUs")
+
+
+def check_data(cfg: Config, world_size: int) -> list[Check]:
+    """``data.train`` and ``data.val`` resolve (as the loaders resolve them), their labels fit the
+    model, and every dataloader worker of every rank gets a training shard of its own."""
+    spec = cfg.loader()
+    checks = []
+    for key, source, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
+        if not source:
+            checks.append(Check(key, SKIP, "not set: no evaluation"))
+            continue
+        if source == "synthetic":
+            checks.append(Check(key, SKIP, "synthetic data: no shards to check"))
+            continue
+        try:
+            shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
+            check_labels(shards, spec, key)
+            if split == "train":
+                check_layout(shards, world_size, max(1, cfg.data.workers))
+        except UserError as err:
+            checks.append(Check(key, FAIL, str(err), "see the message: fix the path, the split or the setting named"))
+            continue
+        count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+        detail = f"{len(shards.urls)} shards, {count}"
+        if split == "train":
+            detail += f", for {world_size} ranks x {max(1, cfg.data.workers)} workers"
+        checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
+    return checks
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _bytes_under(path: Path, max_files: int = 20000) -> int:
+    """Bytes of the regular files under ``path``, counting at most ``max_files`` files (an
+    undercount only makes the disk check stricter; it keeps a mistaken run.dir=/ cheap)."""
+    if not path.is_dir():
+        return 0
+    total = 0
+    for count, f in enumerate(path.rglob("*")):
+        if count >= max_files:
+            break
+        if f.is_file() and not f.is_symlink():
+            total += f.stat().st_size
+    return total
+
+
+def check_run_dir(cfg: Config) -> list[Check]:
+    """``run.dir`` (and its checkpoints folder, when it exists) can be written: a temporary file
+    is created and removed, nothing else; and its file system has room for ``checkpoint.keep + 1``
+    checkpoints (bytes already under ``run.dir`` count as available, since old checkpoints are
+    rotated out as new ones land; one new checkpoint must always fit)."""
+    run_dir = Path(cfg.run.dir)
+    fix = "set run.dir to a writable directory on a shared filesystem"
+    if run_dir.exists() and not run_dir.is_dir():
+        return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r} is a file, not a directory", fix)]
+    base = _existing_ancestor(run_dir)
+    if not base.is_dir():
+        return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r} cannot be created: {base} is not a directory", fix)]
+    for where in (base, run_dir / "checkpoints"):
+        if not where.is_dir():
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".vitscale-preflight-"):
+                pass
+        except OSError as err:
+            return [Check("run dir", FAIL, f"run.dir={str(run_dir)!r}: cannot write in {where} ({err.strerror})",
+                          f"{fix}, or fix the permissions of {where}")]
+    state = "exists" if base == run_dir.absolute() else f"will be created under {base}"
+    checks = [Check("run dir", PASS, f"{run_dir} {state}, writable")]
+    params = param_count(cfg.model.spec())
+    one = checkpoint_bytes(params, cfg.optim.name)
+    total = one * (cfg.checkpoint.keep + 1)
+    existing = _bytes_under(run_dir)
+    need = max(one, total - existing)
+    free = shutil.disk_usage(base).free
+    detail = (f"{gib(free)} free; {cfg.checkpoint.keep} + 1 checkpoints x {gib(one)} "
+              f"({one // params} B/param) = {gib(total)}"
+              + (f", {gib(existing)} already in run.dir" if existing else ""))
+    if free < need:
+        checks.append(Check("disk", FAIL, detail, f"free {gib(need - free)} more, lower checkpoint.keep, or {fix}"))
+    else:
+        checks.append(Check("disk", PASS, detail))
+    return checks
+
+
+def sdpa_shapes(cfg: Config) -> dict:
+    spec = cfg.model.spec()
+    return {"batch": cfg.train.micro_batch, "heads": spec.heads, "seq_len": spec.seq_len,
+            "head_dim": spec.head_dim, "dtype": torch.bfloat16 if cfg.train.bf16 else torch.float32,
+            "dropout_p": cfg.model.attn_dropout}
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` with CUDA (so ranks do not all touch GPU 0), else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_sdpa(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str | None = None) -> Check:
+    """The SDPA backend for the configured shapes on ``device`` (default: this rank's).
+    ``probe_gpu=False`` on a CUDA device checks the documented constraints without touching the
+    GPU (a launcher must not hold a CUDA context for the whole run)."""
+    shapes = sdpa_shapes(cfg)
+    dev = torch.device(device) if device is not None else local_device()
+    kind = str(shapes["dtype"]).removeprefix("torch.")
+    what = f"heads {shapes['heads']}, seq {shapes['seq_len']}, head_dim {shapes['head_dim']}, {kind} on {dev.type}"
+    if dev.type == "cuda" and not probe_gpu:
+        report = SdpaReport(backend="not probed")
+        what += ": not probed in this launcher process, which must not hold a GPU context"
+    else:
+        report = sdpa_report(**shapes, device=dev)
+        what += f": {report.backend}"
+    if report.backend == "flash":
+        return Check("sdpa", PASS, what)
+    gpu_blockers = [r for r in flash_blockers(shapes["head_dim"], shapes["dtype"], "cpu")
+                    if not r.startswith("device is")]
+    on_gpu = dev.type == "cuda" and report.backend != "not probed"
+    reasons = flash_blockers(shapes["head_dim"], shapes["dtype"], dev) if on_gpu else list(gpu_blockers)
+    reasons += report.rejected.get("flash", []) if on_gpu else []
+    fix = "; ".join(dict.fromkeys(reasons)) or "see the reason above"
+    if cfg.model.require_flash:
+        if on_gpu or gpu_blockers:
+            return Check("sdpa", FAIL, f"{what}, but model.require_flash=true",
+                         f"{fix}; or set model.require_flash=false")
+        if runs_here and dev.type != "cuda":
+            return Check("sdpa", FAIL, f"{what}, but model.require_flash=true and this machine has no GPU",
+                         "run on sm80+ GPUs (A100, H100), or set model.require_flash=false")
+    if not on_gpu:
+        note = ("these shapes are flash-eligible on an sm80+ GPU" if not gpu_blockers
+                else "flash will not run on a GPU either: " + "; ".join(gpu_blockers))
+        where = "no GPU here; " if dev.type != "cuda" else ""
+        return Check("sdpa", WARN if gpu_blockers else PASS, f"{what} ({where}{note})", fix if gpu_blockers else "")
+    return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
+
+
+def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: bool | None = None) -> list[Check]:
+    """Config, batch arithmetic, data, run dir (+ disk), SDPA backend.
+
+    ``probe_gpu``: whether the SDPA check may run tiny tensors on this rank's GPU; by default
+    only inside a rank (``LOCAL_RANK`` set), never in a launcher process that spawns ranks."""
+    probe = ("LOCAL_RANK" in os.environ) if probe_gpu is None else probe_gpu
+    return [describe_config(cfg), check_batch(cfg, world_size), *check_data(cfg, world_size), *check_run_dir(cfg),
+            check_sdpa(cfg, runs_here, probe)]
+
+
+def raise_on_failure(checks: list[Check]) -> None:
+    """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
+    failed = [c for c in checks if c.status == FAIL]
+    if len(failed) == 1 and failed[0].name in ("batch", "data.train", "data.val"):
+        raise UserError(failed[0].detail)  # these details already name the key and the fix
+    if failed:
+        lines = [f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed]
+        raise UserError("preflight failed: " + " | ".join(lines))
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<5} {c.name:<{width}}  {c.detail}")
+        if c.fix and c.status in (WARN, FAIL):
+            lines.append(f"{'':<5} {'':<{width}}  fix: {c.fix}")
+    return "\n".join(lines)
