@@ -390,3 +390,79 @@ def test_inspect_reports_spec_without_loading(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["spec"]["representation_size"] == 64
     np.savez(tmp_path / "v.npz", **vit_jax_arrays(random_model(PLAIN).state_dict(), PLAIN))
     assert inspect(tmp_path / "v.npz")["spec"] == PLAIN.to_dict()
+
+
+# ---------------------------------------------------------------- timm's own models as the oracle
+
+def _timm_model(spec, seed: int = 0):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from pretrain.formats.timm import timm_kwargs
+
+    torch.manual_seed(seed)
+    model = TimmViT(**timm_kwargs(spec))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", [PLAIN, GAP], ids=["cls", "gap"])
+def test_timm_state_dict_gives_timms_logits(tmp_path, spec):
+    theirs = _timm_model(spec)
+    torch.save(theirs.state_dict(), tmp_path / "timm.pth")
+    sd, got, meta = read_weights(tmp_path / "timm.pth")
+    assert meta["format"] == "timm" and got == spec
+    with torch.no_grad():
+        torch.testing.assert_close(logits(sd, got), theirs(X), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["model.safetensors", "pytorch_model.bin"])
+def test_a_timm_hub_folder_is_read_as_timm_not_hf(tmp_path, safe):
+    """The layout of every timm/... Hub repository (config.json with `architecture`, no
+    `model_type`), as timm itself writes it."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    import pretrain
+
+    spec = spec_for("vit_test4", img_size=16, num_classes=5, width=48, heads=3, mlp_dim=96)  # heads from config.json
+    args = {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2.0,
+            "num_classes": 5}
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(std=0.3)
+    hub = tmp_path / "hub"
+    save_for_hf(theirs, hub, model_args=args, safe_serialization=safe)
+    weights = hub / ("model.safetensors" if safe else "pytorch_model.bin")
+    assert detect_format(hub) == detect_format(weights) == "timm"
+    ours = pretrain.load_model(hub)
+    assert ours.spec == spec
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), theirs(X), atol=1e-5, rtol=1e-5)
+    assert convert.main([str(hub), str(tmp_path / "ours.safetensors"), "--to", "safetensors", "--verify"]) == 0
+
+
+def test_timm_export_verifies_and_reads_back_without_heads(tmp_path, capsys):
+    """A width no known variant has: the read-back uses the written spec's heads (no --heads)."""
+    spec = spec_for("vit_test4", img_size=16, num_classes=5, width=48, heads=3)
+    src, sd = write_ours(tmp_path, spec)
+    assert convert.main([str(src), str(tmp_path / "out.pth"), "--to", "timm", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "timm VisionTransformer logits" in out and "verify: passed" in out
+
+
+@pytest.mark.parametrize("spec", [PLAIN, GAP], ids=["cls", "gap"])
+def test_our_npz_loads_in_timms_google_checkpoint_loader(tmp_path, spec):
+    """timm's own reader of Google vit_jax checkpoints (`_load_weights`) takes our .npz export and
+    gives our logits."""
+    from timm.models.vision_transformer import _load_weights
+
+    src, sd = write_ours(tmp_path, spec)
+    assert convert.main([str(src), str(tmp_path / "ViT.npz"), "--to", "npz"]) == 0
+    theirs = _timm_model(spec, seed=5)
+    _load_weights(theirs, str(tmp_path / "ViT.npz"))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(X), logits(sd, spec), atol=1e-5, rtol=1e-5)

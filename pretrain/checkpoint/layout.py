@@ -203,8 +203,11 @@ class CheckpointManager:
             for stale in self.dir.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         self.comm.barrier()
-        engine.save(self.dir, tmp_tag, client_state={"step": step})
-        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+        try:
+            engine.save(self.dir, tmp_tag, client_state={"step": step})
+            torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+        except (OSError, RuntimeError) as err:
+            raise save_failure(err, self.dir, step) from err
         self.comm.barrier()
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
         mine = {}
@@ -268,6 +271,32 @@ class CheckpointManager:
         if not path.is_file():
             return None
         return torch.load(path, weights_only=False)
+
+
+_LOW_SPACE = 64 << 20
+
+
+def save_failure(err: Exception, ckdir: Path, step: int) -> Exception:
+    """A :class:`UserError` naming the cause when a save failed for a reason the user can fix
+    (disk full, read-only or not writable); ``err`` itself otherwise (a bug keeps its traceback).
+    Libraries word these differently (``OSError`` with an errno, or a ``RuntimeError`` from
+    torch's writer such as ``basic_ios::clear``), so the file system is asked as well."""
+    errno_ = getattr(err, "errno", None)
+    text = str(err)
+    keep = "The previous checkpoint is intact; relaunching the same command resumes from it"
+    try:
+        free = shutil.disk_usage(ckdir).free
+    except OSError:
+        free = None
+    if errno_ == 28 or "No space left" in text or (free is not None and free < _LOW_SPACE):
+        have = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        return UserError(f"the checkpoint of step {step} could not be written: the disk under {ckdir} is full{have}. "
+                         f"Free space or lower checkpoint.keep. {keep}")
+    if errno_ in (13, 1, 30) or "Permission denied" in text or "Read-only" in text or not os.access(ckdir, os.W_OK):
+        return UserError(f"the checkpoint of step {step} could not be written: {ckdir} is read-only or not writable "
+                         f"for this user ({text.splitlines()[0] if text else type(err).__name__}). Fix its "
+                         f"permissions or set run.dir to a writable directory. {keep}")
+    return err
 
 
 def _convert_to_universal(tag_dir: Path, out: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,34 +27,57 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: run.dir's latest)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start if run.dir has checkpoints")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take run.dir's lock even if another job seems to hold it (only when that job is gone)")
     add_launch_args(p)
     return p
 
 
-def check_before_launch(cfg: Config, mode: str, args: argparse.Namespace) -> None:
-    """Everything that can be checked before a process starts (exit 2 with one line each):
-    launch flags, batch arithmetic, data, run dir, disk, attention backend, and the checkpoint a
-    resume would use."""
-    from pretrain.checkpoint.resume import check_before_launch as check_resume
+def check_before_launch(cfg: Config, args: argparse.Namespace) -> None:
+    """What can be checked before anything is created (exit 2 with one line each): launch flags,
+    batch arithmetic, data, run dir, disk, attention backend."""
     from pretrain.train.checks import raise_on_failure, run_cheap_checks
 
     check_launch_args(args)
-    world = world_size_of(args)
-    raise_on_failure(run_cheap_checks(cfg, world, runs_here=True))
+    raise_on_failure(run_cheap_checks(cfg, world_size_of(args), runs_here=True))
+
+
+def check_resume(cfg: Config, mode: str, args: argparse.Namespace) -> None:
+    """The checkpoint a resume would use fits the run (checked once run.dir is locked)."""
+    from pretrain.checkpoint.resume import check_before_launch as check_checkpoint
+
     resume, no_resume = getattr(args, "resume", None), getattr(args, "no_resume", False)
     if resume or (Path(cfg.run.dir) / "checkpoints").is_dir():
-        check_resume(Path(cfg.run.dir), cfg.checkpoint.keep, identity(cfg.for_world(world), mode), resume, no_resume,
-                     hash_files=args.node_rank == 0)
+        world = world_size_of(args)
+        check_checkpoint(Path(cfg.run.dir), cfg.checkpoint.keep, identity(cfg.for_world(world), mode), resume,
+                         no_resume, hash_files=args.node_rank == 0)
+
+
+def owns_run_dir(args: argparse.Namespace) -> bool:
+    """Whether this process holds run.dir's lock for the job: our launcher on node 0, or rank 0
+    of a job another launcher started (see :mod:`pretrain.checkpoint.lock`)."""
+    if in_launched_job():
+        return not os.environ.get("VITSCALE_SPAWNER") and os.environ.get("RANK") == "0"
+    return args.node_rank == 0
 
 
 def launch_or_run(mode: str, argv: list[str], args: argparse.Namespace, cfg: Config,
                   worker: Callable[[], int]) -> int:
-    """Inside a launched job run this rank; else check everything and start the ranks."""
-    if in_launched_job():
+    """Inside a launched job run this rank; else check everything and start the ranks. The
+    process that owns the job holds run.dir's lock while it runs."""
+    from pretrain.checkpoint.lock import RunLock
+
+    launched = in_launched_job()
+    if launched:
         bind_to_launcher()
-        return worker()
-    check_before_launch(cfg, mode, args)
-    return spawn(args, mode, strip_launch_args(argv))
+    else:
+        check_before_launch(cfg, args)
+    lock = RunLock(cfg.run.dir, mode, force=args.force_unlock) if owns_run_dir(args) else contextlib.nullcontext()
+    with lock:
+        if launched:
+            return worker()
+        check_resume(cfg, mode, args)
+        return spawn(args, mode, strip_launch_args(argv))
 
 
 def main(argv: list[str]) -> int:

@@ -92,8 +92,9 @@ class _TrainSlots(IterableDataset):
             keys.append(item.sample.key)
             if len(images) == spec.micro_batch:
                 yield {"images": torch.stack(images), "targets": torch.stack(targets), "keys": keys,
-                       "worker": w, "pos": item.position, "epoch": item.epoch, "bad": bad}
-                images, targets, keys, bad = [], [], [], {}
+                       "worker": w, "pos": item.position, "epoch": item.epoch, "bad": dict(bad)}
+                images, targets, keys = [], [], []
+                bad.clear()  # the stream adds to this very dict
 
 
 class ShardTrain:
@@ -224,12 +225,13 @@ class _EvalShards(IterableDataset):
                 images.append(img)
                 targets.append(target)
                 if len(images) == spec.micro_batch:
-                    yield {**_pad(images, targets, spec.micro_batch), "bad": bad}
-                    images, targets, bad = [], [], {}
+                    yield {**_pad(images, targets, spec.micro_batch), "bad": dict(bad)}
+                    images, targets = [], []
+                    bad.clear()  # read_shard adds to this very dict
         if images:
-            yield {**_pad(images, targets, spec.micro_batch), "bad": bad}
+            yield {**_pad(images, targets, spec.micro_batch), "bad": dict(bad)}
         elif bad:
-            yield {"images": None, "bad": bad}
+            yield {"images": None, "bad": dict(bad)}
 
 
 def _pad(images: list, targets: list, micro: int) -> dict:

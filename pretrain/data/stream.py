@@ -41,17 +41,22 @@ def slot_shards(n: int, seed: int, epoch: int, slot: int, nslots: int) -> list[i
 
 
 def read_shard(url: str, expected: int | None, lost: dict) -> Iterator[TarSample]:
-    """Samples of one shard. A shard that ends early (missing, truncated, corrupt) adds the samples
-    it lost (its index count minus those read, at least 1) to ``lost[(reason, shard name)]``, with
-    reason ``missing_shard`` or ``truncated_shard``."""
+    """Samples of one shard. A shard that ends early adds the samples it lost to
+    ``lost[(reason, shard name)]``: ``missing_shard`` (its whole count), ``truncated_shard`` (its
+    index count minus those read; at least 1 when the count is unknown). A local tar must end with
+    its end-of-archive blocks, so a cut between two members is caught too."""
     read = 0
     try:
-        for sample in iter_tar_samples(url):
+        for sample in iter_tar_samples(url, check_end=True):
             read += 1
             yield sample
     except ShardReadError as err:
         key = ("missing_shard" if err.missing else "truncated_shard", shard_label(url))
         lost[key] = lost.get(key, 0) + (max(1, expected - read) if expected is not None else 1)
+        return
+    if expected is not None and read < expected:
+        key = ("truncated_shard", shard_label(url))
+        lost[key] = lost.get(key, 0) + expected - read
 
 
 def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:

@@ -191,6 +191,9 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.name in ("adamw", "sgd"), "optim.name", self.name, "use 'adamw' or 'sgd'")
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        for key in ("b1", "b2", "momentum"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"optim.{key}", getattr(self, key), "must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.decay in ("linear", "cosine", "constant"), "optim.decay", self.decay,
@@ -301,7 +304,14 @@ def _hint(name: str, options: list[str]) -> str:
 
 
 def _coerce(key: str, value, annotation):
-    """Check (and gently convert) ``value`` to the field's declared type."""
+    """Check (and gently convert) ``value`` to the field's declared type; floats must be finite."""
+    value = _coerce_type(key, value, annotation)
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+    return value
+
+
+def _coerce_type(key: str, value, annotation):
     origin = typing.get_origin(annotation)
     options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
     if value is None:
@@ -366,7 +376,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise UserError(f"override {text!r}: the key must be section.key, e.g. model.depth=2")
-    return parts, yaml.safe_load(value) if value.strip() else None
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"override {text!r}: the value is not valid YAML ({first}); quote strings, e.g. "
+                        f"{path}='...'") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -379,13 +394,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {str(p)!r} is a directory: pass --config with a YAML recipe, e.g. "
+                        f"configs/demo_cpu.yaml")
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist: pass --config with a YAML recipe "
                         f"(see configs/, e.g. configs/demo_cpu.yaml)")
     try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"config file {str(p)!r} is not valid YAML ({first}): a recipe is YAML with sections "
+                        f"run:, model:, train:, ... (see configs/)") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) or v is None for v in raw.values()):
+        raise UserError(f"config file {str(p)!r} is not a recipe: it must be a YAML mapping of sections (run:, "
+                        f"model:, data:, train:, ...) each holding key: value pairs (see configs/)")
+    return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -159,6 +159,7 @@ class Trainer:
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
         self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
+        self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
         self.components.register("loop", self.state)
         self.components.register("data", self.train_data)
         self.components.register("rng", RngState())
@@ -202,6 +203,11 @@ class Trainer:
             log.write({"kind": "event", "step": start, "event": "preempted"})
             self.train_data.close()
             return 0
+        for key, source in (("data.train", self.train_data), ("data.val", self.eval_data)):
+            shards = getattr(source, "shards", None)
+            if shards is not None:
+                count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+                log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         log.console(f"{self.mode}: {cfg.model.name} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
@@ -310,7 +316,7 @@ class Trainer:
 
     def _evaluate(self, step: int) -> None:
         self.faults.eval_failure(step)
-        data = build_eval_data(self.cfg.loader(), self.rank, self.world)
+        data = self.eval_data
         result = evaluate(self.engine, data, self.cfg)
         bad = _sum_counts(Comm.all_gather_object(data.bad))
         record = {"kind": "eval", "step": step, **result, "eval_expected": data.expected}

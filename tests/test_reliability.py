@@ -1,0 +1,316 @@
+"""Faults and misuse a real cluster and a hurried user produce: a wrong path over a shard set, two
+jobs on one run dir, signals to the launcher (twice, to its process group, kill -9), damaged
+shards, a damaged `latest`, impossible values, a full or read-only disk. Real processes, tiny."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data_tools.cli import main as shards_main
+from tests.conftest import ROOT, TINY, cli_env, read_metrics, vitscale
+from tests.runs import events, job_processes, kill_job, latest, logged_step, output, start, wait_until
+
+# ---------------------------------------------------------------- shard sets are not overwritten
+
+
+def _synth(folder: Path, seed: int, per_class: int = 6) -> Path:
+    assert shards_main(["synth", str(folder), "--classes", "3", "--per-class", str(per_class), "--img-size", "8",
+                        "--seed", str(seed)]) == 0
+    return folder
+
+
+def test_writing_another_source_over_a_shard_set_is_refused_unless_forced(tmp_path, capsys):
+    a, b = _synth(tmp_path / "a", 0), _synth(tmp_path / "b", 1)
+    out = tmp_path / "shards"
+    write = ["write", "--samples-per-shard", "5", "--workers", "1", "--no-progress"]
+    assert shards_main([write[0], str(a), str(out), *write[1:]]) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    proc = vitscale("shards", write[0], str(b), str(out), *write[1:])
+    assert proc.returncode == 2 and f"holds shards of {a.resolve()}" in proc.stderr and "--force" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before  # nothing lost
+    (out / "train-000001.tar").unlink()  # an interrupted write of the same source resumes
+    assert shards_main([write[0], str(a), str(out), *write[1:]]) == 0
+    assert "shards written 1, reused from an earlier run 3" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    assert shards_main([write[0], str(b), str(out), *write[1:], "--force"]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} != before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    proc = vitscale("shards", write[0], str(a), str(other), *write[1:])
+    assert proc.returncode == 2 and "not written by `vitscale shards write`" in proc.stderr
+    assert (other / "todo.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- one job per run dir, launcher signals
+
+LONG = ["train.steps=100000", "checkpoint.every=0", "data.val=null"]
+
+
+def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in job_processes(proc)[1:] if "RANK" in _environ(p)]
+
+
+def _environ(p: psutil.Process) -> dict:
+    with contextlib.suppress(psutil.Error):
+        return p.environ()
+    return {}
+
+
+def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    first = start(run, *LONG)
+    try:
+        wait_until(lambda: logged_step(run, 2), first, what="step 2")
+        second = vitscale("pretrain", *TINY, *LONG, f"run.dir={run}")
+        assert second.returncode == 2
+        line = second.stderr.strip()
+        assert "\n" not in line and "is in use by `vitscale pretrain` (pid" in line and "--force-unlock" in line
+        holder = json.loads((run / ".vitscale.lock").read_text())
+        assert holder["pid"] == first.pid and holder["command"] == "pretrain"
+        steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+        assert steps == sorted(set(steps)), "the refused job wrote nothing into the run"
+    finally:
+        kill_job(first)  # kill -9 of every process: the lock file stays, its holder is gone
+    assert (run / ".vitscale.lock").is_file()
+    third = vitscale("pretrain", *TINY, "train.steps=3", "checkpoint.every=0", "data.val=null", f"run.dir={run}")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (run / ".vitscale.lock").exists(), "released at exit"
+
+
+def test_two_sigterms_to_the_launcher_save_and_exit_0(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *LONG)
+    try:
+        wait_until(lambda: logged_step(run, 2), proc, what="step 2")
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # SLURM may signal more than once
+        rc = proc.wait(120)
+    finally:
+        kill_job(proc)
+    assert rc == 0, output(run)[-2000:]
+    assert events(run, "preempted") and latest(run).startswith("step_")
+    assert "Traceback" not in output(run) and not (run / ".vitscale.lock").exists()
+
+
+def test_sigterm_to_the_launchers_process_group_saves_and_exits_0(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *LONG)
+    try:
+        wait_until(lambda: logged_step(run, 2), proc, what="step 2")
+        os.killpg(proc.pid, signal.SIGTERM)  # how SLURM stops a job step's processes
+        rc = proc.wait(120)
+    finally:
+        kill_job(proc)
+    assert rc == 0, output(run)[-2000:]
+    assert events(run, "preempted") and "SignalException" not in output(run) and "Traceback" not in output(run)
+
+
+def test_kill_9_of_the_launcher_ends_its_ranks(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *LONG)
+    try:
+        wait_until(lambda: logged_step(run, 2), proc, what="step 2")
+        ranks = _ranks(proc)
+        assert len(ranks) == 2
+        proc.kill()
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+    finally:
+        kill_job(proc)
+
+
+# ---------------------------------------------------------------- damaged shards are counted exactly
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> dict:
+    """8 shards of 10 (train) written by the writer; one truncated to half, one deleted."""
+    root = tmp_path_factory.mktemp("damaged")
+    _synth(root / "img", 0, per_class=27)
+    assert shards_main(["write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "10", "--workers", "1",
+                        "--no-progress", "--val-fraction", "0.15", "--seed", "3"]) == 0
+    index = json.loads((root / "sh" / "index.json").read_text())
+    counts = {s["file"]: s["samples"] for s in index["splits"]["train"]["shards"]}
+    cut = root / "sh" / "train-000002.tar"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    (root / "sh" / "train-000005.tar").unlink()
+    from pretrain.data.shards import iter_tar_samples
+
+    read = 0
+    with contextlib.suppress(OSError):
+        for _ in iter_tar_samples(cut):
+            read += 1
+    return {"shards": root / "sh", "lost_cut": counts["train-000002.tar"] - read,
+            "lost_gone": counts["train-000005.tar"], "counts": counts}
+
+
+def _loader(shards: Path, workers: int = 1, world: int = 1, rank: int = 0):
+    from pretrain.data.loader import ShardTrain
+    from pretrain.train.config import load_config
+
+    cfg = load_config(None, ["model.name=vit_test4", "model.img_size=8", "model.num_classes=3",
+                             f"data.train={shards}", f"data.workers={workers}", "train.micro_batch=4",
+                             "data.shuffle_buffer=5", "data.max_bad_frac=1.0"])
+    return ShardTrain(cfg.loader(), rank, world)
+
+
+def test_lost_samples_are_counted_from_the_index_by_shard_and_reason(damaged):
+    src = _loader(damaged["shards"])
+    per_epoch = sum(damaged["counts"].values()) - damaged["lost_cut"] - damaged["lost_gone"]
+    for _ in range(-(-per_epoch // 4) + 2):  # a little more than one epoch
+        src.next_batch()
+    stats = src.stats()
+    assert stats["bad_by_shard"]["train-000002.tar"] == damaged["lost_cut"] > 1
+    assert stats["bad_by_shard"]["train-000005.tar"] == damaged["lost_gone"] == damaged["counts"]["train-000005.tar"]
+    assert stats["bad_by_reason"] == {"truncated_shard": damaged["lost_cut"], "missing_shard": damaged["lost_gone"]}
+
+
+@pytest.mark.parametrize("stop", [3, 9, 17])
+def test_resume_is_exact_after_lost_samples(damaged, stop):
+    """The stream position counts lost samples in index units, so a resume lands on the next
+    sample, within the epoch of the losses and across its end."""
+    src = _loader(damaged["shards"], workers=2)
+    straight = [list(src.next_batch().keys) for _ in range(24)]
+    first = _loader(damaged["shards"], workers=2)
+    head = [list(first.next_batch().keys) for _ in range(stop)]
+    resumed = _loader(damaged["shards"], workers=2)
+    resumed.load_state_dict(first.state_dict())
+    tail = [list(resumed.next_batch().keys) for _ in range(24 - stop)]
+    assert head + tail == straight
+    again = _loader(damaged["shards"], workers=2)
+    for _ in range(24):
+        again.next_batch()
+    assert resumed.stats()["bad_by_shard"] == again.stats()["bad_by_shard"], "counts add up over the resume"
+
+
+def test_training_logs_lost_samples_summed_over_ranks_and_evaluate_reports_a_shortfall(damaged, tmp_path):
+    run = tmp_path / "run"
+    vitscale("pretrain", *TINY, "model.img_size=8", "model.num_classes=3", f"data.train={damaged['shards']}",
+             "data.val=null", "data.workers=1", "data.max_bad_frac=0.5", "train.steps=24", "train.log_every=24",
+             "checkpoint.every=0", f"run.dir={run}", check=True)
+    rec = [r for r in read_metrics(run) if "loss" in r][-1]
+    # 384 samples drawn over ~55 readable ones per epoch: every pass over a damaged shard (on
+    # either rank) counts exactly what the index says it lost
+    by_shard = rec["bad_by_shard"]
+    assert set(by_shard) == {"train-000002.tar", "train-000005.tar"}
+    assert by_shard["train-000002.tar"] % damaged["lost_cut"] == 0 and by_shard["train-000002.tar"] > 0
+    assert by_shard["train-000005.tar"] % damaged["lost_gone"] == 0 and by_shard["train-000005.tar"] > 0
+    assert rec["bad_by_reason"] == {"truncated_shard": by_shard["train-000002.tar"],
+                                    "missing_shard": by_shard["train-000005.tar"]}
+    assert rec["bad_samples"] == sum(by_shard.values())
+    val = vitscale("evaluate", "--checkpoint", str(run), "--data", str(damaged["shards"]), "--json", check=True)
+    result = json.loads(val.stdout.strip().splitlines()[-1])
+    assert result["samples"] == result["expected"]  # the val split is intact
+    cut = tmp_path / "val"
+    shutil.copytree(damaged["shards"], cut)
+    tar = cut / "val-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    val = vitscale("evaluate", "--checkpoint", str(run), "--data", str(cut), "--json")
+    result = json.loads(val.stdout.strip().splitlines()[-1])
+    assert result["samples"] < result["expected"] and f"scored {result['samples']} of the {result['expected']}" \
+        in val.stderr and "val-000000.tar" in val.stderr
+
+
+# ---------------------------------------------------------------- a damaged `latest`
+
+def test_garbage_in_latest_falls_back_to_the_newest_verified_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    vitscale("pretrain", *TINY, "train.steps=6", "checkpoint.every=3", "data.val=null", f"run.dir={run}", check=True)
+    (run / "checkpoints" / "latest").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    proc = vitscale("pretrain", *TINY, "train.steps=8", "checkpoint.every=3", "data.val=null", f"run.dir={run}",
+                    check=True)
+    assert "does not name a checkpoint tag" in proc.stdout and "resumed from" in proc.stdout
+    assert "at step 6" in proc.stdout and latest(run) == "step_00000008"
+
+
+# ---------------------------------------------------------------- values and inputs checked before anything starts
+
+@pytest.mark.parametrize("argv,expect", [
+    (["pretrain", *TINY, "--nproc-per-node", "0"], "--nproc-per-node 0: must be >= 1"),
+    (["preflight", "--config", "configs/demo_cpu.yaml", "--nodes", "0"], "--nodes 0: must be >= 1"),
+    (["preflight", "--config", "configs/demo_cpu.yaml", "--gpu-mem-gb", "-5"], "--gpu-mem-gb -5"),
+    (["pretrain", *TINY, "model.depth=0"], "model.depth=0"),
+    (["pretrain", *TINY, "model.width=-8"], "model.width=-8"),
+    (["pretrain", *TINY, "train.max_bad_steps=0"], "train.max_bad_steps=0"),
+    (["pretrain", *TINY, "optim.lr=.inf"], "optim.lr=inf: must be a finite number"),
+    (["pretrain", *TINY, "train.steps=[1,2"], "is not valid YAML"),
+    (["pretrain", "--config", "NOTES"], "is not a recipe"),
+    (["pretrain", "--config", "configs/"], "is a directory"),
+    (["shards", "synth", "OUT", "--classes", "-1"], "--classes -1: must be >= 2"),
+    (["shards", "synth", "README.md"], "README.md is a file"),
+])
+def test_impossible_values_are_one_line_and_exit_2(argv, expect, tmp_path):
+    (tmp_path / "notes.txt").write_text("remember to lower the lr next time\n")
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("NOTES", str(tmp_path / "notes.txt")) for a in argv]
+    if argv[0] == "pretrain":
+        argv.append(f"run.dir={tmp_path / 'run'}")
+    proc = vitscale(*argv)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- a full or read-only disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs (real ENOSPC / EROFS); skipped where this user may not mount."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_during_a_save_says_so_and_the_relaunch_resumes(small_disk):
+    run = small_disk / "run"
+    args = [*TINY, "train.steps=100000", "checkpoint.every=4", "checkpoint.keep=1", "data.val=null"]
+    proc = start(run, *args[len(TINY):])
+    filler = small_disk / "filler"
+    try:
+        wait_until(lambda: (run / "checkpoints" / "latest").is_file(), proc, what="the first checkpoint")
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)  # until ENOSPC
+        rc = proc.wait(120)
+    finally:
+        kill_job(proc)
+    text = output(run)
+    assert rc == 2 and "the disk under" in text and "is full" in text, text[-2000:]
+    assert text.count("is full") == 1 and "Traceback" not in text
+    step = int(latest(run).split("_")[1])
+    filler.unlink()
+    again = vitscale("pretrain", *TINY, f"train.steps={step + 2}", "checkpoint.every=0", "data.val=null",
+                     f"run.dir={run}", check=True)
+    assert f"at step {step}" in again.stdout
+
+
+def test_a_read_only_run_dir_is_refused_before_anything_starts(small_disk):
+    run = small_disk / "run"
+    vitscale("pretrain", *TINY, "train.steps=2", "checkpoint.every=0", "data.val=null", f"run.dir={run}", check=True)
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
+    proc = vitscale("pretrain", *TINY, "train.steps=4", "data.val=null", f"run.dir={run}")
+    assert proc.returncode == 2
+    assert "cannot write in" in proc.stderr and "Read-only" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_launcher_module_is_importable_without_side_effects():
+    """Signal handlers are installed by spawn(), not at import (a re-entrant handler once imported
+    psutil inside itself)."""
+    code = "import signal, pretrain.train.spawn; print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    assert out.stdout.strip() == "True"
