@@ -110,9 +110,3 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (without the leading ``shards``) and run the subcommand; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     return {"write": _write, "verify": _verify, "stats": _stats, "synth": _synth}[args.command](args)
-
-
-if __name__ == "__main__":
-    from pretrain.cli import main as vitscale_main
-
-    sys.exit(vitscale_main(["shards", *sys.argv[1:]]))

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from tqdm import tqdm
 
+from pretrain.core.system import available_cpus
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def default_workers() -> int:
-    """The CPUs this process may use (respects taskset / cgroup affinity where exposed)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """Worker processes by default: every CPU this process may use."""
+    return available_cpus()
 
 
 def map_with_progress(fn: Callable[[T], R], tasks: Sequence[T], workers: int, weights: Sequence[int],

@@ -28,7 +28,8 @@ import yaml
 
 from launch import accelerate_cfg, hostfile, slurm
 from pretrain.core.errors import UserError
-from pretrain.train.config import Config, load_config, save_config
+from pretrain.train.config import Config
+from pretrain.train.config_file import load_config, save_config
 
 COMMANDS = ("pretrain", "finetune")
 

@@ -49,7 +49,8 @@ from pretrain.train.checks import (
     local_device,
     run_cheap_checks,
 )
-from pretrain.train.config import Config, load_config
+from pretrain.train.config import Config
+from pretrain.train.config_file import load_config
 
 HEADROOM = 0.9  # fraction of GPU memory the estimate may use before WARN
 DEFAULT_GPU_MEM_GIB = 80.0

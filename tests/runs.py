@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ROOT, TINY, cli_env
+from tests.helpers import ROOT, TINY, cli_env
 
 # 16 deterministic steps, a checkpoint every 5 (keep 3: 10, 15, 16 survive), sample keys recorded
 RUN = [*TINY, "train.steps=16", "checkpoint.every=5", "checkpoint.keep=3", "run.deterministic=true",

@@ -12,7 +12,7 @@ import torch
 
 from pretrain.bench.plan import Budget, Case, build_plan, largest_fitting, parse_extra, shrink
 from pretrain.core.errors import UserError
-from tests.conftest import ROOT, cli_env, vitscale
+from tests.helpers import ROOT, cli_env, vitscale
 
 BREAKDOWN = {"forward_s", "backward_s", "optimizer_s", "data_wait_s"}
 REQUIRED = {"model", "img_size", "device", "torch", "zero_stage", "act_ckpt", "compile", "micro_batch", "images_per_s",
@@ -122,7 +122,7 @@ def test_budget_stops_starting_what_would_overrun():
 
 
 def test_sdpa_backend_from_profiler_names():
-    from pretrain.bench.measure import sdpa_from_profile
+    from pretrain.bench.evidence import sdpa_from_profile
 
     cudnn = ["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_cudnn_attention",
              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128"]
@@ -138,7 +138,7 @@ def test_sdpa_backend_from_profiler_names():
 
 
 def test_speedup_vs_timm_only_on_the_reference_model():
-    from pretrain.bench.train import RECORD_KEYS, fill_speedups
+    from pretrain.bench.records import RECORD_KEYS, fill_speedups
 
     def rec(**kw):
         return {**dict.fromkeys(RECORD_KEYS), **kw}
@@ -174,7 +174,7 @@ def test_gpu_flow_searches_once_backs_off_after_oom_and_reuses_the_search(monkey
 
     monkeypatch.setattr(bench_train, "run_child", fake_child)
     monkeypatch.setattr(bench_train.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench_train, "gpu_name", lambda: "NVIDIA H100")
+    monkeypatch.setattr("pretrain.bench.records.gpu_name", lambda: "NVIDIA H100")
     args = bench_train.parse_args(["--models", "vit_test4", "--img-sizes", "32", "--zero-stages", "2",
                                    "--act-ckpt", "off", "--compile", "both", "--extra", "vit_test4@32:z3",
                                    "--out", str(tmp_path)])

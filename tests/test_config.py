@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from pretrain.core.errors import UserError
-from pretrain.train.config import load_config
-from tests.conftest import ROOT, vitscale
+from pretrain.train.config_file import load_config
+from tests.helpers import ROOT, vitscale
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

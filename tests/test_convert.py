@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 
 from pretrain import cli
 from pretrain.commands import convert
-from pretrain.commands.inspect import inspect
 from pretrain.core.errors import UserError
 from pretrain.formats import detect_format, load_safetensors, read_weights, save_safetensors
+from pretrain.formats.inspect import inspect
+from pretrain.formats.npz import write_vit_jax_npz
 from pretrain.model.vit import VisionTransformer, build_model, spec_for
 
 PLAIN = spec_for("vit_test4", img_size=16, num_classes=5)
@@ -312,7 +313,7 @@ def test_verify_fails_on_a_broken_writer(tmp_path, monkeypatch, capsys):
         sd = dict(sd)
         sd["blocks.0.attn.proj.weight"] = sd["blocks.0.attn.proj.weight"].clone()
         sd["blocks.0.attn.proj.weight"][3, 5] += 0.05
-        convert.write_vit_jax_npz(sd, spec, dst)
+        write_vit_jax_npz(sd, spec, dst)
 
     monkeypatch.setitem(convert.ADAPTERS, "npz", replace(convert.ADAPTERS["npz"], write=broken))
     assert convert.main([str(src), str(tmp_path / "bad.npz"), "--to", "npz", "--verify"]) == 1

@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ import torch
 
 from pretrain import cli
 from pretrain.commands import convert
-from pretrain.commands.inspect import inspect
 from pretrain.core.errors import UserError
 from pretrain.formats import (
     consolidate_deepspeed,
@@ -29,30 +25,18 @@ from pretrain.formats import (
     read_weights,
     resolve_deepspeed_checkpoint,
 )
+from pretrain.formats.inspect import inspect
 from pretrain.model.vit import ViTSpec, build_model
+from tests.helpers import ROOT, torchrun
 
-pytest.importorskip("deepspeed")
-
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ds_save_tiny.py"
 TAG = "step_00000002"
 STAGES = [int(s) for s in os.environ.get("VITSCALE_ZERO_STAGES", "3").split()]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args: str) -> None:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), str(SCRIPT), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(SCRIPT, *args, nproc=nproc)
 
 
 @pytest.fixture(scope="module", params=STAGES, ids=lambda s: f"zero{s}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, read_metrics, vitscale
+from tests.helpers import TINY, read_metrics, vitscale
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "images_per_s", "mfu", "data_wait_frac"}
 

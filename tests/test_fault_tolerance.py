@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.formats import consolidate_deepspeed
-from tests.conftest import cli_env, vitscale
+from tests.helpers import cli_env, vitscale
 from tests.runs import events, kill_job, latest, logged_step, output, rank_process, records, start, wait_until
 from tests.runs import pretrain_args as _args
 

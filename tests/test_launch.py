@@ -18,7 +18,7 @@ import yaml
 
 from launch import cli, hostfile, slurm
 from pretrain.core.errors import UserError
-from pretrain.train.config import load_config
+from pretrain.train.config_file import load_config
 
 VENV_BIN = Path(sys.executable).parent
 HOSTS = ["gpu-a17", "gpu-a18", "gpu-b01", "gpu-b02"]
@@ -252,18 +252,11 @@ def test_deepspeed_launcher_runs_one_process_per_slot(tmp_path, recipe, monkeypa
     assert load_config(run_dir / "config.yaml").run.dir == str(run_dir)
 
 
-def _build_ds_config_or_skip():
-    try:
-        from pretrain.train.engine import build_ds_config
-    except (ImportError, AttributeError) as err:
-        pytest.skip(f"pretrain.train.engine.build_ds_config is not available yet ({err})")
-    return build_ds_config
 
 
 def test_accelerate_config_is_valid_for_accelerate(tmp_path, recipe, monkeypatch):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    _build_ds_config_or_skip()
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     assert cli.main(["accelerate", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8",
@@ -279,7 +272,6 @@ def test_accelerate_config_is_valid_for_accelerate(tmp_path, recipe, monkeypatch
 @pytest.mark.slow
 def test_accelerate_launch_runs_vitscale_on_every_rank(tmp_path, recipe, monkeypatch):
     """`accelerate launch` with the generated config and command starts both ranks."""
-    _build_ds_config_or_skip()
     fake = _write_exe(tmp_path / "vitscale",
                       '#!/bin/bash\necho "$RANK $WORLD_SIZE $*" > "$(dirname "$0")/r$RANK"\n')
     monkeypatch.chdir(tmp_path)

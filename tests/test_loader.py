@@ -11,7 +11,7 @@ from data_tools.shard_writer import WriteOptions, write_shards
 from data_tools.synth import write_synthetic_folder
 from pretrain.core.errors import UserError
 from pretrain.data.loader import ShardEval, ShardTrain
-from pretrain.train.config import load_config
+from pretrain.train.config_file import load_config
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from pretrain.train.spawn import free_port
-from tests.conftest import ROOT, TINY, cli_env, read_metrics, vitscale
+from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale
 
 COMMON = ["--config", "configs/demo_cpu.yaml", *TINY, "train.steps=6", "run.deterministic=true",
           "checkpoint.every=0", "data.val=null"]

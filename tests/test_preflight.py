@@ -26,7 +26,7 @@ from pretrain.data.loader import ShardTrain
 from pretrain.model.costs import param_count
 from pretrain.model.vit import Block, build_model, spec_for
 from pretrain.train import checks as cheap_checks
-from pretrain.train.config import load_config
+from pretrain.train.config_file import load_config
 
 TINY = ["model.name=vit_test4", "model.img_size=32", "train.micro_batch=4"]
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from data_tools.cli import main as shards_main
-from tests.conftest import ROOT, TINY, cli_env, read_metrics, vitscale
+from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale
 from tests.runs import events, job_processes, kill_job, latest, logged_step, output, start, wait_until
 
 # ---------------------------------------------------------------- shard sets are not overwritten
@@ -159,7 +159,7 @@ def damaged(tmp_path_factory) -> dict:
 
 def _loader(shards: Path, workers: int = 1, world: int = 1, rank: int = 0):
     from pretrain.data.loader import ShardTrain
-    from pretrain.train.config import load_config
+    from pretrain.train.config_file import load_config
 
     cfg = load_config(None, ["model.name=vit_test4", "model.img_size=8", "model.num_classes=3",
                              f"data.train={shards}", f"data.workers={workers}", "train.micro_batch=4",

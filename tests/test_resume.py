@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint.layout import verify_checkpoint
-from tests.conftest import TINY as RUN_TINY
-from tests.conftest import cli_env, vitscale
+from tests.helpers import TINY as RUN_TINY
+from tests.helpers import cli_env, vitscale
 from tests.runs import (
     copy_checkpoint,
     events,
@@ -256,7 +256,7 @@ def _check(cfg, mode: str, resume, no_resume: bool, hash_files: bool) -> None:
 
 def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
     from pretrain.core.errors import UserError
-    from pretrain.train.config import load_config
+    from pretrain.train.config_file import load_config
 
     check_before_launch = _check
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pretrain.data.synthetic import synthetic_uint8
-from tests.conftest import TINY, read_metrics, vitscale
+from tests.helpers import TINY, read_metrics, vitscale
 
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
 SIZES = ((40, 30), (36, 48), (44, 44), (32, 40))  # ImageNet-like: mixed sizes and aspect ratios
@@ -100,7 +100,7 @@ def test_an_eval_that_fails_where_a_checkpoint_is_due_leaves_the_checkpoint(tmp_
     shards would): the checkpoint of step 4 is there, the message is printed once, exit 2."""
     run = tmp_path / "run"
     env_fault = {"VITSCALE_FAULT": "evalfail@4"}
-    from tests.conftest import cli_env
+    from tests.helpers import cli_env
 
     proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
                     f"run.dir={run}", "train.steps=8", "train.eval_every=4", "checkpoint.every=4",
@@ -126,7 +126,7 @@ def test_zero3_console_has_no_third_party_warnings(tmp_path):
 
 def _env_with_warnings() -> dict:
     """The test environment, but with Python's default warning filters (as a user has them)."""
-    from tests.conftest import cli_env
+    from tests.helpers import cli_env
 
     env = cli_env()
     env.pop("PYTHONWARNINGS", None)

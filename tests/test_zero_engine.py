@@ -1,21 +1,15 @@
 """Real DeepSpeed ZeRO on CPU: 2 gloo processes, bf16."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from pretrain.train.spawn import free_port
-from tests.conftest import ROOT, cli_env
+from tests.helpers import ROOT, torchrun
 
 
 def _run(stage: int, steps: int, tmp_path) -> list[dict]:
     out = tmp_path / f"zero{stage}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           str(ROOT / "tests/scripts/zero_train.py"), str(stage), str(steps), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "tests/scripts/zero_train.py", str(stage), str(steps), str(out), timeout=300)
     return json.loads(out.read_text())
 
 

@@ -34,8 +34,8 @@ import torch
 from PIL import features
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_tools.parallel import default_workers
 from pretrain.core.errors import UserError
+from pretrain.core.system import available_cpus
 from pretrain.data.shards import iter_tar_samples, load_index
 from pretrain.data.transforms import baseline_transform, train_transform
 
@@ -131,7 +131,7 @@ def machine_info() -> dict:
         model = names[0] if names else model
     except OSError:
         pass
-    return {"cpu": model, "cpu_count": os.cpu_count(), "usable_cores": default_workers(),
+    return {"cpu": model, "cpu_count": os.cpu_count(), "usable_cores": available_cpus(),
             "torch": torch.__version__, "pillow": PIL.__version__,
             "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo"))}
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     """``vitscale bench loader --shards OUT [--workers W] [--img-size S] [--batches N] [--json]``."""
     parser = argparse.ArgumentParser(prog="vitscale bench loader", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="a `vitscale shards write` output folder")
-    parser.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    parser.add_argument("--workers", type=int, default=available_cpus(), metavar="W")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=None, metavar="N",

@@ -1,11 +1,6 @@
 """One measurement of ``vitscale bench train``, run in a process of its own (one rank, world size 1).
 
-``python -m pretrain.bench.measure JOB.json RESULT.json`` is started by :mod:`pretrain.bench.train`
-for every configuration, so that nothing carries over between configurations: DeepSpeed ZeRO-3
-keeps a destroyed engine (module, optimizer state) reachable once it has run two steps, dynamo
-caches compiled code, and the CUDA allocator stays fragmented after an OOM. The parent sets the
-one-rank group variables (``RANK=0 WORLD_SIZE=1 ...``); this process joins that group (NCCL on
-GPU, gloo on CPU), which DeepSpeed needs, runs the job and writes its result as JSON.
+Each configuration runs in a process of its own (:mod:`pretrain.bench.child`, which says why).
 
 A measurement runs three passes on one engine, fed by a synthetic batch that already lives on the
 device (so the data wait is the cost of handing it over, about zero):
@@ -23,46 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import logging
-import sys
 import time
-import traceback
-import warnings
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
-from pretrain.bench.plan import Case, case_config, largest_fitting
+from pretrain.bench.evidence import compile_watch, sdpa_summary
+from pretrain.bench.plan import Case, case_config
 from pretrain.data.batch import Batch
-from pretrain.model.sdpa import sdpa_report
 from pretrain.model.vit import ViTSpec, build_model
 from pretrain.train.config import Config
-from pretrain.train.engine import Engine, destroy, init_distributed
+from pretrain.train.engine import Engine
 from pretrain.train.loop import train_step
 from pretrain.train.losses import classification_loss
 from pretrain.train.metrics import peak_memory_gb
 
 NUM_CLASSES = 1000
-
-# Profiler op names of torch's SDPA backends; the first match wins (cuDNN kernels also say "flash").
-_SDPA_OPS = (
-    ("cudnn", "_scaled_dot_product_cudnn_attention"),
-    ("flash", "_scaled_dot_product_flash_attention"),
-    ("efficient", "_scaled_dot_product_efficient_attention"),
-    ("math", "_scaled_dot_product_attention_math"),
-    ("overrideable", "_scaled_dot_product_fused_attention_overrideable"),
-)
-# Device kernel names, used when no SDPA op was recorded (lower case substrings).
-_SDPA_KERNELS = (
-    ("cudnn", ("cudnn",)),
-    ("flash", ("flash_fwd", "flash_bwd", "flash::", "flash_attn")),
-    ("efficient", ("fmha", "mem_eff", "efficient_attention", "attentionkernel")),
-)
-
 
 @dataclass(frozen=True)
 class Passes:
@@ -208,93 +181,6 @@ def phase_pass(stepper: Stepper, data: DeviceBatches, steps: int) -> tuple[dict[
     return {k: v / max(steps, 1) for k, v in totals.items()}, names
 
 
-def sdpa_from_profile(names: Iterable[str], device_type: str) -> tuple[str | None, list[str]]:
-    """Which SDPA backend ran, from profiler event names: the aten op of each backend if one was
-    recorded, otherwise the device kernel names (flash / cuDNN / memory-efficient). Returns the
-    backend named as :mod:`pretrain.model.sdpa` names them (``"flash"`` on CUDA, ``"cpu-flash"``
-    on CPU; ``"a+b"`` if several ran) or None if no SDPA op or kernel was seen, and the evidence."""
-    names = sorted(set(names))
-    found: dict[str, list[str]] = {}
-    for name in names:
-        for backend, op in _SDPA_OPS:
-            if op in name:
-                found.setdefault(backend, []).append(name)
-                break
-    if not found:
-        for name in names:
-            low = name.lower()
-            for backend, keys in _SDPA_KERNELS:
-                if any(k in low for k in keys):
-                    found.setdefault(backend, []).append(name)
-                    break
-    if not found:
-        return None, []
-    prefix = "" if device_type == "cuda" else f"{device_type}-"
-    backend = "+".join(prefix + b for b in sorted(found))
-    evidence = [n[:120] for hits in found.values() for n in hits[:3]]
-    return backend, evidence
-
-
-def _kernel_evidence(names: Iterable[str]) -> list[str]:
-    keys = [k for _, ks in _SDPA_KERNELS for k in ks]
-    return sorted({n[:120] for n in names if any(k in n.lower() for k in keys)})[:4]
-
-
-def sdpa_summary(spec: ViTSpec, micro_batch: int, names: set[str]) -> tuple[str, dict]:
-    """The backend to report (profiled if seen, else the dispatcher's answer) and the evidence:
-    ``{"dispatcher", "profiled", "agree", "evidence", "rejected"}``; ``rejected`` maps each
-    backend the dispatcher tried before the one that ran to its reasons."""
-    dev = device()
-    report = sdpa_report(micro_batch, spec.heads, spec.seq_len, spec.head_dim, torch.bfloat16, dev, 0.0)
-    profiled, evidence = sdpa_from_profile(names, dev.type)
-    evidence += [k for k in _kernel_evidence(names) if k not in evidence]
-    check = {"dispatcher": report.backend, "profiled": profiled, "agree": profiled in (None, report.backend),
-             "evidence": evidence, "rejected": report.rejected}
-    return profiled or report.backend, check
-
-
-@dataclass
-class CompileStats:
-    """What torch.compile did during a measurement: graphs compiled, graph breaks, and the
-    functions that hit dynamo's recompile limit (those then run eagerly, so the figures are
-    partly eager; DeepSpeed's ZeRO-3 module hooks do this)."""
-
-    graphs: int = 0
-    graph_breaks: int = 0
-    recompile_limit_hits: list[str] = field(default_factory=list)
-
-
-class _RecompileLimitLog(logging.Handler):
-    def __init__(self, stats: CompileStats):
-        super().__init__(logging.WARNING)
-        self.stats = stats
-
-    def emit(self, record: logging.LogRecord) -> None:
-        lines = record.getMessage().splitlines()
-        if lines and "hit config." in lines[0]:
-            where = lines[1].strip().removeprefix("function: ") if len(lines) > 1 else lines[0]
-            if where not in self.stats.recompile_limit_hits:
-                self.stats.recompile_limit_hits.append(where[:160])
-
-
-@contextlib.contextmanager
-def compile_watch() -> Iterator[CompileStats]:
-    """Count dynamo's graphs, graph breaks and recompile-limit hits inside the block."""
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    stats = CompileStats()
-    handler = _RecompileLimitLog(stats)
-    logger = logging.getLogger("torch._dynamo.convert_frame")
-    logger.addHandler(handler)
-    try:
-        yield stats
-    finally:
-        logger.removeHandler(handler)
-        stats.graphs = int(counters["stats"]["unique_graphs"])
-        stats.graph_breaks = int(sum(counters["graph_break"].values()))
-
-
 def measure(stepper: Stepper, spec: ViTSpec, micro_batch: int, passes: Passes) -> dict:
     """The three passes on ``stepper``; images/s, step time, peak memory, breakdown, SDPA backend."""
     data = DeviceBatches(micro_batch, spec.img_size, NUM_CLASSES, device())
@@ -303,7 +189,7 @@ def measure(stepper: Stepper, spec: ViTSpec, micro_batch: int, passes: Passes) -
     seconds, loss = timed_pass(stepper, data, passes.steps)
     peak_gb = peak_memory_gb()
     phases, names = phase_pass(stepper, data, passes.phase_steps)
-    backend, check = sdpa_summary(spec, micro_batch, names)
+    backend, check = sdpa_summary(spec, micro_batch, names, device())
     return {"images_per_s": round(passes.steps * micro_batch / seconds, 2),
             "step_time_s": round(seconds / passes.steps, 5), "final_loss": round(loss, 4),
             "peak_mem_gb": round(peak_gb, 3), "step_breakdown": {k: round(v, 6) for k, v in phases.items()},
@@ -381,64 +267,3 @@ def measure_engine(case: Case, micro_batch: int, passes: Passes) -> dict:
         return {**result, "compile_stats": asdict(stats) if case.compile else None}
 
     return oom_guard(run, micro_batch)
-
-
-def run_job(job: dict) -> dict:
-    """Run one job of :mod:`pretrain.bench.train` in this process.
-
-    ``{"kind": "case", "case": {...}, "micro_batch": N or None, "search": {"start", "limit",
-    "align"}, "passes": {...}}``: with ``micro_batch`` None, first the largest fitting micro batch
-    (result ``"search": {"best", "trials", "probe_stage"}``), then the measurement at it.
-    ``{"kind": "timm", "reference": {...}, "micro_batch": N, "passes": {...}}``: timm's baseline.
-    The result holds ``"measurement"`` (None when it did not fit) and ``"oom"`` (the message).
-    """
-    passes = Passes(**job["passes"])
-    if job["kind"] == "timm":
-        from pretrain.bench.timm_baseline import measure_timm
-
-        return _attempt(lambda: measure_timm(Case(**job["reference"]), job["micro_batch"], passes))
-    case = Case(**job["case"])
-    out: dict = {"search": None}
-    micro_batch = job["micro_batch"]
-    if micro_batch is None:
-        probe = EngineProbe(case)
-        try:
-            found = largest_fitting(probe, job["search"]["start"], job["search"]["limit"], job["search"]["align"])
-        finally:
-            probe.close()
-        out["search"] = {"best": found.best, "trials": found.trials, "probe_stage": probe.case.zero_stage}
-        if found.best is None:
-            return {**out, "measurement": None, "oom": "does not fit even at micro batch 1"}
-        micro_batch = found.best
-    return {**out, **_attempt(lambda: measure_engine(case, micro_batch, passes))}
-
-
-def _attempt(fn: Callable[[], dict]) -> dict:
-    try:
-        return {"measurement": fn(), "oom": None}
-    except torch.cuda.OutOfMemoryError as err:
-        return {"measurement": None, "oom": str(err)[:300]}
-
-
-def main(argv: list[str]) -> int:
-    """``python -m pretrain.bench.measure JOB.json RESULT.json``: run the job, write the result
-    (also for a failed job: ``{"error", "traceback"}``); exit status 0 when a result was written."""
-    job_path, result_path = (Path(a) for a in argv)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    init_distributed()
-    try:
-        result = run_job(json.loads(job_path.read_text()))
-    except Exception as err:  # reported to the parent, which records it and goes on
-        result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
-                  "traceback": traceback.format_exc()}
-    result["device_name"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(result_path)
-    destroy()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -11,7 +11,8 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench.measure import NUM_CLASSES, Passes, compile_watch, device, measure, oom_guard
+from pretrain.bench.evidence import compile_watch
+from pretrain.bench.measure import NUM_CLASSES, Passes, device, measure, oom_guard
 from pretrain.bench.plan import TIMM_MODEL, TIMM_REFERENCE, Case, case_config
 from pretrain.data.batch import Batch
 from pretrain.model.vit import spec_for

@@ -27,15 +27,14 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pretrain import __version__ as VERSION
 from pretrain.core.errors import UserError
 from pretrain.core.files import fsync_dir, fsync_path, sha256_file, write_atomic
+from pretrain.core.version import __version__ as VERSION
 
 META = "vitscale.json"
 LATEST = "latest"
@@ -246,24 +245,6 @@ class CheckpointManager:
                 if conv.is_dir() and conv.name not in kept:
                     shutil.rmtree(conv, ignore_errors=True)
 
-    # ---- another world size ----
-    def universal_for(self, tag_dir: Path) -> Path:
-        """The universal checkpoint of ``tag_dir``, converted by rank 0 into
-        ``checkpoints/universal/<tag>`` if not there yet while the other ranks wait (the wait is
-        bounded by ``run.timeout_s``). Every rank gets the path or the same :class:`UserError`."""
-        tag_dir = Path(tag_dir)
-        out = self.dir / UNIVERSAL / tag_dir.name
-        error = None
-        if self.rank == 0 and (read_meta(out) or {}).get("universal_source") != str(tag_dir.resolve()):
-            try:
-                _convert_to_universal(tag_dir, out)
-            except UserError as err:
-                error = str(err)
-        error = self.comm.broadcast_object(error)
-        if error is not None:
-            raise UserError(error)
-        return out
-
     # ---- loading ----
     def load_rank_state(self, tag_dir: Path, rank: int | None = None) -> dict | None:
         """The component states saved by ``rank`` (default: this rank)."""
@@ -297,26 +278,3 @@ def save_failure(err: Exception, ckdir: Path, step: int) -> Exception:
                          f"for this user ({text.splitlines()[0] if text else type(err).__name__}). Fix its "
                          f"permissions or set run.dir to a writable directory. {keep}")
     return err
-
-
-def _convert_to_universal(tag_dir: Path, out: Path) -> None:
-    """DeepSpeed's converter into ``.tmp-<tag>`` beside ``out``, then one rename. Preemption
-    signals are held back meanwhile (the converter's processes would die of them) and handled
-    once it is done."""
-    from pretrain.checkpoint.universal import to_universal
-
-    tmp = out.with_name(f".tmp-{out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    held = {signal.SIGTERM, signal.SIGUSR1}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        meta = to_universal(tag_dir, tmp)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-    write_atomic(tmp / META, json.dumps({**meta, "universal_source": str(tag_dir.resolve())}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    write_atomic(out.parent / "latest_universal", out.name)

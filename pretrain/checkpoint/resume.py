@@ -50,6 +50,7 @@ from pretrain.checkpoint.layout import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from pretrain.checkpoint.universal import universal_for
 from pretrain.core.errors import UserError
 
 _UNWATCHED = {"run.dir", "run.timeout_s", "train.grad_accum", "train.log_every", "train.eval_every",
@@ -101,7 +102,7 @@ def find_resume_source(ckpt: CheckpointManager, resume: str | None, no_resume: b
     if meta.get("world_size") != world:
         log.console(f"{tag_dir.name} was written by {meta.get('world_size')} processes, this job has {world}: "
                     f"resuming through a DeepSpeed universal checkpoint")
-        source.universal = ckpt.universal_for(tag_dir)
+        source.universal = universal_for(ckpt, tag_dir)
     return source
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint.layout import META, UNIVERSAL_FORMAT, is_universal_dir, read_meta
+from pretrain.checkpoint.layout import META, UNIVERSAL, UNIVERSAL_FORMAT, CheckpointManager, is_universal_dir, read_meta
 from pretrain.core.errors import UserError
+from pretrain.core.files import write_atomic
 
 
 def to_universal(tag_dir: str | Path, out_dir: str | Path) -> dict:
@@ -43,3 +45,41 @@ def to_universal(tag_dir: str | Path, out_dir: str | Path) -> dict:
     meta.update(format=UNIVERSAL_FORMAT, universal_from=tag_dir.name)
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     return meta
+
+def universal_for(ckpt: CheckpointManager, tag_dir: Path) -> Path:
+    """The universal checkpoint of ``tag_dir``, converted by rank 0 into
+    ``checkpoints/universal/<tag>`` if not there yet while the other ranks wait (the wait is
+    bounded by ``run.timeout_s``). Every rank gets the path or the same :class:`UserError`."""
+    tag_dir = Path(tag_dir)
+    out = ckpt.dir / UNIVERSAL / tag_dir.name
+    error = None
+    if ckpt.rank == 0 and (read_meta(out) or {}).get("universal_source") != str(tag_dir.resolve()):
+        try:
+            _convert_to_universal(tag_dir, out)
+        except UserError as err:
+            error = str(err)
+    error = ckpt.comm.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return out
+
+
+def _convert_to_universal(tag_dir: Path, out: Path) -> None:
+    """DeepSpeed's converter into ``.tmp-<tag>`` beside ``out``, then one rename. Preemption
+    signals are held back meanwhile (the converter's processes would die of them) and handled
+    once it is done."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    held = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        meta = to_universal(tag_dir, tmp)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    write_atomic(tmp / META, json.dumps({**meta, "universal_source": str(tag_dir.resolve())}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    write_atomic(out.parent / "latest_universal", out.name)

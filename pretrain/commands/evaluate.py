@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--workers {args.workers}: must be >= 0")
     if not 0 < args.crop_pct <= 1:
         raise UserError(f"--crop-pct {args.crop_pct}: must be in (0, 1]")
-    from pretrain import load_model
+    from pretrain.formats.load import load_model
 
     model = load_model(args.checkpoint)
     size = args.img_size or model.spec.img_size

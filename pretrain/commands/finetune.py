@@ -17,7 +17,7 @@ import sys
 
 from pretrain.commands.pretrain import build_parser, launch_or_run
 from pretrain.core.errors import UserError
-from pretrain.train.config import load_config
+from pretrain.train.config_file import load_config
 
 _CHEAP_SPEC_FORMATS = ("safetensors", "deepspeed", "deepspeed-universal")
 
@@ -25,7 +25,7 @@ _CHEAP_SPEC_FORMATS = ("safetensors", "deepspeed", "deepspeed-universal")
 def _precheck(cfg, fmt: str) -> None:
     """Run the surgery on the meta device from the source's recorded spec, so a mismatched
     backbone fails here, before any process is spawned, with the key that does not fit."""
-    from pretrain.commands.inspect import inspect
+    from pretrain.formats.inspect import inspect
     from pretrain.formats.state_dict import spec_from_dict
     from pretrain.model.surgery import finetune_state_dict
     from pretrain.model.vit import build_model
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
                    "resampled": {k: [list(a), list(b)] for k, (a, b) in report.resampled.items()}})
 
     def worker() -> int:
-        from pretrain.train.trainer import run_worker
+        from pretrain.train.worker import run_worker
 
         return run_worker(cfg, "finetune", args.resume, args.no_resume, prepare_model=prepare)
 

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pretrain.train.config import Config, identity, load_config
+from pretrain.train.config import Config, identity
+from pretrain.train.config_file import load_config
 from pretrain.train.spawn import (
     add_launch_args,
     bind_to_launcher,
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
 
     def worker() -> int:
-        from pretrain.train.trainer import run_worker
+        from pretrain.train.worker import run_worker
 
         return run_worker(cfg, "pretrain", args.resume, args.no_resume)
 

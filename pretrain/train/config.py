@@ -1,22 +1,18 @@
-"""Run configuration: frozen dataclasses per concern, loaded from YAML plus dotted overrides.
+"""Run configuration: frozen dataclasses per concern, each validated in ``__post_init__``.
 
-``load_config("configs/x.yaml", ["model.depth=2", "train.steps=10"])`` returns a validated
-:class:`Config`. Every mistake (unknown key, wrong type, impossible value) raises
-:class:`UserError` with one line naming the key, the value and the fix. ``to_dict`` gives the
-resolved config that is written next to every run and checkpoint.
+Sections: ``run``, ``model``, ``data`` (defined in :mod:`pretrain.data.config`, beside the
+loaders that take it), ``train``, ``optim``, ``zero``, ``checkpoint``, ``log``, ``finetune``.
+Every mistake raises :class:`UserError` with one line naming the key, the value and the fix.
+Reading YAML and overrides is :mod:`pretrain.train.config_file`; ``to_dict`` gives the resolved
+config that is written next to every run and checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import yaml
 
 from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
@@ -296,130 +292,3 @@ def identity(cfg: Config, mode: str) -> dict:
     records): the architecture, ZeRO stage, optimizer, pretrain/finetune mode and the config."""
     return {"model_spec": cfg.model.spec().to_dict(), "zero_stage": cfg.zero.stage, "optimizer": cfg.optim.name,
             "mode": mode, "config": cfg.to_dict()}
-
-
-def _hint(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(options)}"
-
-
-def _coerce(key: str, value, annotation):
-    """Check (and gently convert) ``value`` to the field's declared type; floats must be finite."""
-    value = _coerce_type(key, value, annotation)
-    if isinstance(value, float) and not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-    return value
-
-
-def _coerce_type(key: str, value, annotation):
-    origin = typing.get_origin(annotation)
-    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
-    if value is None:
-        if type(None) in options:
-            return None
-        _fail(key, value, f"must not be null (expected {annotation})")
-    for opt in options:
-        if opt is type(None):
-            continue
-        if opt is bool and isinstance(value, bool):
-            return value
-        if opt is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if opt is str and isinstance(value, str):
-            return value
-    if isinstance(value, str):  # YAML left e.g. "1e-3" as a string
-        for opt in options:
-            if opt in (int, float):
-                try:
-                    return opt(value)
-                except ValueError:
-                    pass
-    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-    _fail(key, value, f"expected {names}")
-
-
-def _section_from(cls, key: str, values: dict):
-    if not isinstance(values, dict):
-        _fail(key, values, "expected a mapping of keys")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    kwargs = {}
-    for name, value in values.items():
-        if name not in known:
-            raise UserError(f"config: unknown key {key}.{name}: {_hint(name, known)}")
-        kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
-    return cls(**kwargs)
-
-
-def config_from_dict(raw: dict) -> Config:
-    """Build and validate a :class:`Config` from nested dicts (YAML content)."""
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise UserError("config: the file must hold a mapping of sections (run:, model:, train:, ...)")
-    hints = typing.get_type_hints(Config)
-    sections = [f.name for f in fields(Config)]
-    kwargs = {}
-    for name, values in raw.items():
-        if name not in sections:
-            raise UserError(f"config: unknown section {name!r}: {_hint(name, sections)}")
-        kwargs[name] = _section_from(hints[name], name, values or {})
-    return Config(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """``"model.depth=2"`` -> (["model", "depth"], 2); values are parsed as YAML scalars."""
-    if "=" not in text:
-        raise UserError(f"override {text!r}: write overrides as section.key=value, e.g. train.steps=100")
-    path, _, value = text.partition("=")
-    parts = path.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise UserError(f"override {text!r}: the key must be section.key, e.g. model.depth=2")
-    try:
-        return parts, yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise UserError(f"override {text!r}: the value is not valid YAML ({first}); quote strings, e.g. "
-                        f"{path}='...'") from None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"config file {str(p)!r} is a directory: pass --config with a YAML recipe, e.g. "
-                        f"configs/demo_cpu.yaml")
-    if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist: pass --config with a YAML recipe "
-                        f"(see configs/, e.g. configs/demo_cpu.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0]
-        raise UserError(f"config file {str(p)!r} is not valid YAML ({first}): a recipe is YAML with sections "
-                        f"run:, model:, train:, ... (see configs/)") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, dict) or v is None for v in raw.values()):
-        raise UserError(f"config file {str(p)!r} is not a recipe: it must be a YAML mapping of sections (run:, "
-                        f"model:, data:, train:, ...) each holding key: value pairs (see configs/)")
-    return raw
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """YAML file (or defaults when None) + dotted overrides -> validated Config."""
-    raw = read_yaml(path) if path else {}
-    return config_from_dict(apply_overrides(raw, list(overrides)))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)

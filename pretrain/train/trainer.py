@@ -17,20 +17,18 @@ Order matters:
   written, and only then an evaluation runs: an evaluation that fails never costs the interval
   since the last checkpoint. At the end the final checkpoint is written before the final eval.
 
-Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; after every step the ranks all-reduce
-it, so all of them stop after the same step, save it (complete and atomic, see
-:mod:`pretrain.checkpoint.layout`) and return 0. A signal during a save lets the save finish; the
-stop then happens after the next step. Faults for tests come from ``VITSCALE_FAULT``
-(:mod:`pretrain.train.faults`).
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag (:class:`pretrain.train.worker.StopFlag`);
+after every step the ranks all-reduce it, so all of them stop after the same step, save it
+(complete and atomic, see :mod:`pretrain.checkpoint.layout`) and return 0. A signal during a save
+lets the save finish; the stop then happens after the next step. Faults for tests come from
+``VITSCALE_FAULT`` (:mod:`pretrain.train.faults`).
 """
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,31 +42,16 @@ from pretrain.core.errors import UserError
 from pretrain.data.pipeline import build_eval_data, build_train_data
 from pretrain.model.costs import model_costs
 from pretrain.model.vit import build_model
-from pretrain.train.config import Config, identity, save_config
-from pretrain.train.engine import Comm, Engine, all_reduce_, destroy, init_distributed
+from pretrain.train.config import Config, identity
+from pretrain.train.config_file import save_config
+from pretrain.train.engine import Comm, Engine, all_reduce_
 from pretrain.train.faults import Faults
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
 from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
-from pretrain.train.quiet import quiet_third_party
 from pretrain.train.schedule import lr_at
 from pretrain.train.state import Components, LoopState, RngState, reseed_rank
 
 _SHARDS_SHOWN = 20
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption; the ``vitscale`` launcher forwards both as
-    SIGUSR1); ranks agree on it at step boundaries. Installed first thing, so a signal during
-    start-up, resume or a save is never fatal: it is acted on at the next step boundary."""
-
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: where is a rank stuck?
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -83,55 +66,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model=None) -> int:
-    """One rank of the job. Returns 0 when the run finished or was preempted (saved); the rank
-    then leaves the process group in step with the others (see :func:`leave_job`)."""
-    stop = StopFlag()
-    quiet_third_party(int(os.environ.get("RANK", "0")))
-    rank, world, _ = init_distributed(cfg.run.timeout_s)
-    try:
-        code = Trainer(cfg, mode, rank, world, stop, prepare_model).run(resume, no_resume)
-        leave_job()
-        return code
-    except torch.distributed.DistError as err:
-        raise PeerFailure(rank, cfg.run.timeout_s, err) from err
-    except RuntimeError as err:
-        if not _is_peer_failure(err):
-            raise
-        raise PeerFailure(rank, cfg.run.timeout_s, err) from err
-
-
-def leave_job() -> None:
-    """Wait for every rank, then destroy the process group before the interpreter exits: a gloo
-    group torn down by static destructors at exit, with its transport threads still running,
-    aborts the process ("terminate called without an active exception") after a finished run."""
-    Comm.barrier()
-    destroy()
-
-
-class PeerFailure(UserError):
-    """A collective failed: another rank died or stopped answering within ``run.timeout_s``."""
-
-    secondary = True  # a consequence: the launcher reports the root cause first
-
-    def __init__(self, rank: int, timeout_s: int, err: Exception):
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        super().__init__(f"rank {rank}: a collective operation failed, so another process of the job died or "
-                         f"did not answer within run.timeout_s={timeout_s} s ({first}). The job stops; the "
-                         f"checkpoints are intact and relaunching the same command resumes from the latest")
-
-
-def _is_peer_failure(err: RuntimeError) -> bool:
-    """gloo reports a dead or silent peer as a plain RuntimeError from its transport."""
-    text = str(err)
-    return "gloo/transport" in text or any(s in text for s in ("Connection closed by peer", "Connection reset by "
-                                                                "peer", "Timed out waiting", "Broken pipe"))
-
-
 class Trainer:
     """One rank of a pretraining or fine-tuning run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop: StopFlag, prepare_model=None):
+    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop, prepare_model=None):
         self.given = cfg
         self.cfg = cfg.for_world(world)
         self.mode, self.rank, self.world, self.stop = mode, rank, world, stop

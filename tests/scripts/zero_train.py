@@ -10,7 +10,7 @@ import torch
 
 from pretrain.data.synthetic import SyntheticTrain
 from pretrain.model.vit import build_model
-from pretrain.train.config import load_config
+from pretrain.train.config_file import load_config
 from pretrain.train.engine import Comm, Engine, destroy, init_distributed
 from pretrain.train.loop import train_step
 

@@ -1,0 +1,50 @@
+"""Helpers every test module shares: run the real `vitscale` CLI (CPU, gloo), or a script under
+torchrun, in subprocesses; read what a run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["model.name=vit_test4", "model.img_size=16", "model.num_classes=4", "data.val_samples=64",
+        "train.micro_batch=8", "train.log_every=1", "train.eval_every=0", "optim.lr=0.003",
+        "optim.warmup_steps=2", "data.workers=0"]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def vitscale(*args: str, timeout: int = 300, env: dict | None = None, check: bool = False):
+    """Run ``python -m pretrain ARGS``; returns the CompletedProcess (text)."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vitscale {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node NPROC SCRIPT ARGS`` on a free port, in the
+    test environment; fails the test (with the output) on a non-zero exit."""
+    from pretrain.train.spawn import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           str(script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
