@@ -32,7 +32,7 @@ def _keys(src, n):
     out = []
     for _ in range(n):
         b = src.next_batch()
-        assert b.images.shape == (5, 3, 16, 16) and b.images.dtype == torch.float32
+        assert b.images.shape == (5, 3, 16, 16) and b.images.dtype == torch.uint8  # normalised on the device
         out.append(list(b.keys))
     return out
 

@@ -151,7 +151,7 @@ def damaged(tmp_path_factory) -> dict:
 
     read = 0
     with contextlib.suppress(OSError):
-        for _ in iter_tar_samples(cut):
+        for _ in iter_tar_samples(cut, check_end=True):
             read += 1
     return {"shards": root / "sh", "lost_cut": counts["train-000002.tar"] - read,
             "lost_gone": counts["train-000005.tar"], "counts": counts}

@@ -20,6 +20,7 @@ import torch
 from pretrain.core.errors import UserError
 from pretrain.data.config import DataConfig, LoaderSpec
 from pretrain.data.loader import ShardEval
+from pretrain.data.transforms import normalize
 from pretrain.train.losses import correct_counts
 
 
@@ -40,7 +41,7 @@ def evaluate_model(model, data: str, img_size: int, split: str = "val", batch_si
             valid = batch.valid
             if not valid.any():
                 continue
-            logits = model(batch.images[valid])
+            logits = model(normalize(batch.images[valid]))
             for key, val in correct_counts(logits, batch.targets[valid]).items():
                 sums[key] = sums.get(key, 0.0) + float(val)
             n += int(valid.sum())

@@ -2,7 +2,8 @@
 
 Each rank runs a torch DataLoader whose ``W`` workers each own one *slot* of the shard layout
 (:mod:`pretrain.data.stream`); a worker decodes and augments on the CPU and hands over whole
-micro batches of uint8 images (normalised in the main process). PyTorch serves worker batches
+micro batches of uint8 images (pinned when there is a GPU), which cross to the device as uint8
+(a quarter of float32's bytes) and are normalised there by the engine. PyTorch serves worker batches
 round-robin, so batch ``k`` of a rank comes from worker ``k % W``: the sequence is a pure function
 of (seed, layout) and independent of timing.
 
@@ -37,7 +38,7 @@ from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
 from pretrain.data.stream import read_shard, seeded, slot_stream
-from pretrain.data.transforms import eval_transform, normalize, train_transform
+from pretrain.data.transforms import eval_transform, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 
@@ -131,7 +132,7 @@ class ShardTrain:
         self.epoch = b["epoch"]
         add_counts(self.bad, b["bad"])
         self.seen += len(b["keys"]) + sum(b["bad"].values())
-        return Batch(normalize(b["images"]), b["targets"], list(b["keys"]))
+        return Batch(b["images"], b["targets"], list(b["keys"]))
 
     def state_dict(self) -> dict:
         micro = self.spec.micro_batch
@@ -280,11 +281,11 @@ class ShardEval:
             if b["images"] is None:
                 continue
             produced += 1
-            yield Batch(normalize(b["images"]), b["targets"], [], b["valid"])
+            yield Batch(b["images"], b["targets"], [], b["valid"])
         size = spec.img_size
         while produced < total:
             produced += 1
-            empty = torch.zeros(micro, 3, size, size)
+            empty = torch.zeros(micro, 3, size, size, dtype=torch.uint8)
             tgt = (torch.zeros(micro, spec.num_classes) if spec.data.multi_label
                    else torch.zeros(micro, dtype=torch.long))
             yield Batch(empty, tgt, [], torch.zeros(micro, dtype=torch.bool))

@@ -140,8 +140,8 @@ def iter_tar_samples(url: str | Path, check_end: bool = False) -> Iterator[TarSa
 
     Raises :class:`ShardReadError` when the shard is missing, truncated or corrupt, after yielding
     every complete sample before the damage. ``check_end`` (local files) also requires the
-    end-of-archive blocks, which catches a cut exactly between two members; ``tarfile`` alone
-    accepts that silently.
+    end-of-archive blocks, which catches a cut exactly between two members (``tarfile`` alone
+    accepts that silently); the last sample is then withheld, since it may have lost members.
     """
     url = str(url)
     name = shard_label(url)
@@ -171,13 +171,13 @@ def iter_tar_samples(url: str | Path, check_end: bool = False) -> Iterator[TarSa
         raise ShardReadError(f"{name} does not exist", missing=True) from err
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardReadError(f"{name}: {err}") from err
-    if current is not None:
-        yield current
-    if check_end and not is_remote(url):
+    if check_end and not is_remote(url):  # before the last sample: without the end blocks it may be cut short
         with open(url, "rb") as f:
             f.seek(end)
             if f.read(1024) != bytes(1024):
                 raise ShardReadError(f"no end-of-archive marker after byte {end}: the tar is truncated")
+    if current is not None:
+        yield current
 
 
 def count_tar_samples(path: str) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pretrain.core.errors import UserError
+from pretrain.data.transforms import normalize
 from pretrain.train.config import Config
 
 if not torch.cuda.is_available():
@@ -140,7 +141,13 @@ class Engine:
             group["lr"] = lr
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.engine(images.to(self.device, self.dtype, non_blocking=True))
+        return self.engine(self.to_device(images))
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Images on the device in the compute dtype: uint8 pixels are copied as uint8 (non-blocking
+        from pinned memory) and normalised there; float images are already normalised."""
+        x = images.to(self.device, non_blocking=True)
+        return normalize(x, dtype=self.dtype) if x.dtype == torch.uint8 else x.to(self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
