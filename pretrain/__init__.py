@@ -7,14 +7,15 @@ from pretrain.core.version import __version__
 __all__ = ["__version__", "load_model"]
 
 
-def load_model(path, device: str = "cpu"):
+def load_model(path, device: str = "cpu", ema: bool = False):
     """The model stored at ``path`` in eval mode: a vitscale run directory, a checkpoint
     directory (any ZeRO stage, any world size), or a consolidated safetensors file; also any
-    other format :func:`pretrain.formats.read_weights` reads (npz, timm, HF).
+    other format :func:`pretrain.formats.read_weights` reads (npz, timm, HF); ``ema``: a
+    training checkpoint's EMA weights (``ema.decay`` runs).
 
     Weights are fp32 on ``device``. Raises :class:`pretrain.core.errors.UserError` when the path holds
     no model or its dimensions cannot be known.
     """
     from pretrain.formats.load import load_model as load
 
-    return load(path, device)
+    return load(path, device, ema)

@@ -251,7 +251,7 @@ class CheckpointManager:
         path = Path(tag_dir) / f"rank_{self.rank if rank is None else rank:05d}.pt"
         if not path.is_file():
             return None
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=False, mmap=True)  # read on touch: other ranks' EMA pieces
 
 
 _LOW_SPACE = 64 << 20

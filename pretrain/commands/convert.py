@@ -5,6 +5,7 @@
     vitscale convert ViT-B_16.npz vit_b16.safetensors --to safetensors --verify
     vitscale convert weights.safetensors hf_dir --to hf --verify
     vitscale convert weights.safetensors vit.pth --to timm --drop-head
+    vitscale convert RUN_DIR ema.safetensors --to safetensors --ema         # the run's EMA weights
 
 The source format is detected (:func:`pretrain.formats.detect_format`) or given with ``--from``;
 the conversion itself is :mod:`pretrain.formats.convert`. ``deepspeed-universal`` needs a ZeRO
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare source and output logits (exit 1 if off)")
     p.add_argument("--atol", type=float, default=1e-4, help="max |logit diff| --verify accepts")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--ema", action="store_true",
+                   help="export the EMA weights of a vitscale training checkpoint (runs with ema.decay)")
     return p
 
 
@@ -116,7 +119,7 @@ def main(argv: list[str]) -> int:
         return _convert_universal(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sd, spec, meta = read_weights(args.src, args.src_format, heads=args.heads)
+        sd, spec, meta = read_weights(args.src, args.src_format, heads=args.heads, ema=args.ema)
     _print_meta_notes(meta)
     spec = require_spec(spec, sd, str(args.src))
     print(f"read {args.src} ({meta['format']}): {_summary(sd, spec)}")

@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--crop-pct", type=float, default=1.0)
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     for flag, value in (("--batch-size", args.batch_size), ("--img-size", args.img_size or 1)):
@@ -75,11 +76,12 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--crop-pct {args.crop_pct}: must be in (0, 1]")
     from pretrain.formats.load import load_model
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, ema=args.ema)
     size = args.img_size or model.spec.img_size
     if size != model.spec.img_size:
         model = _resized(model, size)
-    result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "img_size": size,
+    result = {"checkpoint": args.checkpoint, "weights": "ema" if args.ema else "model", "data": args.data,
+              "split": args.split, "img_size": size,
               **evaluate_model(model, args.data, size, args.split, args.batch_size, args.workers, args.crop_pct)}
     short = result["expected"] is not None and result["samples"] < result["expected"]
     if short:

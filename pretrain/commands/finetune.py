@@ -50,6 +50,9 @@ def main(argv: list[str]) -> int:
     from pretrain.formats import detect_format
 
     fmt = detect_format(cfg.finetune.init)
+    if cfg.finetune.init_weights == "ema" and fmt != "deepspeed":
+        raise UserError(f"finetune.init_weights=ema needs a vitscale training checkpoint as --init; "
+                        f"{cfg.finetune.init} is {fmt!r}, which holds one set of weights: drop finetune.init_weights")
     if fmt in _CHEAP_SPEC_FORMATS:
         _precheck(cfg, fmt)
 
@@ -57,10 +60,11 @@ def main(argv: list[str]) -> int:
         from pretrain.formats import read_weights
         from pretrain.model.surgery import apply_finetune_surgery
 
-        sd, _, _ = read_weights(cfg.finetune.init, fmt)
+        sd, _, _ = read_weights(cfg.finetune.init, fmt, ema=cfg.finetune.init_weights == "ema")
         report = apply_finetune_surgery(model, sd, keep_pre_logits=cfg.finetune.keep_pre_logits,
                                         mode=cfg.finetune.pos_embed_mode)
-        log.console(f"initialised from {cfg.finetune.init} ({fmt})\n{report.format()}")
+        weights = " EMA weights" if cfg.finetune.init_weights == "ema" else ""
+        log.console(f"initialised from{weights} {cfg.finetune.init} ({fmt})\n{report.format()}")
         log.write({"kind": "event", "event": "finetune_init", "source": cfg.finetune.init, "format": fmt,
                    "dropped": report.dropped, "new": report.new,
                    "resampled": {k: [list(a), list(b)] for k, (a, b) in report.resampled.items()}})

@@ -42,6 +42,38 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """The ``augment`` section (AugReg / DeiT augmentations; everything off by default).
+
+    RandAugment runs in the loader workers on the cropped uint8 image, seeded per sample like the
+    crop. ``randaug_magnitude`` is on the TF / big_vision level scale, where 10 is each
+    operation's nominal maximum (shear 0.3, rotate 30 degrees, translate 150/331 of the side,
+    enhance +-0.9, ...); torchvision's operations stop at those maxima, so big_vision's
+    ``randaug(2,15)`` and ``randaug(2,20)`` act here as magnitude 10. Mixup / CutMix run on the
+    device, per micro batch (see :mod:`pretrain.train.mixing`)."""
+
+    randaug_layers: int = 0  # 0: off
+    randaug_magnitude: float = 10.0
+    mixup_alpha: float = 0.0  # 0: off; Beta(alpha, alpha) mixing ratio
+    cutmix_alpha: float = 0.0  # 0: off
+    mix_prob: float = 1.0  # chance a micro batch is mixed at all
+    switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup
+
+    def __post_init__(self):
+        require(self.randaug_layers >= 0, "augment.randaug_layers", self.randaug_layers, "must be >= 0 (0 = off)")
+        require(0.0 <= self.randaug_magnitude <= 30.0, "augment.randaug_magnitude", self.randaug_magnitude,
+                "use [0, 30] on the TF level scale (10 = the operations' maxima)")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            require(getattr(self, key) >= 0.0, f"augment.{key}", getattr(self, key), "must be >= 0 (0 = off)")
+        for key in ("mix_prob", "switch_prob"):
+            require(0.0 <= getattr(self, key) <= 1.0, f"augment.{key}", getattr(self, key), "use [0, 1]")
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
+
+
+@dataclass(frozen=True)
 class LoaderSpec:
     """Everything an input pipeline depends on: the data section plus the run facts it needs."""
 
@@ -51,6 +83,7 @@ class LoaderSpec:
     num_classes: int
     seed: int
     eval_batches: int | None = None  # cap on eval batches per rank (None: the whole set)
+    augment: AugmentConfig = AugmentConfig()
 
     @property
     def workers(self) -> int:

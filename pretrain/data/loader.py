@@ -18,7 +18,8 @@ changes; the loader then resumes at the same number of samples into the current 
 slot skips its share), so no more than the batches in flight are repeated or skipped in count,
 but which samples fill the rest of that epoch differs.
 
-Augmentation randomness is seeded per sample (seed, epoch, slot, index), independent of timing.
+Augmentation (crop, flip, RandAugment) is seeded per sample by (seed, epoch, sample key): the same
+sample gets the same pixels whatever the number of ranks and workers, before or after a resume.
 Unusable samples are skipped and counted by reason and shard (``undecodable``, ``missing_image``,
 ``missing_label``, ``bad_label``, ``label_out_of_range``; a damaged shard counts every sample its
 index says it lost as ``truncated_shard`` or ``missing_shard``); the counts are part of the
@@ -38,7 +39,7 @@ from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
 from pretrain.data.stream import read_shard, seeded, slot_stream
-from pretrain.data.transforms import eval_transform, train_transform
+from pretrain.data.transforms import eval_transform, rand_augment, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 
@@ -74,16 +75,18 @@ class _TrainSlots(IterableDataset):
         info = get_worker_info()
         w = ((info.id if info is not None else 0) + self.rotation) % self.workers
         torch.set_num_threads(1)
-        spec, d = self.spec, self.spec.data
+        spec, d, aug = self.spec, self.spec.data, self.spec.augment
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
         bad: dict = {}
         images, targets, keys = [], [], []
         for item in slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad):
             try:
                 target = sample_target(item.sample, spec.num_classes, d.multi_label)
-                rng = seeded("aug", spec.seed, item.epoch, slot, item.index)
+                rng = seeded("aug", spec.seed, item.epoch, item.sample.key)
                 img = train_transform(image_bytes(item.sample), spec.img_size, rng, scale=(d.crop_scale_min, 1.0),
                                       hflip=0.5 if d.hflip else 0.0)
+                if aug.randaug_layers:
+                    img = rand_augment(img, aug.randaug_layers, aug.randaug_magnitude, rng.getrandbits(63))
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1

@@ -1,4 +1,4 @@
-"""CPU decode + augmentation for DataLoader workers (PIL, numpy and torch only).
+"""CPU decode + augmentation for DataLoader workers (PIL, numpy, torch; torchvision's RandAugment).
 
 Workers return **uint8 CHW tensors**; :func:`normalize` turns a whole batch into floats later
 (on the GPU in training), which keeps worker -> main-process traffic 4x smaller than float32.
@@ -16,6 +16,7 @@ seeded generator gives the same tensor every time.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -177,6 +178,23 @@ def baseline_transform(data: bytes, size: int, rng: random.Random, scale: tuple[
     if rng.random() < hflip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_chw_uint8(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _randaug(layers: int, magnitude: int):
+    from torchvision.transforms import v2
+
+    return v2.RandAugment(num_ops=layers, magnitude=magnitude, num_magnitude_bins=11)
+
+
+def rand_augment(img: torch.Tensor, layers: int, magnitude: float, seed: int) -> torch.Tensor:
+    """torchvision's RandAugment (``layers`` operations at ``magnitude`` on the TF level scale,
+    capped at 10 = the operations' maxima) on a uint8 ``(3, S, S)`` image, its random draws a pure
+    function of ``seed`` (the caller's torch RNG is left as it was)."""
+    op = _randaug(layers, round(min(magnitude, 10.0)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return op(img)
 
 
 def normalize(batch: torch.Tensor, mean: Sequence[float] = (0.5, 0.5, 0.5),

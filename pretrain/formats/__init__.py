@@ -22,6 +22,7 @@ from pathlib import Path
 from pretrain.core.errors import UserError
 from pretrain.formats.deepspeed_ckpt import (
     consolidate_deepspeed,
+    consolidate_ema,
     read_universal,
     resolve_deepspeed_checkpoint,
 )
@@ -42,6 +43,11 @@ def _read_deepspeed(path: Path, heads: int | None) -> tuple[StateDict, ViTSpec |
     return sd, spec or infer_spec(sd, heads, str(path)), meta
 
 
+def _read_deepspeed_ema(path: Path, heads: int | None) -> tuple[StateDict, ViTSpec | None, dict]:
+    sd, spec, meta = consolidate_ema(path)
+    return sd, spec or infer_spec(sd, heads, str(path)), meta
+
+
 def _read_universal(path: Path, heads: int | None) -> tuple[StateDict, ViTSpec | None, dict]:
     sd, spec, meta = read_universal(path)
     return sd, spec or infer_spec(sd, heads, str(path)), meta
@@ -57,8 +63,8 @@ _READERS = {
 }
 
 
-def read_weights(path: str | Path, fmt: str | None = None, *,
-                 heads: int | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
+def read_weights(path: str | Path, fmt: str | None = None, *, heads: int | None = None,
+                 ema: bool = False) -> tuple[StateDict, ViTSpec | None, dict]:
     """(state dict in our keys, spec, meta) of any supported checkpoint, on CPU.
 
     ``fmt``: one of :data:`FORMATS`, detected when None. ``heads`` fills in the head count for
@@ -67,7 +73,8 @@ def read_weights(path: str | Path, fmt: str | None = None, *,
     master weights for DeepSpeed). ``meta`` always has ``format``, ``source`` and ``dtype``, and
     may have ``step``, ``world_size``, ``zero_stage``, ``config``, ``warnings`` (also raised as
     Python warnings) and ``unmapped`` (source keys dropped on purpose, e.g. HF ``mask_token``).
-    When the spec is known the state dict has been checked against it.
+    When the spec is known the state dict has been checked against it. ``ema``: the EMA weights of
+    a vitscale training checkpoint instead of its trained weights (only format ``deepspeed``).
     """
     path = Path(path)
     if not path.exists():
@@ -75,7 +82,11 @@ def read_weights(path: str | Path, fmt: str | None = None, *,
     fmt = fmt or detect_format(path)
     if fmt not in _READERS:
         raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    sd, spec, meta = _READERS[fmt](path, heads)
+    if ema and fmt != "deepspeed":
+        raise UserError(f"{path} is {fmt!r}: EMA weights are read from a vitscale training checkpoint (a run or "
+                        f"checkpoint directory); a converted file holds one set of weights")
+    reader = _read_deepspeed_ema if ema else _READERS[fmt]
+    sd, spec, meta = reader(path, heads)
     if spec is not None:
         check_state_dict(sd, spec, str(path))
     meta = {**meta, "format": fmt, "source": str(path), "dtype": ", ".join(dtype_names(sd))}

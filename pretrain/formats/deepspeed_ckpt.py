@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.layout import META, is_tag_dir, is_universal_dir, read_latest, read_meta, tags_of
+from pretrain.checkpoint.sharded import assemble
 from pretrain.core.errors import UserError
 from pretrain.formats.state_dict import StateDict, expected_shapes, first_keys, spec_from_dict
 from pretrain.model.vit import ViTSpec
@@ -110,6 +111,27 @@ def consolidate_deepspeed(path: str | Path,
     out = {k: meta[k] for k in ("step", "world_size", "zero_stage", "version", "config") if k in meta}
     out.update(checkpoints_dir=str(ckdir), tag=tag)
     return sd, spec, out
+
+
+def consolidate_ema(path: str | Path) -> tuple[StateDict, ViTSpec | None, dict]:
+    """(full fp32 EMA state dict, spec, meta) of a ZeRO checkpoint whose run kept an EMA
+    (``ema.decay``), assembled from every rank's partitions (:mod:`pretrain.checkpoint.sharded`)."""
+    ckdir, tag = resolve_deepspeed_checkpoint(path)
+    tag_dir = ckdir / tag
+    meta = read_meta(tag_dir) or {}
+    files = sorted(tag_dir.glob("rank_*.pt"))
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True).get("ema") for f in files]
+    if not files or any(s is None for s in states):
+        raise UserError(f"{tag_dir} holds no EMA weights (its run had ema.decay=0); use the trained weights instead "
+                        f"(drop --ema, or finetune.init_weights=model)")
+    try:
+        sd = assemble(states)
+    except ValueError as err:
+        raise UserError(f"{tag_dir}: the EMA pieces of its rank files do not fit together ({err}); is every "
+                        f"rank_*.pt file of the save there?") from err
+    out = {k: meta[k] for k in ("step", "world_size", "zero_stage", "version", "config") if k in meta}
+    out.update(checkpoints_dir=str(ckdir), tag=tag, weights="ema")
+    return sd, spec_from_meta(meta, tag_dir), out
 
 
 def resolve_universal(path: str | Path) -> Path:

@@ -148,30 +148,44 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability
+    ``rate`` and kept ones are scaled by 1 / (1 - rate), so the expectation is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+    return x * mask.div_(keep)
 
-    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); each residual branch
+    dropped per sample with probability ``drop_path`` in training."""
+
+    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
         self.attn = Attention(spec.width, spec.heads, attn_dropout)
         self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
         self.mlp = Mlp(spec.width, spec.mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), use_sdpa))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.drop(self.attn(self.norm1(x), use_sdpa)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class VisionTransformer(nn.Module):
     """ViT as in Dosovitskiy et al.; ``forward = forward_head(forward_features(x))``.
 
-    ``dropout`` / ``attn_dropout`` act in training mode only; ``head_bias_init`` is the head's
-    initial bias (-10 for the JFT sigmoid setup). None of them changes the parameters, so they
-    are not part of ``spec``."""
+    ``dropout`` / ``attn_dropout`` act in training mode only, as does ``drop_path`` (stochastic
+    depth; block i of L drops with rate ``drop_path * i / (L - 1)``, rising linearly as in DeiT and
+    timm); ``head_bias_init`` is the head's initial bias (-10 for the JFT sigmoid setup). None of
+    them changes the parameters, so they are not part of ``spec``."""
 
-    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, head_bias_init: float = 0.0):
+    def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, head_bias_init: float = 0.0,
+                 drop_path: float = 0.0):
         super().__init__()
         if spec.img_size % spec.patch_size:
             raise ValueError(f"img_size {spec.img_size} is not divisible by patch {spec.patch_size}")
@@ -185,7 +199,8 @@ class VisionTransformer(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.seq_len, spec.width))
         self.pos_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout) for _ in range(spec.depth))
+        rates = torch.linspace(0, drop_path, spec.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout, rate) for rate in rates)
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self._build_head(spec.num_classes, spec.representation_size)
         self.init_weights()
@@ -266,6 +281,6 @@ class VisionTransformer(nn.Module):
 
 def build_model(spec: ViTSpec, device: torch.device | str | None = None, **options) -> VisionTransformer:
     """Build on ``device`` (``"meta"`` allocates nothing); ``options`` are VisionTransformer's
-    run-time keywords (dropout, attn_dropout, head_bias_init)."""
+    run-time keywords (dropout, attn_dropout, head_bias_init, drop_path)."""
     with torch.device(device or "cpu"):
         return VisionTransformer(spec, **options)

@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses per concern, each validated in ``__post_init__``.
 
-Sections: ``run``, ``model``, ``data`` (defined in :mod:`pretrain.data.config`, beside the
-loaders that take it), ``train``, ``optim``, ``zero``, ``checkpoint``, ``log``, ``finetune``.
+Sections: ``run``, ``model``, ``data`` and ``augment`` (defined in :mod:`pretrain.data.config`,
+beside the loaders that take them), ``train``, ``optim``, ``zero``, ``ema``, ``checkpoint``,
+``log``, ``finetune``.
 Every mistake raises :class:`UserError` with one line naming the key, the value and the fix.
 Reading YAML and overrides is :mod:`pretrain.train.config_file`; ``to_dict`` gives the resolved
 config that is written next to every run and checkpoint.
@@ -17,7 +18,7 @@ from pathlib import Path
 from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
 from pretrain.core.errors import require as _check
-from pretrain.data.config import DataConfig, LoaderSpec
+from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
 from pretrain.model.vit import ViTSpec, spec_for
 
 
@@ -54,6 +55,7 @@ class ModelConfig:
     # how it runs
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth, rising linearly over the blocks to this rate
     head_bias_init: float = 0.0
     act_ckpt: bool = False
     compile: bool = False
@@ -76,7 +78,7 @@ class ModelConfig:
         rep = self.representation_size
         _check(rep is None or rep == "auto" or (isinstance(rep, int) and rep > 0),
                "model.representation_size", rep, "use 'auto' (= width), a positive int, or null")
-        for key in ("dropout", "attn_dropout"):
+        for key in ("dropout", "attn_dropout", "drop_path"):
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"model.{key}", v, "must be in [0, 1)")
         _check(math.isfinite(self.head_bias_init), "model.head_bias_init", self.head_bias_init, "must be finite")
@@ -86,7 +88,8 @@ class ModelConfig:
 
     def runtime(self) -> dict:
         """Keywords of ``build_model`` besides the spec."""
-        return {"dropout": self.dropout, "attn_dropout": self.attn_dropout, "head_bias_init": self.head_bias_init}
+        return {"dropout": self.dropout, "attn_dropout": self.attn_dropout, "head_bias_init": self.head_bias_init,
+                "drop_path": self.drop_path}
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: str = "linear"  # "linear", "cosine" or "constant" after warmup
     min_lr: float = 0.0
+    layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off), see engine.param_groups
 
     def __post_init__(self):
         _check(self.name in ("adamw", "sgd"), "optim.name", self.name, "use 'adamw' or 'sgd'")
@@ -195,6 +199,8 @@ class OptimConfig:
         _check(self.decay in ("linear", "cosine", "constant"), "optim.decay", self.decay,
                "use 'linear', 'cosine' or 'constant'")
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "must be in [0, optim.lr]")
+        _check(0.0 < self.layer_decay <= 1.0, "optim.layer_decay", self.layer_decay,
+               "must be in (0, 1] (1 = off; 0.65-0.85 is usual for fine-tuning ViTs)")
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,18 @@ class ZeroConfig:
         if self.ds_config is not None:
             _check(Path(self.ds_config).is_file(), "zero.ds_config", self.ds_config,
                    "no such file: give the path of a DeepSpeed JSON to merge, or drop the key")
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """The ``ema`` section: an exponential moving average of the fp32 master weights, sharded
+    like them (see :mod:`pretrain.train.ema`); evaluated beside the raw weights (``ema_top1``)."""
+
+    decay: float = 0.0  # 0: off; e.g. 0.9999
+    warmup: bool = False  # timm's warm-up: decay_n = min(decay, 1 - (1 + n) ** (-2/3))
+
+    def __post_init__(self):
+        _check(0.0 <= self.decay < 1.0, "ema.decay", self.decay, "use [0, 1): 0 turns the EMA off, 0.9999 is usual")
 
 
 @dataclass(frozen=True)
@@ -237,10 +255,13 @@ class LogConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     init: str | None = None  # weights to start from (any supported format)
+    init_weights: str = "model"  # "model" or "ema": which weights of a vitscale checkpoint to start from
     keep_pre_logits: bool = False
     pos_embed_mode: str = "bilinear"
 
     def __post_init__(self):
+        _check(self.init_weights in ("model", "ema"), "finetune.init_weights", self.init_weights,
+               "use 'model' (the trained weights) or 'ema' (their moving average, when the run kept one)")
         _check(self.pos_embed_mode in ("bilinear", "bicubic", "timm"), "finetune.pos_embed_mode",
                self.pos_embed_mode, "use 'bilinear' (vit_jax), 'bicubic' (torch, a=-0.75) or 'timm' (antialiased "
                "bicubic, as timm resamples)")
@@ -251,9 +272,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -261,6 +284,9 @@ class Config:
     def __post_init__(self):
         if self.data.multi_label and self.train.loss != "sigmoid":
             _fail("train.loss", self.train.loss, "multi-label data (data.multi_label=true) needs 'sigmoid'")
+        if self.ema.decay and self.zero.stage == 0:
+            _fail("ema.decay", self.ema.decay, "the EMA is sharded like DeepSpeed's master weights: use zero.stage "
+                  "1, 2 or 3")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,7 +294,7 @@ class Config:
     def loader(self) -> LoaderSpec:
         """What the input pipelines are built from (see :mod:`pretrain.data.config`)."""
         return LoaderSpec(self.data, self.train.micro_batch, self.model.img_size, self.model.num_classes,
-                          self.run.seed, self.train.eval_batches)
+                          self.run.seed, self.train.eval_batches, self.augment)
 
     def for_world(self, world_size: int) -> Config:
         """This config with ``train.grad_accum`` resolved for ``world_size`` ranks (derived from

@@ -96,20 +96,41 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices: no decay on biases, norms, position embeddings and class token."""
+def layer_id(name: str, depth: int) -> int:
+    """Depth position of a parameter for layer-wise LR decay: 0 for the embeddings (patch
+    embedding, position embedding, class token), i + 1 for block i, depth + 1 for the rest (final
+    norm, pre-logits, head)."""
+    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Optimizer groups. Weight decay only on matrices: none on biases, norms, position
+    embeddings and class token. With ``layer_decay`` < 1 (fine-tuning; the BEiT / MAE / timm rule)
+    every group also carries ``lr_scale`` = layer_decay ** (depth + 1 - :func:`layer_id`): block i
+    of a depth-L model learns at base x decay^(L - i), the embeddings at base x decay^(L + 1), the
+    final norm and head at base. Every trainable parameter is in exactly one group."""
     skip = getattr(model, "no_weight_decay", lambda: set())()
-    decay, no_decay = [], []
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = p.ndim > 1 and name not in skip
+        lid = layer_id(name, depth) if layer_decay != 1.0 else 0
+        group = groups.setdefault((lid, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0,
+                                                    "lr_scale": layer_decay ** (depth + 1 - lid) if layer_decay != 1.0
+                                                    else 1.0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o.weight_decay, o.layer_decay)
     fused = {"fused": True} if torch.cuda.is_available() else {}
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **fused)
@@ -137,11 +158,16 @@ class Engine:
         return self.engine.module
 
     def set_lr(self, lr: float) -> None:
+        """The step's learning rate, scaled per group by its ``lr_scale`` (layer-wise decay)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(self.to_device(images))
+
+    def model_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on inputs already on the device in the compute dtype (see :meth:`to_device`)."""
+        return self.engine(x)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """Images on the device in the compute dtype: uint8 pixels are copied as uint8 (non-blocking

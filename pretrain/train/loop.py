@@ -27,6 +27,7 @@ from pretrain.data.batch import Batch
 from pretrain.train.config import Config
 from pretrain.train.engine import Engine, all_reduce_
 from pretrain.train.losses import classification_loss, correct_counts
+from pretrain.train.mixing import Mixer
 
 
 def _targets(batch: Batch, cfg: Config, num_classes: int) -> torch.Tensor:
@@ -71,22 +72,27 @@ class StepOutcome:
 
 
 def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
-             lr: float, fault=None) -> StepOutcome:
+             lr: float, fault=None, mixer: Mixer | None = None, step: int = 0, rank: int = 0) -> StepOutcome:
     """Forward/backward over the micro batches and one optimizer step.
 
-    A non-finite loss on any rank (one all-reduce per micro batch, no host sync) turns that
-    micro batch's loss into an exact zero on every rank; at the last micro batch one host sync
-    reads the flag and, if set, the optimizer step runs with lr 0 so the weights do not move.
-    A finite loss whose gradients are not finite is caught by DeepSpeed, which skips the update
-    on every rank (see :meth:`Engine.step_applied`); the step then counts as skipped too. Every
-    rank keeps issuing the same collectives and reaches the same verdict at the same step.
+    Images cross to the device and are normalised there; ``mixer`` (Mixup / CutMix) then mixes
+    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``). A non-finite loss
+    on any rank (one all-reduce per micro batch, no host sync) turns that micro batch's loss into
+    an exact zero on every rank; at the last micro batch one host sync reads the flag and, if
+    set, the optimizer step runs with lr 0 so the weights do not move. A finite loss whose
+    gradients are not finite is caught by DeepSpeed, which skips the update on every rank (see
+    :meth:`Engine.step_applied`); the step then counts as skipped too. Every rank keeps issuing
+    the same collectives and reaches the same verdict at the same step.
     """
     losses = []
     bad_any = None
     for i, batch in enumerate(micro_batches):
-        logits = engine.forward(batch.images)
-        loss = classification_loss(logits, _targets(batch, cfg, num_classes).to(logits.device),
-                                   cfg.train.loss, cfg.train.label_smoothing)
+        images = engine.to_device(batch.images)
+        targets = _targets(batch, cfg, num_classes).to(images.device)
+        if mixer is not None:
+            images, targets = mixer(images, targets, step, rank, i)
+        logits = engine.model_forward(images)
+        loss = classification_loss(logits, targets, cfg.train.loss, cfg.train.label_smoothing)
         if fault is not None:
             loss = fault(loss)
         losses.append(loss.detach())
@@ -130,6 +136,7 @@ class SampleKeysLog:
 
 
 def eval_line(rec: dict) -> str:
-    parts = [f"{k} {100 * rec[k]:.2f}%" for k in ("top1", "top5", "prec1") if k in rec]
+    parts = [f"{k} {100 * rec[k]:.2f}%" for k in ("top1", "top5", "prec1", "ema_top1", "ema_top5", "ema_prec1")
+             if k in rec]
     return f"eval @ step {rec['step']}: loss {rec['eval_loss']:.4f}  " + "  ".join(parts) + \
         f"  ({rec['eval_samples']} images)"

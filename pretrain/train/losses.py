@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str,
                         label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean loss in fp32. ``kind="softmax"``: cross-entropy on class indices (B,);
-    ``kind="sigmoid"``: sigmoid cross-entropy on multi-hot (B, C) targets (class indices are
-    turned into one-hot rows), summed over classes as in the ViT/JFT setup, averaged over images."""
+    """Mean loss in fp32. ``kind="softmax"``: cross-entropy on class indices (B,), or on (B, C)
+    probability rows (Mixup / CutMix targets, already smoothed); ``kind="sigmoid"``: sigmoid
+    cross-entropy on multi-hot or mixed (B, C) targets in [0, 1] (class indices are turned into
+    one-hot rows), summed over classes as in the ViT/JFT setup, averaged over images."""
     logits = logits.float()
     if kind == "softmax":
-        if targets.dim() != 1:
-            raise ValueError("softmax loss needs class-index targets of shape (B,)")
+        if targets.dim() == 2:
+            return F.cross_entropy(logits, targets.float())
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     if targets.dim() == 1:
         targets = F.one_hot(targets, logits.shape[-1])

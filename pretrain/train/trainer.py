@@ -44,10 +44,12 @@ from pretrain.model.costs import model_costs
 from pretrain.model.vit import build_model
 from pretrain.train.config import Config, identity
 from pretrain.train.config_file import save_config
+from pretrain.train.ema import Ema
 from pretrain.train.engine import Comm, Engine, all_reduce_
 from pretrain.train.faults import Faults
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
 from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
+from pretrain.train.mixing import build_mixer
 from pretrain.train.schedule import lr_at
 from pretrain.train.state import Components, LoopState, RngState, reseed_rank
 
@@ -101,6 +103,11 @@ class Trainer:
         self.components.register("loop", self.state)
         self.components.register("data", self.train_data)
         self.components.register("rng", RngState())
+        self.ema = Ema(self.engine, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay else None
+        if self.ema is not None:
+            self.components.register("ema", self.ema)
+        self.mixer = build_mixer(cfg.augment, cfg.model.num_classes, cfg.train.loss, cfg.train.label_smoothing,
+                                 cfg.run.seed)
         self.ckpt_meta = {"format": TRAINING_FORMAT, **identity(cfg, self.mode), "world_size": self.world}
         self.keys_log = SampleKeysLog(self.run_dir, self.rank) if cfg.log.sample_keys else None
 
@@ -118,6 +125,12 @@ class Trainer:
                              f"again from its beginning")
         else:
             self.components.load_state_dict(rank_state, same_world)
+            if self.ema is not None and not same_world and "ema" in rank_state:
+                old = [self.ckpt.load_rank_state(source.tag_dir, r)["ema"] for r in range(source.meta["world_size"])]
+                self.ema.load_resharded(old)
+        if self.ema is not None and (rank_state is None or "ema" not in rank_state):
+            self.ema.reset()
+            self.log.console(f"the EMA starts at the weights of step {source.step} ({source.tag_dir.name} holds none)")
         if not same_world or rank_state is None:
             reseed_rank(self.cfg.run.seed, self.rank, source.step)
         self.state.step = source.step
@@ -181,13 +194,16 @@ class Trainer:
             wait = time.perf_counter() - t0
             if self.keys_log is not None:
                 self.keys_log(step, batches)
-            out = run_step(self.engine, batches, cfg, cfg.model.num_classes, lr, self.faults.loss_fault(step))
+            out = run_step(self.engine, batches, cfg, cfg.model.num_classes, lr, self.faults.loss_fault(step),
+                           self.mixer, step, self.rank)
             state.step = step
             self.meter.add(1, wait)
             log.advance()
             if out.applied:
                 state.bad_steps_in_row = 0
                 pending.append(out.loss)
+                if self.ema is not None:
+                    self.ema.update()
             else:
                 self._skipped(step, out.skip_reason)
             if step % t.log_every == 0 or step == t.steps:
@@ -258,6 +274,13 @@ class Trainer:
         result = evaluate(self.engine, data, self.cfg)
         bad = _sum_counts(Comm.all_gather_object(data.bad))
         record = {"kind": "eval", "step": step, **result, "eval_expected": data.expected}
+        if self.ema is not None:
+            self.ema.swap_in()
+            try:
+                ema = evaluate(self.engine, data, self.cfg)
+            finally:
+                self.ema.swap_out()
+            record.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
         if data.expected is not None and result["eval_samples"] < data.expected:
             reasons = ", ".join(f"{n} {reason}" for reason, n in _by(bad, 0).items()) or "unknown reasons"
             record["eval_unusable"] = _by(bad, 1)
@@ -306,6 +329,7 @@ class Trainer:
         summary = {"mode": self.mode, "steps": state.step, "first_loss": state.first_loss,
                    "final_loss": state.last_loss, "eval_top1": ev.get("top1"), "eval_top5": ev.get("top5"),
                    "eval_prec1": ev.get("prec1"), "eval_samples": ev.get("eval_samples"),
+                   "eval_ema_top1": ev.get("ema_top1"), "eval_ema_prec1": ev.get("ema_prec1"),
                    "images_per_s": state.images_per_s, "bad_steps_total": state.bad_steps_total,
                    "seconds": round(seconds, 1), "run_dir": str(self.run_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
