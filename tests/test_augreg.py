@@ -262,3 +262,16 @@ def test_ema_weights_export_evaluate_and_start_a_finetune(zero3_ema, tmp_path):
     proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(out),
                     "finetune.init_weights=ema", f"run.dir={tmp_path / 'ft'}")
     assert proc.returncode == 2 and "finetune.init_weights=ema needs a vitscale training checkpoint" in proc.stderr
+
+
+def test_the_augreg_twin_trains_from_shards_and_reports_ema_top1(shards, tmp_path):
+    """configs/demo_augreg_cpu.yaml on shards (so RandAugment runs in the workers) on 2 processes:
+    every eval record carries ema_top1 beside top1, and the loss falls."""
+    run = tmp_path / "run"
+    vitscale("pretrain", "--config", "configs/demo_augreg_cpu.yaml", "--nproc-per-node", "2", f"run.dir={run}",
+             f"data.train={shards}", f"data.val={shards}", "model.img_size=16", "model.num_classes=4",
+             "train.steps=30", "train.eval_every=15", "train.log_every=5", check=True)
+    evals = read_metrics(run, "eval")
+    assert [e["step"] for e in evals] == [15, 30] and all({"top1", "ema_top1"} <= set(e) for e in evals)
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert losses[-1] < losses[0]

@@ -132,7 +132,8 @@ def test_missing_shards_and_wrong_paths_name_the_key(written, recipe, capsys):
     assert checks["data.val"]["status"] == "FAIL" and checks["data.val"]["detail"].startswith("data.val=")
 
 
-RECIPES = ["pretrain_vit_b16_in21k", "pretrain_vit_l16_in21k", "pretrain_vit_h14_in21k", "pretrain_vit_h16_jft"]
+RECIPES = ["pretrain_vit_b16_in21k", "pretrain_vit_l16_in21k", "pretrain_vit_h14_in21k", "pretrain_vit_h16_jft",
+           "pretrain_vit_b16_in21k_augreg", "pretrain_vit_l16_in21k_augreg"]
 
 
 @pytest.fixture(scope="module")
