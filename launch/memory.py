@@ -82,13 +82,16 @@ def block_activation_bytes(batch: int, seq_len: int, width: int, mlp_dim: int, h
     return total
 
 
-def activation_bytes(spec: ViTSpec, batch: int, act_ckpt: bool, dropout: bool = False) -> dict[str, int]:
+def activation_bytes(spec: ViTSpec, batch: int, act_ckpt: bool | float, dropout: bool = False) -> dict[str, int]:
     """Per-GPU activation bytes at micro batch ``batch``: ``blocks``, ``outside`` (image, final
     norm, logits) and ``backward`` (gradient buffers of the block being backpropagated);
+    ``act_ckpt``: True, False or the fraction of blocks recomputed (they keep only their input);
     ``dropout``: the blocks keep dropout masks."""
     b, t, d, m = batch, spec.seq_len, spec.width, spec.mlp_dim
     block = block_activation_bytes(b, t, d, m, spec.heads, dropout=dropout)
-    blocks = spec.depth * 2 * b * t * d + block if act_ckpt else spec.depth * block
+    recomputed = round(spec.depth * (1.0 if act_ckpt is True else float(act_ckpt)))  # False -> 0
+    kept = spec.depth - recomputed
+    blocks = recomputed * 2 * b * t * d + kept * block + (block if recomputed else 0)
     outside = 2 * b * 3 * spec.img_size**2 + 2 * b * t * d + 8 * b * max(spec.num_classes, 1)
     backward = 2 * b * t * d + max(4 * b * t * m, 12 * b * t * d)
     return {"blocks": blocks, "outside": outside, "backward": backward}

@@ -97,3 +97,40 @@ def test_every_named_variant_builds_on_meta():
 def test_unknown_variant_names_the_options():
     with pytest.raises(ValueError, match="vit_<size><patch>"):
         spec_for("vit_q16")
+
+
+def test_selective_activation_checkpointing_spreads_blocks_and_keeps_gradients():
+    spec = spec_for("vit_test4", img_size=16, num_classes=3, depth=6)
+    torch.manual_seed(0)
+    model, x = build_model(spec), torch.randn(2, 3, 16, 16)
+    torch.nn.init.normal_(model.head.weight)
+    grads = {}
+    for setting in (False, 0.5, 1 / 3, True):
+        model.set_grad_checkpointing(setting)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads[setting] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.set_grad_checkpointing(0.5)
+    assert model.checkpointed == [False, True, False, True, False, True]
+    model.set_grad_checkpointing(1 / 3)
+    assert sum(model.checkpointed) == 2
+    for setting in (0.5, 1 / 3, True):
+        for name, g in grads[False].items():
+            torch.testing.assert_close(grads[setting][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_dropout_cuts_training_flops_and_leaves_eval_alone():
+    from pretrain.model.costs import model_costs
+
+    spec = spec_for("vit_b16")
+    full, half = model_costs(spec), model_costs(spec, 0.5)
+    assert half["gmacs_fwd"] == full["gmacs_fwd"]  # evaluation sees every patch
+    assert half["train_tflops_per_image"] < 0.51 * full["train_tflops_per_image"]  # 98 + 1 of 197 tokens
+    small = spec_for("vit_test4", img_size=16, num_classes=3)
+    torch.manual_seed(0)
+    dropped = build_model(small, patch_dropout=0.5)
+    plain = build_model(small)
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(dropped.eval().forward_features(x), plain.eval().forward_features(x))
+    assert dropped.train().forward_features(x).shape == (2, 1 + 8, 64)  # class token + 8 of 16 patches

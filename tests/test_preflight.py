@@ -298,6 +298,8 @@ def test_act_ckpt_keeps_block_inputs_only():
     one = block_activation_bytes(32, spec.seq_len, spec.width, spec.mlp_dim, spec.heads)
     assert full == spec.depth * one
     assert ckpt == spec.depth * 2 * 32 * spec.seq_len * spec.width + one
+    half = activation_bytes(spec, 32, act_ckpt=0.5)["blocks"]  # 16 blocks recomputed, 16 kept
+    assert half == 16 * 2 * 32 * spec.seq_len * spec.width + 16 * one + one and ckpt < half < full
     cfg = load_config(None, ["model.name=vit_h14", "zero.stage=0", "train.micro_batch=256"])
     est = estimate_memory(cfg, world_size=1)
     assert est.total > 16 * GIB

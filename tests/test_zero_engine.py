@@ -26,3 +26,28 @@ def test_two_process_bf16_training_learns(stage, tmp_path):
         assert sum(r["held_params"] for r in ranks) >= total
     else:
         assert all(r["held_params"] == r["total_params"] for r in ranks)
+
+
+def test_a_training_step_makes_one_host_sync(tmp_path):
+    """The non-finite verdict, the stop and bad-data flags share one all-reduce and one host sync
+    per step (whatever the accumulation); losses stay on the device. A regression shows here."""
+    out = tmp_path / "syncs.json"
+    torchrun(ROOT / "tests/scripts/count_syncs.py", "4", "3", str(out), timeout=300)
+    for rank in json.loads(out.read_text()):
+        assert [s["syncs"] for s in rank] == [1, 1, 1, 1] and all(s["applied"] for s in rank)
+
+
+def test_zero3_gathers_a_block_at_a_time_and_compile_under_zero3_is_refused_before_start(tmp_path):
+    from pretrain.train.config_file import load_config
+    from pretrain.train.engine import build_ds_config
+
+    cfg = load_config("configs/pretrain_vit_h14_in21k.yaml", ["zero.stage=3"])
+    zero = build_ds_config(cfg, 64)["zero_optimization"]
+    block = 4 * 1280 * 1280 + 2 * 1280 * 5120 + 9 * 1280 + 5120
+    assert zero["stage3_prefetch_bucket_size"] == block == 19_677_440
+    assert zero["stage3_max_live_parameters"] == 3 * block and zero["stage3_param_persistence_threshold"] == 12_800
+    from tests.helpers import TINY, vitscale
+
+    proc = vitscale("pretrain", *TINY, "zero.stage=3", "model.compile=true", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "model.compile=True" in proc.stderr and "zero.stage=2" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -30,23 +30,30 @@ PEAK_BF16_FLOPS = {
 
 
 @functools.lru_cache(maxsize=64)
-def model_costs(spec: ViTSpec) -> dict:
-    """Parameter counts, forward GMACs and training TFLOPs per image for ``spec``."""
-    model = build_model(spec, device="meta")
+def model_costs(spec: ViTSpec, patch_dropout: float = 0.0) -> dict:
+    """Parameter counts, forward GMACs and training TFLOPs per image for ``spec``; with
+    ``patch_dropout`` the training FLOPs are those of the tokens a training image keeps (the
+    forward is counted in training mode), while ``gmacs_fwd`` stays the full (eval) forward."""
+    model = build_model(spec, device="meta", patch_dropout=patch_dropout)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("head.", "pre_logits.")))
-    x = torch.empty(1, 3, spec.img_size, spec.img_size, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    macs = counter.get_total_flops() / 2
+    macs = _forward_macs(model.eval(), spec)
+    train_macs = _forward_macs(model.train(), spec) if patch_dropout else macs
     return {
         "params": total,
         "params_backbone": total - head,
         "gmacs_fwd": macs / 1e9,
-        "train_tflops_per_image": 6 * macs / 1e12,
+        "train_tflops_per_image": 6 * train_macs / 1e12,
         "seq_len": spec.seq_len,
         "head_dim": spec.head_dim,
     }
+
+
+def _forward_macs(model: torch.nn.Module, spec: ViTSpec) -> float:
+    x = torch.empty(1, 3, spec.img_size, spec.img_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
 
 
 def param_count(spec: ViTSpec) -> int:

@@ -148,6 +148,18 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
+def kept_tokens(num_patches: int, rate: float) -> int:
+    """Patch tokens an image keeps under patch dropout ``rate`` (at least one)."""
+    return max(1, round(num_patches * (1.0 - rate)))
+
+
+def keep_random_tokens(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """A random subset of :func:`kept_tokens` of the (B, N, D) patch tokens, drawn per image."""
+    keep = kept_tokens(x.shape[1], rate)
+    idx = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)[:, :keep]  # (B, K)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: in training, each sample's residual branch is dropped with probability
     ``rate`` and kept ones are scaled by 1 / (1 - rate), so the expectation is unchanged."""
@@ -181,11 +193,13 @@ class VisionTransformer(nn.Module):
 
     ``dropout`` / ``attn_dropout`` act in training mode only, as does ``drop_path`` (stochastic
     depth; block i of L drops with rate ``drop_path * i / (L - 1)``, rising linearly as in DeiT and
-    timm); ``head_bias_init`` is the head's initial bias (-10 for the JFT sigmoid setup). None of
-    them changes the parameters, so they are not part of ``spec``."""
+    timm); ``patch_dropout`` (FLIP) keeps a random (1 - rate) share of the patch tokens of each
+    image in training (the class token always; evaluation sees every patch), cutting the work per
+    image about in proportion; ``head_bias_init`` is the head's initial bias (-10 for the JFT
+    sigmoid setup). None of them changes the parameters, so they are not part of ``spec``."""
 
     def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, head_bias_init: float = 0.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, patch_dropout: float = 0.0):
         super().__init__()
         if spec.img_size % spec.patch_size:
             raise ValueError(f"img_size {spec.img_size} is not divisible by patch {spec.patch_size}")
@@ -193,7 +207,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"width {spec.width} is not divisible by heads {spec.heads}")
         self.spec = spec
         self.head_bias_init = head_bias_init
-        self.grad_checkpointing = False
+        self.patch_dropout = patch_dropout
         self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
         if spec.pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
@@ -201,6 +215,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(dropout)
         rates = torch.linspace(0, drop_path, spec.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout, rate) for rate in rates)
+        self.checkpointed = [False] * spec.depth
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self._build_head(spec.num_classes, spec.representation_size)
         self.init_weights()
@@ -244,14 +259,16 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
         """Images (B, 3, H, W) -> normed tokens (B, T, D), class token first."""
         x = self.patch_embed(x)  # (B, N, D)
+        x = x + self.pos_embed[:, self.spec.num_prefix_tokens:]
+        if self.training and self.patch_dropout:
+            x = keep_random_tokens(x, self.patch_dropout)  # (B, K, D)
         if self.spec.pool == "cls":
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, use_sdpa, use_reentrant=False)
-            else:
-                x = blk(x, use_sdpa)
+            cls = self.cls_token + self.pos_embed[:, :1]
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x)
+        for blk, recompute in zip(self.blocks, self.checkpointed, strict=True):
+            recompute = recompute and self.training
+            x = checkpoint(blk, x, use_sdpa, use_reentrant=False) if recompute else blk(x, use_sdpa)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -266,10 +283,17 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, use_sdpa))
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block's activations in the backward pass instead of keeping them
-        (``model.act_ckpt``; training mode only)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | float = True) -> None:
+        """Recompute blocks' activations in the backward pass instead of keeping them (training
+        only; ``model.act_ckpt``): True for every block, False for none, a fraction f in (0, 1]
+        for round(f x depth) blocks spread evenly over the depth (block i when
+        floor((i + 1) f) > floor(i f)), which trades memory for recompute in between."""
+        f = 1.0 if enable is True else 0.0 if enable is False else float(enable)
+        self.checkpointed = [math.floor((i + 1) * f + 1e-9) > math.floor(i * f + 1e-9) for i in range(len(self.blocks))]
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(self.checkpointed)
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (the ``model.compile`` option):
@@ -281,6 +305,6 @@ class VisionTransformer(nn.Module):
 
 def build_model(spec: ViTSpec, device: torch.device | str | None = None, **options) -> VisionTransformer:
     """Build on ``device`` (``"meta"`` allocates nothing); ``options`` are VisionTransformer's
-    run-time keywords (dropout, attn_dropout, head_bias_init, drop_path)."""
+    run-time keywords (dropout, attn_dropout, head_bias_init, drop_path, patch_dropout)."""
     with torch.device(device or "cpu"):
         return VisionTransformer(spec, **options)

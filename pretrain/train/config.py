@@ -56,8 +56,9 @@ class ModelConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth, rising linearly over the blocks to this rate
+    patch_dropout: float = 0.0  # FLIP: share of patch tokens dropped per image in training
     head_bias_init: float = 0.0
-    act_ckpt: bool = False
+    act_ckpt: bool | float = False  # activation checkpointing: every block, none, or a fraction of them
     compile: bool = False
     require_flash: bool = False
 
@@ -78,7 +79,10 @@ class ModelConfig:
         rep = self.representation_size
         _check(rep is None or rep == "auto" or (isinstance(rep, int) and rep > 0),
                "model.representation_size", rep, "use 'auto' (= width), a positive int, or null")
-        for key in ("dropout", "attn_dropout", "drop_path"):
+        ckpt = self.act_ckpt
+        _check(isinstance(ckpt, bool) or 0.0 < ckpt <= 1.0, "model.act_ckpt", ckpt,
+               "use true (every block), false, or the fraction of blocks to recompute, e.g. 0.5")
+        for key in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"model.{key}", v, "must be in [0, 1)")
         _check(math.isfinite(self.head_bias_init), "model.head_bias_init", self.head_bias_init, "must be finite")
@@ -89,7 +93,7 @@ class ModelConfig:
     def runtime(self) -> dict:
         """Keywords of ``build_model`` besides the spec."""
         return {"dropout": self.dropout, "attn_dropout": self.attn_dropout, "head_bias_init": self.head_bias_init,
-                "drop_path": self.drop_path}
+                "drop_path": self.drop_path, "patch_dropout": self.patch_dropout}
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,9 @@ class Config:
     def __post_init__(self):
         if self.data.multi_label and self.train.loss != "sigmoid":
             _fail("train.loss", self.train.loss, "multi-label data (data.multi_label=true) needs 'sigmoid'")
+        if self.model.compile and self.zero.stage == 3:
+            _fail("model.compile", True, "torch.compile cannot trace ZeRO-3's parameter gathering (module hooks): "
+                  "use zero.stage=2, or model.compile=false")
         if self.ema.decay and self.zero.stage == 0:
             _fail("ema.decay", self.ema.decay, "the EMA is sharded like DeepSpeed's master weights: use zero.stage "
                   "1, 2 or 3")

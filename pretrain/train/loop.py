@@ -3,8 +3,8 @@
 
 A step consumes ``train.grad_accum`` micro batches per rank and applies one optimizer step;
 the LR comes from :func:`pretrain.train.schedule.lr_at`. Losses stay on the device between log
-steps (no per-step host sync) except the non-finite check, which every rank agrees on with one
-all-reduce so that all ranks skip the same step.
+steps; a step has one all-reduce and one host sync of ours (the non-finite verdict together with
+the stop and bad-data flags), so all ranks skip or stop at the same step.
 
 Non-finite values: a NaN/Inf loss on any rank, or a finite loss with a NaN/Inf gradient norm
 (DeepSpeed skips that update on every rank: ZeRO-1/2 through ``bf16.check_grad_overflow``, on
@@ -17,7 +17,6 @@ the run with a message. The trainer refuses to save weights that are not finite.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,23 +68,27 @@ class StepOutcome:
     loss: torch.Tensor  # mean loss over the micro batches (on the device)
     applied: bool  # the optimizer step changed the weights
     skip_reason: str | None = None  # "nonfinite_loss" or "nonfinite_grad" when not applied
+    flags: tuple[float, ...] = ()  # the caller's flags, maxed over all ranks
 
 
 def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,
-             lr: float, fault=None, mixer: Mixer | None = None, step: int = 0, rank: int = 0) -> StepOutcome:
-    """Forward/backward over the micro batches and one optimizer step.
+             lr: float, fault=None, mixer: Mixer | None = None, step: int = 0, rank: int = 0,
+             flags: tuple[float, ...] = ()) -> StepOutcome:
+    """Forward/backward over the micro batches and one optimizer step, with one host sync.
 
     Images cross to the device and are normalised there; ``mixer`` (Mixup / CutMix) then mixes
-    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``). A non-finite loss
-    on any rank (one all-reduce per micro batch, no host sync) turns that micro batch's loss into
-    an exact zero on every rank; at the last micro batch one host sync reads the flag and, if
-    set, the optimizer step runs with lr 0 so the weights do not move. A finite loss whose
-    gradients are not finite is caught by DeepSpeed, which skips the update on every rank (see
-    :meth:`Engine.step_applied`); the step then counts as skipped too. Every rank keeps issuing
-    the same collectives and reaches the same verdict at the same step.
+    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``). A micro batch whose
+    loss is not finite contributes an exact zero (its gradients stay finite). Before the optimizer
+    step one all-reduce agrees, over all ranks, on whether any rank saw such a loss and on the
+    caller's ``flags`` (stop request, bad data; returned maxed in ``flags``), and one host sync
+    reads the result: if any loss was not finite the step runs with lr 0, so the weights do not
+    move on any rank. A finite loss whose gradients are not finite is caught by DeepSpeed, which
+    skips the update on every rank (see :meth:`Engine.step_applied`); the step then counts as
+    skipped too. Every rank issues the same collectives and reaches the same verdict.
     """
     losses = []
-    bad_any = None
+    bad = torch.zeros((), device=engine.device)
+    last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
         images = engine.to_device(batch.images)
         targets = _targets(batch, cfg, num_classes).to(images.device)
@@ -96,24 +99,22 @@ def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classe
         if fault is not None:
             loss = fault(loss)
         losses.append(loss.detach())
-        bad = all_reduce_((~torch.isfinite(loss.detach())).float().reshape(()), "max")
-        bad_any = bad if bad_any is None else torch.maximum(bad_any, bad)
-        loss = torch.where(bad > 0, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, loss)
-        engine.backward(loss)
-        if i == len(micro_batches) - 1 and bad_any.item() > 0:
-            engine.set_lr(0.0)
+        nonfinite = ~torch.isfinite(loss.detach())
+        bad = torch.maximum(bad, nonfinite.float())
+        engine.backward(torch.where(nonfinite, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, loss))
+        if i == last:
+            agreed = all_reduce_(torch.stack([bad, *(torch.tensor(float(f), device=bad.device) for f in flags)]),
+                                 "max").tolist()  # the step's one host sync
+            if agreed[0] > 0:
+                engine.set_lr(0.0)
         engine.step()
     mean = torch.stack(losses).mean()
-    if bad_any.item() > 0:
+    if agreed[0] > 0:
         engine.set_lr(lr)
-        return StepOutcome(mean, False, "nonfinite_loss")
+        return StepOutcome(mean, False, "nonfinite_loss", tuple(agreed[1:]))
     if not engine.step_applied():
-        return StepOutcome(mean, False, "nonfinite_grad")
-    norm = engine.grad_norm()
-    if norm is not None and not math.isfinite(norm):
-        raise RuntimeError(f"DeepSpeed applied an optimizer step with grad norm {norm}; the weights are no "
-                           f"longer trustworthy (this DeepSpeed setup does not skip non-finite steps)")
-    return StepOutcome(mean, True)
+        return StepOutcome(mean, False, "nonfinite_grad", tuple(agreed[1:]))
+    return StepOutcome(mean, True, None, tuple(agreed[1:]))
 
 
 def train_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classes: int,

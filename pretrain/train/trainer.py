@@ -27,6 +27,7 @@ lets the save finish; the stop then happens after the next step. Faults for test
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -95,7 +96,7 @@ class Trainer:
             self.prepare_model(model, self.log)
         if cfg.model.compile:
             model.compile_blocks()
-        self.costs = model_costs(self.spec)
+        self.costs = model_costs(self.spec, cfg.model.patch_dropout)
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
         self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
@@ -194,8 +195,10 @@ class Trainer:
             wait = time.perf_counter() - t0
             if self.keys_log is not None:
                 self.keys_log(step, batches)
+            if self.faults.stop(step):
+                self.stop.raised = True
             out = run_step(self.engine, batches, cfg, cfg.model.num_classes, lr, self.faults.loss_fault(step),
-                           self.mixer, step, self.rank)
+                           self.mixer, step, self.rank, self._flags())
             state.step = step
             self.meter.add(1, wait)
             log.advance()
@@ -209,7 +212,7 @@ class Trainer:
             if step % t.log_every == 0 or step == t.steps:
                 self._log_train(pending, lr)
                 pending = []
-            if self._after_step(step):
+            if self._after_step(step, out.flags):
                 break
         log.stop_progress()
 
@@ -229,12 +232,11 @@ class Trainer:
                             f"these steps). Lower optim.lr, check the data, or resume from an earlier "
                             f"checkpoint")
 
-    def _after_step(self, step: int) -> bool:
-        """Stop request (save, stop), then a due checkpoint, then a due eval; True to stop."""
+    def _after_step(self, step: int, flags: tuple[float, ...]) -> bool:
+        """Stop request (save, stop), then a due checkpoint, then a due eval; True to stop.
+        ``flags``: this step's stop and bad-data flags, already agreed over all ranks."""
         cfg = self.cfg
-        if self.faults.stop(step):
-            self.stop.raised = True
-        if self._agree_to_stop():
+        if self._stop_agreed(flags):
             self.log.console(f"stop signal received: saving at step {step} and exiting")
             self._save(step)
             self.log.write({"kind": "event", "step": step, "event": "preempted"})
@@ -250,14 +252,19 @@ class Trainer:
             self.meter.reset()
         return False
 
-    def _agree_to_stop(self) -> bool:
-        flags = torch.tensor([1.0 if self.stop.raised else 0.0, 1.0 if self.train_data.problem() else 0.0],
-                             device=self.engine.device)
-        flags = all_reduce_(flags, "max").tolist()
+    def _flags(self) -> tuple[float, float]:
+        return 1.0 if self.stop.raised else 0.0, 1.0 if self.train_data.problem() else 0.0
+
+    def _stop_agreed(self, flags: tuple[float, ...]) -> bool:
         if flags[1] > 0:
             raise UserError(self.train_data.problem() or "another rank stopped on bad training data (see its "
                             "message above)")
         return flags[0] > 0
+
+    def _agree_to_stop(self) -> bool:
+        """The stop and bad-data flags agreed over all ranks outside a step (at start-up)."""
+        flags = all_reduce_(torch.tensor(self._flags(), device=self.engine.device), "max").tolist()
+        return self._stop_agreed(tuple(flags))
 
     # ---- checkpoint, eval, logs ----
     def _save(self, step: int) -> None:
@@ -302,7 +309,11 @@ class Trainer:
             if state.first_loss is None:
                 state.first_loss = per_step[0].item()
         state.last_loss = loss
-        rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": self.engine.grad_norm(), **self.meter.read(),
+        norm = self.engine.grad_norm()
+        if norm is not None and not math.isfinite(norm) and state.bad_steps_in_row == 0:
+            raise RuntimeError(f"DeepSpeed applied an optimizer step with grad norm {norm}; the weights are no "
+                               f"longer trustworthy (this DeepSpeed setup does not skip non-finite steps)")
+        rec = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, **self.meter.read(),
                "peak_mem_gb": peak_memory_gb(), "bad_steps_total": state.bad_steps_total}
         rec.update(self._data_stats())
         state.images_per_s = rec["images_per_s"]
