@@ -139,3 +139,18 @@ def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
     for key, row in zip(batch.keys, batch.targets, strict=True):
         stem = next(s for s in want if key.endswith(s))
         assert sorted(torch.nonzero(row).flatten().tolist()) == want[stem]
+
+
+@pytest.mark.parametrize("stop", [1, 6])
+def test_the_device_prefetcher_keeps_resume_exact(shards, stop):
+    """One batch is held ahead (on its way to the device); a checkpoint taken meanwhile does not
+    count it, so the resumed stream is the uninterrupted one."""
+    from pretrain.train.prefetch import DevicePrefetcher
+
+    cfg = _cfg(str(shards), **{"data.workers": "1"})
+    straight = _keys(DevicePrefetcher(ShardTrain(cfg.loader(), 0, 1), "cpu"), 12)
+    first = DevicePrefetcher(ShardTrain(cfg.loader(), 0, 1), "cpu")
+    head = _keys(first, stop)
+    resumed = DevicePrefetcher(ShardTrain(cfg.loader(), 0, 1), "cpu")
+    resumed.load_state_dict(first.state_dict())
+    assert head + _keys(resumed, 12 - stop) == straight

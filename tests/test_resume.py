@@ -8,6 +8,7 @@ tolerance (and exactly the same samples) when it changes.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -69,8 +70,10 @@ def test_kill_mid_save_keeps_latest_and_relaunch_reproduces_the_run(reference, t
 
 
 def test_sigterm_during_a_save_completes_it_then_stops_cleanly(reference, tmp_path):
-    """SIGTERM to the `vitscale pretrain` parent while step 10 is being saved: that save completes,
-    every rank stops at step 11, saves it and the command exits 0; relaunching finishes the run."""
+    """SIGTERM to the `vitscale pretrain` parent while step 10 is being written in the background
+    (``checkpoint.async_save``, the default): training went on meanwhile; every rank stops at the
+    same later step, the step-10 checkpoint is completed and published, the stop step is saved and
+    the command exits 0; relaunching finishes the run exactly."""
     run = tmp_path / "run"
     ck = run / "checkpoints"
     proc = start(run, fault="slowsave@10")
@@ -80,16 +83,32 @@ def test_sigterm_during_a_save_completes_it_then_stops_cleanly(reference, tmp_pa
         assert proc.wait(120) == 0, output(run)[-3000:]
     finally:
         kill_job(proc)
-    assert [e["step"] for e in events(run, "preempted")] == [11]
-    assert latest(run) == "step_00000011"
-    for tag in ("step_00000010", "step_00000011"):
+    [stopped] = [e["step"] for e in events(run, "preempted")]
+    assert 10 < stopped < 16
+    assert latest(run) == f"step_{stopped:08d}"
+    for tag in ("step_00000010", f"step_{stopped:08d}"):
         assert verify_checkpoint(ck / tag) == []
 
     vitscale(*pretrain_args(run), check=True)
-    assert _resumed_at(run) == [11]
+    assert _resumed_at(run) == [stopped]
     assert losses(run) == losses(reference)
     for rank in (0, 1):
         assert sample_keys(run, rank) == sample_keys(reference, rank)
+
+
+def test_background_save_leaves_training_running_and_publishes_later(reference, tmp_path):
+    """While the step-5 checkpoint is written (held open 4 s), training goes on: steps after 5
+    are logged before the checkpoint is published; the run still matches the reference bit for
+    bit, and the checkpoint names the step it was published at."""
+    run = tmp_path / "run"
+    vitscale(*pretrain_args(run, "checkpoint.keep=5"), env=_env(fault="slowsave@5"), check=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    at = next(i for i, r in enumerate(records) if r.get("event") == "checkpoint" and r["step"] == 5)
+    later = [r["step"] for r in records[:at] if "kind" not in r and r["step"] > 5]
+    assert later, "no step ran while the step-5 checkpoint was written"
+    assert records[at]["published_at"] > 5
+    assert verify_checkpoint(run / "checkpoints" / "step_00000005") == []
+    assert losses(run) == losses(reference)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -184,9 +203,11 @@ class _FakeEngine:
     def __init__(self):
         self.value = 0
 
-    def save(self, save_dir, tag, client_state):
+    def save(self, save_dir, tag, client_state, defer=False):
         (save_dir / tag).mkdir(parents=True)
-        (save_dir / tag / "mp_rank_00_model_states.pt").write_bytes(bytes([self.value % 256]) * 64)
+        path = save_dir / tag / "mp_rank_00_model_states.pt"
+        path.write_bytes(bytes([self.value % 256]) * 64)
+        return [(None, path)]  # written now (Engine.save's contract: state None when written)
 
 
 def _manager(run, keep=2):

@@ -12,7 +12,10 @@ Layout (a user may point at any of the three levels)::
                                                world size resumes from it)
 
 A save goes to ``.tmp-step_...``; only when every rank has written and hashed its files does
-rank 0 write ``vitscale.json``, rename the directory to its tag and replace ``latest``. A crash at
+rank 0 write ``vitscale.json``, rename the directory to its tag and replace ``latest``. Writing
+can run in the background (``checkpoint.async_save``): the step then waits only for the state to
+be copied off the training buffers, and the checkpoint becomes visible a few steps later, when
+every rank's writer is done. A crash at
 any moment leaves the previous checkpoint and ``latest`` intact; stale temporary directories are
 removed by the next save. The ``keep`` newest complete checkpoints (by step number) are kept,
 never the one ``latest`` names. Files are fsynced before the rename, so the guarantee also holds
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,6 +141,7 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, rank: int, world: int, keep: int, comm):
         self.dir = Path(run_dir) / "checkpoints"
         self.rank, self.world, self.keep, self.comm = rank, world, keep, comm
+        self.pending: _PendingSave | None = None
 
     # ---- finding ----
     def tags(self) -> list[str]:
@@ -189,47 +194,69 @@ class CheckpointManager:
 
     # ---- saving ----
     def save(self, engine, step: int, meta: dict, rank_state: dict,
-             before_publish: Callable[[], None] | None = None) -> Path:
-        """Write checkpoint ``step`` (model, optimizer, ``rank_state`` of every rank, ``meta``).
+             before_publish: Callable[[], None] | None = None, background: bool = False) -> Path | None:
+        """Checkpoint ``step``: model, optimizer, ``rank_state`` of every rank, ``meta``.
 
-        ``before_publish`` runs on every rank once all files are written and hashed, just before
-        rank 0 makes the checkpoint visible (tests use it to kill a process mid-save)."""
+        Without ``background`` the files are written, fsynced and hashed, and the checkpoint is
+        published (see :meth:`publish`) before this returns its path. With ``background`` this
+        returns None once the state is copied off the training buffers into CPU memory (the
+        engine's files and ``rank_state``); a thread writes, fsyncs and hashes this rank's
+        files while training goes on, and :meth:`publish` makes the checkpoint visible once every
+        rank's thread is done. At most one save is in flight: a new one first publishes the last.
+        ``before_publish`` runs on every rank once its files are written and hashed (tests use it
+        to kill a process mid-save)."""
+        if self.pending is not None:
+            self.publish()
         tag = tag_for(step)
-        tmp_tag = f".tmp-{tag}"
-        tmp = self.dir / tmp_tag
+        tmp = self.dir / f".tmp-{tag}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         self.comm.barrier()
         try:
-            engine.save(self.dir, tmp_tag, client_state={"step": step})
-            torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+            files = engine.save(self.dir, tmp.name, client_state={"step": step}, defer=background)
         except (OSError, RuntimeError) as err:
             raise save_failure(err, self.dir, step) from err
-        self.comm.barrier()
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        mine = {}
-        for n in names[self.rank::self.world]:
-            fsync_path(tmp / n)
-            mine[n] = {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-        files = {}
-        for part in self.comm.all_gather_object(mine):
-            files.update(part)
-        if before_publish is not None:
-            before_publish()
-        final = self.dir / tag
+        files.append((cpu_copy(rank_state), tmp / f"rank_{self.rank:05d}.pt"))
+        self.pending = _PendingSave(step, tag, tmp, meta, files, before_publish, self.dir)
+        if not background:
+            self.pending.run()
+            return self.publish()
+        self.pending.start()
+        return None
+
+    def writing(self) -> bool:
+        """Whether this rank's background writer is still at work."""
+        return self.pending is not None and self.pending.is_alive()
+
+    def publish(self) -> Path:
+        """Wait for this rank's writer, gather every rank's file hashes and let rank 0 make the
+        checkpoint visible: ``vitscale.json``, the rename to its tag, ``latest``, pruning. A
+        collective: every rank calls it at the same point. A writer that failed (disk full,
+        read-only) is a :class:`UserError` on every rank, naming the cause."""
+        pending, self.pending = self.pending, None
+        pending.join()
+        parts = self.comm.all_gather_object(pending.outcome)
+        errors = [p for p in parts if isinstance(p, str)]
+        if errors:
+            raise UserError(errors[0])
+        files = {name: info for part in parts for name, info in part.items()}
+        final = self.dir / pending.tag
         if self.rank == 0:
-            write_atomic(tmp / META, json.dumps({**meta, "step": step, "version": VERSION, "files": files},
-                                                indent=1))
-            old = self.dir / f".tmp-old-{tag}"
+            written = sorted(f.name for f in pending.tmp.iterdir() if f.is_file())
+            if sorted(files) != written:
+                raise RuntimeError(f"{pending.tmp}: files {written} but the ranks wrote {sorted(files)}")
+            write_atomic(pending.tmp / META, json.dumps({**pending.meta, "step": pending.step, "version": VERSION,
+                                                         "files": files}, indent=1))
+            old = self.dir / f".tmp-old-{pending.tag}"
             if final.exists():  # same step saved again (resumed from an older tag): move it aside first
                 os.replace(final, old)
-            os.replace(tmp, final)
+            os.replace(pending.tmp, final)
             fsync_dir(self.dir)
-            write_atomic(self.dir / LATEST, tag)
+            write_atomic(self.dir / LATEST, pending.tag)
             shutil.rmtree(old, ignore_errors=True)
-            self._prune(tag)
+            self._prune(pending.tag)
         self.comm.barrier()
         return final
 
@@ -252,6 +279,48 @@ class CheckpointManager:
         if not path.is_file():
             return None
         return torch.load(path, weights_only=False, mmap=True)  # read on touch: other ranks' EMA pieces
+
+
+def cpu_copy(obj):
+    """``obj`` with every tensor in it copied to the CPU (a snapshot training cannot change)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class _PendingSave(threading.Thread):
+    """One rank's part of a save: write (where not written yet), fsync and hash its files.
+    ``outcome`` is ``{file name: {"bytes", "sha256"}}``, or the message of a save failure."""
+
+    def __init__(self, step: int, tag: str, tmp: Path, meta: dict, files: list, before_publish, ckdir: Path):
+        super().__init__(name=f"vitscale-save-{tag}", daemon=True)
+        self.step, self.tag, self.tmp, self.meta, self.files = step, tag, tmp, meta, files
+        self.before_publish, self.ckdir = before_publish, ckdir
+        self.outcome: dict | str = {}
+
+    def run(self) -> None:
+        try:
+            for state, path in self.files:
+                if state is not None:
+                    torch.save(state, path)
+                fsync_path(path)
+                self.outcome[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            self.files = []
+        except (OSError, RuntimeError) as err:
+            failure = save_failure(err, self.ckdir, self.step)
+            if not isinstance(failure, UserError):
+                raise
+            self.outcome = str(failure)
+        if self.before_publish is not None:
+            self.before_publish()
+
+    def join(self, timeout=None) -> None:
+        if self.ident is not None:  # started: a background save
+            super().join(timeout)
 
 
 _LOW_SPACE = 64 << 20

@@ -238,6 +238,7 @@ class EmaConfig:
 class CheckpointConfig:
     every: int = 1000  # steps; 0 = only at the end
     keep: int = 3
+    async_save: bool = True  # write in the background; the step waits only for the copy off the buffers
 
     def __post_init__(self):
         _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0 (0 = only at the end)")

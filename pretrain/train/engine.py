@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint.layout import cpu_copy
 from pretrain.core.errors import UserError
 from pretrain.data.transforms import normalize
 from pretrain.model.vit import ViTSpec
@@ -25,6 +26,7 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 from deepspeed import comm as ds_comm  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -152,6 +154,35 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, **fused)
 
 
+class FileCollector(CheckpointEngine):
+    """DeepSpeed's file writer, replaced: every file a save produces is written now (``defer``
+    False) or kept for a background writer (``defer`` True: the state DeepSpeed hands over holds
+    the live parameters and optimizer moments, so it is snapshotted into CPU copies here, before
+    the next step changes them); either way ``files`` lists ``(state or None, path)`` for this
+    rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.defer = False
+        self.files: list[tuple[object | None, Path]] = []
+
+    def create(self, info) -> None:
+        self.files = []
+
+    def save(self, state_dict, path: str) -> None:
+        if self.defer:
+            self.files.append((cpu_copy(state_dict), Path(path)))
+        else:
+            torch.save(state_dict, path)
+            self.files.append((None, Path(path)))
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info) -> bool:
+        return True
+
+
 class Engine:
     """A DeepSpeed engine around the model with our step semantics.
 
@@ -167,6 +198,8 @@ class Engine:
             model=model, optimizer=optimizer, config=self.ds_config)
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        self.files = FileCollector()
+        self.engine.checkpoint_engine = self.files
 
     @property
     def module(self) -> torch.nn.Module:
@@ -209,9 +242,14 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
-        """Every rank writes its shards of model and optimizer state under ``save_dir/tag``."""
+    def save(self, save_dir: Path, tag: str, client_state: dict,
+             defer: bool = False) -> list[tuple[object | None, Path]]:
+        """Every rank's shards of model and optimizer state for ``save_dir/tag``: written now, or
+        with ``defer`` returned as ``(CPU state, path)`` for a background writer. Returns this
+        rank's files either way (state None when written)."""
+        self.files.defer = defer
         self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        return list(self.files.files)
 
     def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
         path, client = self.engine.load_checkpoint(

@@ -87,8 +87,14 @@ class MetricsLog:
             return
         record = {"time": round(time.time(), 3), **record}
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(finite) + "\n")  # strict JSON: NaN/Inf become null
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(finite) + "\n")  # strict JSON: NaN/Inf become null
+        except OSError as err:  # a full or read-only disk must not stop training; the checkpoint says why
+            if not getattr(self, "_warned", False):
+                print(f"metrics: cannot append to {self.path}: {err.strerror or err}; records are dropped",
+                      file=sys.stderr)
+                self._warned = True
         if self.tb is not None and "step" in record:
             prefix = record.get("kind", "train")
             for key, value in record.items():

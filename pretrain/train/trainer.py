@@ -51,6 +51,7 @@ from pretrain.train.faults import Faults
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
 from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
 from pretrain.train.mixing import build_mixer
+from pretrain.train.prefetch import DevicePrefetcher
 from pretrain.train.schedule import lr_at
 from pretrain.train.state import Components, LoopState, RngState, reseed_rank
 
@@ -100,6 +101,8 @@ class Trainer:
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
         self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
+        if self.engine.device.type == "cuda":  # copy batch k+1 while step k computes
+            self.train_data = DevicePrefetcher(self.train_data, self.engine.device)
         self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
         self.components.register("loop", self.state)
         self.components.register("data", self.train_data)
@@ -168,7 +171,7 @@ class Trainer:
         self._train()
         if not self.preempted:
             if start < cfg.train.steps:
-                self._save(self.state.step)
+                self._save(self.state.step, wait=True)
             if cfg.data.val:
                 self._evaluate(self.state.step)
             self._summary(time.perf_counter() - t0)
@@ -212,6 +215,8 @@ class Trainer:
             if step % t.log_every == 0 or step == t.steps:
                 self._log_train(pending, lr)
                 pending = []
+            if self.ckpt.pending is not None and out.flags[2] == 0:  # every rank's writer is done
+                self._publish()
             if self._after_step(step, out.flags):
                 break
         log.stop_progress()
@@ -226,6 +231,7 @@ class Trainer:
         self.log.console(f"step {step}: non-finite {what} on some rank, step skipped, weights unchanged "
                          f"({state.bad_steps_in_row} in a row, {state.bad_steps_total} in total)")
         if state.bad_steps_in_row >= t.max_bad_steps:
+            self._finish_pending()
             raise UserError(f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
                             f"(train.max_bad_steps={t.max_bad_steps}, last at step {step}); the run stops "
                             f"to protect the checkpoints (the newest one holds the weights from before "
@@ -238,25 +244,28 @@ class Trainer:
         cfg = self.cfg
         if self._stop_agreed(flags):
             self.log.console(f"stop signal received: saving at step {step} and exiting")
-            self._save(step)
+            self._save(step, wait=True)
             self.log.write({"kind": "event", "step": step, "event": "preempted"})
             self.preempted = True
             return True
         if step == cfg.train.steps:
             return False  # the final checkpoint and eval follow the loop
-        every = cfg.checkpoint.every
-        if every and step % every == 0:
-            self._save(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.val:
+        evaluate = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0 and cfg.data.val)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            self._save(step, wait=evaluate)  # an eval that fails must not cost this checkpoint
+        if evaluate:
             self._evaluate(step)
             self.meter.reset()
         return False
 
-    def _flags(self) -> tuple[float, float]:
-        return 1.0 if self.stop.raised else 0.0, 1.0 if self.train_data.problem() else 0.0
+    def _flags(self) -> tuple[float, float, float]:
+        """This rank's (stop requested, bad data, checkpoint writer busy), agreed in each step."""
+        return (1.0 if self.stop.raised else 0.0, 1.0 if self.train_data.problem() else 0.0,
+                1.0 if self.ckpt.writing() else 0.0)
 
     def _stop_agreed(self, flags: tuple[float, ...]) -> bool:
         if flags[1] > 0:
+            self._finish_pending()
             raise UserError(self.train_data.problem() or "another rank stopped on bad training data (see its "
                             "message above)")
         return flags[0] > 0
@@ -267,13 +276,29 @@ class Trainer:
         return self._stop_agreed(tuple(flags))
 
     # ---- checkpoint, eval, logs ----
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, wait: bool = False) -> None:
+        """Checkpoint ``step``: in the background (``checkpoint.async_save``; published at a later
+        step boundary, once every rank's writer is done) unless ``wait``."""
         if not _weights_finite(self.engine):
             raise UserError(f"step {step}: the weights hold NaN/Inf; no checkpoint is written. Resume "
                             f"from the previous checkpoint with a lower optim.lr")
+        self._finish_pending()  # one save in flight at most
+        background = self.cfg.checkpoint.async_save and not wait
         path = self.ckpt.save(self.engine, step, self.ckpt_meta, self.components.state_dict(),
-                              before_publish=self.faults.save_pause(step))
-        self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
+                              before_publish=self.faults.save_pause(step), background=background)
+        if path is not None:
+            self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
+
+    def _finish_pending(self) -> None:
+        """Before a stop every rank agreed on: publish the checkpoint still being written."""
+        if self.ckpt.pending is not None:
+            self._publish()
+
+    def _publish(self) -> None:
+        step = self.ckpt.pending.step
+        path = self.ckpt.publish()
+        self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path),
+                        "published_at": self.state.step})
 
     def _evaluate(self, step: int) -> None:
         self.faults.eval_failure(step)
