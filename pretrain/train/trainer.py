@@ -282,12 +282,15 @@ class Trainer:
         if not _weights_finite(self.engine):
             raise UserError(f"step {step}: the weights hold NaN/Inf; no checkpoint is written. Resume "
                             f"from the previous checkpoint with a lower optim.lr")
+        t0 = time.perf_counter()
         self._finish_pending()  # one save in flight at most
         background = self.cfg.checkpoint.async_save and not wait
         path = self.ckpt.save(self.engine, step, self.ckpt_meta, self.components.state_dict(),
                               before_publish=self.faults.save_pause(step), background=background)
+        self.save_blocked_s = round(time.perf_counter() - t0, 3)  # how long training stood still
         if path is not None:
-            self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path)})
+            self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path),
+                            "blocked_s": self.save_blocked_s})
 
     def _finish_pending(self) -> None:
         """Before a stop every rank agreed on: publish the checkpoint still being written."""
@@ -298,7 +301,7 @@ class Trainer:
         step = self.ckpt.pending.step
         path = self.ckpt.publish()
         self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path),
-                        "published_at": self.state.step})
+                        "published_at": self.state.step, "blocked_s": self.save_blocked_s})
 
     def _evaluate(self, step: int) -> None:
         self.faults.eval_failure(step)
