@@ -103,4 +103,4 @@ def choose_l2(cache: RidgeCache, x_held: np.ndarray, labels_held: np.ndarray, gr
     largest (the most regularised fit is the safer one with few shots)."""
     accs = [accuracy(cache, x_held, labels_held, l2) for l2 in grid]
     best = max(accs)
-    return max(l2 for l2, a in zip(grid, accs) if a == best)
+    return max(l2 for l2, a in zip(grid, accs, strict=True) if a == best)
