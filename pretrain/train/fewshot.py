@@ -24,6 +24,7 @@ the plan of which rows are needed, and the scoring of their features.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,8 +147,8 @@ def plan(cat: Catalog, fc: FewshotConfig) -> FewshotPlan:
             held[seed] = np.concatenate([o[top:top + fc.holdout] for o in orders])
             if len(held[seed]) == 0:
                 raise UserError(f"fewshot.datasets[{cat.name}]: fewshot.l2 is a grid but no train image is left "
-                                f"beyond {top} per class to choose it on; give one fewshot.l2 value, or a train "
-                                f"set with more than {top} images per class")
+                                f"beyond {top} per class to choose it on; give one l2 value (fewshot.l2, --l2), "
+                                f"or a train set with more than {top} images per class")
     short = {k: {c: int(n) for c, n in enumerate(counts) if n < k} for k in fc.shots}
     return FewshotPlan(subsets, held, val_subset(len(cat.val.labels), fc.max_val),
                        {k: v for k, v in short.items() if v})
@@ -162,7 +163,8 @@ def short_line(cat: Catalog, p: FewshotPlan) -> str | None:
     named = ", ".join(f"class {c}: {n}" for c, n in worst)
     return (f"warning: fewshot {cat.name}: {len(p.short[k])} of {cat.num_classes} classes have fewer than {k} "
             f"train images ({named}{', ...' if len(p.short[k]) > 5 else ''}); their {k}-shot sets use what there "
-            f"is. Lower fewshot.shots, or give fewshot.datasets[{cat.name}].train more images per class")
+            f"is. Lower fewshot.shots, or give fewshot.datasets[{cat.name}].train more images per class "
+            f"(or raise fewshot.max_train)")
 
 
 def wanted(rows: Rows, ids: np.ndarray) -> dict[tuple[int, int], int]:
@@ -251,3 +253,44 @@ def result_cells(result: dict, fc: FewshotConfig) -> str:
 def result_line(step: int, result: dict, fc: FewshotConfig) -> str:
     """``fewshot @ step 500: pets 1shot 31.2±1.4%  5shot ...`` for the console."""
     return f"fewshot @ step {step}: {result_cells(result, fc)}"
+
+
+def evaluate_model(model, fc: FewshotConfig, img_size: int, batch_size: int = 64, workers: int = 0,
+                   crop_pct: float = 1.0) -> dict:
+    """Few-shot accuracy of a plain model (one process, eval mode, its device) on every dataset
+    of ``fc``: :func:`score`'s keys plus ``seconds``, ``feature_seconds``, ``solve_seconds``,
+    ``images`` and ``short`` (``{name: {k: {class: images}}}`` for classes short of shots)."""
+    from pretrain.data.fewshot import SelectedImages
+    from pretrain.data.transforms import normalize
+
+    device = next(model.parameters()).device
+    width = feature_width(model.spec)
+    out: dict = {"short": {}}
+    t0 = time.perf_counter()
+    feature_s = solve_s = 0.0
+    images = 0
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return model(normalize(batch.to(device)), pre_logits=True)
+
+    def features(shards: ShardSet, rows: Rows, ids: np.ndarray) -> Features:
+        source = SelectedImages(shards, wanted(rows, ids), 0, 1, batch_size, img_size, crop_pct, workers)
+        x, ok = collect_features(source, forward, ids, width, device)
+        return Features(ids, x.cpu().numpy(), ok.cpu().numpy() > 0)
+
+    with torch.no_grad():
+        for ds in fc.datasets:
+            train_set, val_set = resolve_dataset(ds)
+            cat = catalog(ds, train_set, val_set, [scan_dataset(train_set, val_set, fc, 0, 1)], fc, width)
+            p = plan(cat, fc)
+            if p.short:
+                out["short"][ds.name] = {k: v for k, v in p.short.items()}
+            t = time.perf_counter()
+            train, val = features(train_set, cat.train, p.train_rows()), features(val_set, cat.val, p.val_rows)
+            feature_s += time.perf_counter() - t
+            images += int(train.ok.sum() + val.ok.sum())
+            t = time.perf_counter()
+            out.update(score(cat, p, fc, train, val))
+            solve_s += time.perf_counter() - t
+    out.update(seconds=time.perf_counter() - t0, feature_seconds=feature_s, solve_seconds=solve_s, images=images)
+    return out
