@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from pretrain.core.errors import UserError
@@ -52,7 +53,7 @@ def fewshot_config(args: argparse.Namespace) -> FewshotConfig:
 
 
 def fewshot_main(args: argparse.Namespace, fc: FewshotConfig, model, img_size: int) -> int:
-    from pretrain.train.fewshot import evaluate_model, feature_width
+    from pretrain.train.fewshot import evaluate_model, feature_width, unreadable_line
 
     result = evaluate_model(model, fc, img_size, args.batch_size, args.workers, args.crop_pct)
     name = fc.datasets[0].name
@@ -60,7 +61,9 @@ def fewshot_main(args: argparse.Namespace, fc: FewshotConfig, model, img_size: i
     if short:
         k = max(short)
         print(f"warning: {len(short[k])} classes of {name} have fewer than {k} train images; their {k}-shot sets use "
-              f"what there is (lower --shots, or give more train images)", flush=True)
+              f"what there is (lower --shots, or give more train images)", file=sys.stderr)
+    if result[f"{name}/unreadable"]:
+        print(unreadable_line(name, result[f"{name}/unreadable"]), file=sys.stderr)
     out = {"checkpoint": args.checkpoint, "train": fc.datasets[0].train, "val": fc.datasets[0].val,
            "img_size": img_size, "features": feature_width(model.spec), "seeds": fc.seeds,
            "l2": list(fc.l2_grid) if fc.choose_l2 else fc.l2_grid[0], **result}

@@ -167,6 +167,11 @@ def short_line(cat: Catalog, p: FewshotPlan) -> str | None:
             f"(or raise fewshot.max_train)")
 
 
+def unreadable_line(name: str, n: int) -> str:
+    return (f"warning: fewshot {name}: {n} planned images could not be read or decoded and were left out; check "
+            f"the shards with `vitscale shards verify`")
+
+
 def wanted(rows: Rows, ids: np.ndarray) -> dict[tuple[int, int], int]:
     """``{(shard, position): row id}`` for the rows ``ids`` (what :class:`SelectedImages` reads)."""
     return {(int(rows.ref[i, 0]), int(rows.ref[i, 1])): int(i) for i in ids}
@@ -218,6 +223,7 @@ def score(cat: Catalog, p: FewshotPlan, fc: FewshotConfig, train: Features, val:
             out[f"{key}_l2"] = l2s
         out[f"{key}_subsets"] = digests
     out[f"{cat.name}/val_images"] = int(len(vrows))
+    out[f"{cat.name}/unreadable"] = int((~train.ok).sum() + (~val.ok).sum())  # planned images that did not decode
     out[f"{cat.name}/classes"] = cat.num_classes
     return out
 

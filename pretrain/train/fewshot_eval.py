@@ -39,6 +39,7 @@ from pretrain.train.fewshot import (
     scan_dataset,
     score,
     short_line,
+    unreadable_line,
     wanted,
 )
 from pretrain.train.metrics import MetricsLog
@@ -100,7 +101,8 @@ class FewshotEvaluator:
                     t = time.perf_counter()
                     record.update(score(cat, p, self.fc, train, val))
                     solve_s += time.perf_counter() - t
-                    self._warn_missing(cat.name, train, val)
+                    if record[f"{cat.name}/unreadable"]:
+                        self.log.console(unreadable_line(cat.name, record[f"{cat.name}/unreadable"]))
         finally:
             engine.train(True)
         if self.rank != 0:
@@ -113,12 +115,6 @@ class FewshotEvaluator:
         self.log.console(result_line(step, record, self.fc) + f"  ({seconds:.1f} s: features {feature_s:.1f} s, "
                          f"solve {solve_s:.1f} s, {images} images)")
         return record
-
-    def _warn_missing(self, name: str, train: Features, val: Features) -> None:
-        missing = int((~train.ok).sum() + (~val.ok).sum())
-        if missing:
-            self.log.console(f"warning: fewshot {name}: {missing} planned images could not be read or decoded and "
-                             f"were left out; check the shards with `vitscale shards verify`")
 
     def line(self) -> str:
         """The last result for the end-of-run summary."""
