@@ -12,9 +12,10 @@ function of the rows, so it does not depend on the number of ranks or workers:
   k-shot subset of a seed is the first k rows of every class (so the 5-shot subset holds the
   1-shot one, as in big_vision), a held-out part for choosing l2 follows the largest k;
 - :func:`val_subset` is a fixed random subset of the val rows (``fewshot.max_val``);
-- :class:`SelectedImages` yields micro batches of the wanted rows of one rank's shards through the
-  eval transform (uint8, normalised on the device), ``targets`` = the row ids; every rank yields
-  the same number of batches (padding rows have ``valid=False``) so ZeRO-3 ranks stay in step.
+- :class:`SelectedImages` yields micro batches of the wanted rows of one rank's shards (of every
+  dataset and side at once) through the eval transform (uint8, normalised on the device),
+  ``targets`` = the row ids; every rank yields the same number of batches (padding rows have
+  ``valid=False``) so ZeRO-3 ranks stay in step.
 """
 
 from __future__ import annotations
@@ -158,86 +159,100 @@ def val_subset(n: int, limit: int | None) -> np.ndarray:
 
 
 class _Selected(IterableDataset):
-    def __init__(self, urls: list[str], wanted: list[dict[int, int]], micro: int, img_size: int, crop_pct: float,
-                 workers: int):
-        self.urls, self.wanted, self.micro, self.img_size, self.crop_pct, self.workers = \
-            urls, wanted, micro, img_size, crop_pct, workers
+    """Worker ``w`` reads every ``readers``-th shard of each job; a batch never mixes jobs."""
+
+    def __init__(self, jobs: list[list[tuple[str, dict[int, int]]]], micro: int, img_size: int, crop_pct: float,
+                 readers: int):
+        self.jobs, self.micro, self.img_size, self.crop_pct, self.readers = jobs, micro, img_size, crop_pct, readers
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w = info.id if info is not None else 0
         torch.set_num_threads(1)
-        images, ids, bad = [], [], {}
-        for url, want in list(zip(self.urls, self.wanted, strict=True))[w::self.workers]:
-            last = max(want)
-            for pos, sample in enumerate(read_shard(url, None, bad)):
-                if pos > last:
-                    break  # the rest of the shard is not needed
-                if pos not in want:
-                    continue
-                try:
-                    images.append(eval_transform(image_bytes(sample), self.img_size, self.crop_pct))
-                    ids.append(want[pos])
-                except Exception as err:  # counted; the row is reported missing
-                    reason = err.reason if isinstance(err, SampleError) else "undecodable"
-                    bad[(reason, sample.shard)] = bad.get((reason, sample.shard), 0) + 1
-                if len(images) == self.micro:
-                    yield _padded(images, ids, self.micro, bad)
-                    images, ids, bad = [], [], {}
-        if images or bad:
-            yield _padded(images, ids, self.micro, bad)
+        for job, shards in enumerate(self.jobs):
+            images, ids, bad = [], [], {}
+            for url, want in shards[w::self.readers]:
+                last = max(want)
+                for pos, sample in enumerate(read_shard(url, None, bad)):
+                    if pos > last:
+                        break  # the rest of the shard is not needed
+                    if pos not in want:
+                        continue
+                    try:
+                        images.append(eval_transform(image_bytes(sample), self.img_size, self.crop_pct))
+                        ids.append(want[pos])
+                    except Exception as err:  # counted; the row is reported missing
+                        reason = err.reason if isinstance(err, SampleError) else "undecodable"
+                        bad[(reason, sample.shard)] = bad.get((reason, sample.shard), 0) + 1
+                    if len(images) == self.micro:
+                        yield _padded(job, images, ids, self.micro, bad)
+                        images, ids, bad = [], [], {}
+            if images or bad:
+                yield _padded(job, images, ids, self.micro, bad)
 
 
-def _padded(images: list, ids: list, micro: int, bad: dict) -> dict:
+def _padded(job: int, images: list, ids: list, micro: int, bad: dict) -> dict:
     n = len(images)
     if n == 0:
-        return {"images": None, "bad": dict(bad)}
+        return {"job": job, "images": None, "bad": dict(bad)}
     imgs = torch.stack(images + [torch.zeros_like(images[0])] * (micro - n))
-    return {"images": imgs, "ids": torch.tensor(ids + [-1] * (micro - n)), "valid": torch.arange(micro) < n,
-            "bad": dict(bad)}
+    return {"job": job, "images": imgs, "ids": torch.tensor(ids + [-1] * (micro - n)),
+            "valid": torch.arange(micro) < n, "bad": dict(bad)}
 
 
 class SelectedImages:
-    """The wanted rows of one rank's shards (shard ``i`` on rank ``i % world``) as batches of
-    ``micro`` uint8 images with ``targets`` = row ids. ``wanted`` maps a row ``(shard, position)``
-    to its id. Every rank yields the same number of batches; after iterating, ``bad`` holds this
-    rank's unusable samples by (reason, shard)."""
+    """The wanted rows of several *jobs* (a job: a shard set and ``{(shard, position): row id}``)
+    as ``(job, batch)`` pairs: batches of ``micro`` uint8 images whose ``targets`` are row ids,
+    from this rank's shards (shard ``i`` of a set on rank ``i % world``). Every rank yields the
+    same number of pairs (padding pairs at the end have job -1 and no valid row), so every rank
+    runs the same number of forwards. With ``workers`` > 0 the decode processes are started at
+    the first iteration and kept for the next ones (the jobs do not change): one fork per run,
+    never a fork right after another loader's shutdown, which can deadlock a process that runs
+    collective-communication threads. After iterating, ``bad`` holds this rank's unusable
+    samples by (reason, shard)."""
 
-    def __init__(self, shards: ShardSet, wanted: dict[tuple[int, int], int], rank: int, world: int, micro: int,
+    def __init__(self, jobs: list[tuple[ShardSet, dict[tuple[int, int], int]]], rank: int, world: int, micro: int,
                  img_size: int, crop_pct: float = 1.0, workers: int = 0):
-        self.shards, self.rank, self.world, self.micro = shards, rank, world, micro
-        self.img_size, self.crop_pct, self.workers = img_size, crop_pct, max(0, workers)
-        by_shard: dict[int, dict[int, int]] = {}
-        for (shard, pos), row in wanted.items():
-            by_shard.setdefault(shard, {})[pos] = row
-        self.by_shard = by_shard
+        self.world, self.micro, self.img_size = world, micro, img_size
+        self.readers = max(1, min(workers, 8))
+        self.workers = workers
+        self.by_job: list[dict[int, dict[int, int]]] = []
+        for _, wanted in jobs:
+            by_shard: dict[int, dict[int, int]] = {}
+            for (shard, pos), row in wanted.items():
+                by_shard.setdefault(shard, {})[pos] = row
+            self.by_job.append(by_shard)
+        self.total = max(self._batches(r) for r in range(world))
+        mine = [[(s.urls[i], by[i]) for i in sorted(by) if i % world == rank] for (s, _), by in
+                zip(jobs, self.by_job, strict=True)]
+        self.dataset = _Selected(mine, micro, img_size, crop_pct, self.readers)
+        self._loader = None
         self.bad: dict = {}
 
-    def _mine(self, rank: int) -> list[int]:
-        return [i for i in sorted(self.by_shard) if i % self.world == rank]
+    def _batches(self, rank: int) -> int:
+        """Batches rank ``rank`` yields at most (each reader rounds each job up to whole batches)."""
+        total = 0
+        for by in self.by_job:
+            mine = [i for i in sorted(by) if i % self.world == rank]
+            total += sum(-(-sum(len(by[i]) for i in mine[w::self.readers]) // self.micro) for w in range(self.readers))
+        return total
 
-    def _batches(self, rank: int, readers: int) -> int:
-        mine = self._mine(rank)
-        return sum(-(-sum(len(self.by_shard[i]) for i in mine[w::readers]) // self.micro) for w in range(readers))
-
-    def __iter__(self) -> Iterator[Batch]:
-        readers = max(1, min(self.workers, 8))
-        total = max(self._batches(r, readers) for r in range(self.world))
-        mine = self._mine(self.rank)
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+        if self._loader is None:
+            n = self.readers if self.workers else 0
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=n, persistent_workers=n > 0)
         produced = 0
         self.bad = {}
-        if mine:
-            ds = _Selected([self.shards.urls[i] for i in mine], [self.by_shard[i] for i in mine], self.micro,
-                           self.img_size, self.crop_pct, readers)
-            for b in DataLoader(ds, batch_size=None, num_workers=readers if self.workers else 0):
-                for key, n in b["bad"].items():
-                    self.bad[key] = self.bad.get(key, 0) + n
-                if b["images"] is None or produced == total:
-                    continue
-                produced += 1
-                yield Batch(b["images"], b["ids"], [], b["valid"])
-        size = self.img_size
-        while produced < total:
+        for b in self._loader:
+            for key, n in b["bad"].items():
+                self.bad[key] = self.bad.get(key, 0) + n
+            if b["images"] is None or produced == self.total:
+                continue
             produced += 1
-            yield Batch(torch.zeros(self.micro, 3, size, size, dtype=torch.uint8),
-                        torch.full((self.micro,), -1, dtype=torch.long), [], torch.zeros(self.micro, dtype=torch.bool))
+            yield b["job"], Batch(b["images"], b["ids"], [], b["valid"])
+        size = self.img_size
+        while produced < self.total:
+            produced += 1
+            yield -1, Batch(torch.zeros(self.micro, 3, size, size, dtype=torch.uint8),
+                            torch.full((self.micro,), -1, dtype=torch.long), [],
+                            torch.zeros(self.micro, dtype=torch.bool))

@@ -228,22 +228,24 @@ def score(cat: Catalog, p: FewshotPlan, fc: FewshotConfig, train: Features, val:
     return out
 
 
-def collect_features(batches, forward, ids: np.ndarray, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``forward`` (uint8 images -> (B, width) features) over ``batches`` whose ``targets``
-    are row ids; returns this process's (len(ids), width) float32 features and a float ok-mask
-    on ``device``, zero where another process (or a failed image) holds the row, ready to be
-    summed over processes."""
-    x = torch.zeros(len(ids), width, dtype=torch.float32, device=device)
-    ok = torch.zeros(len(ids), dtype=torch.float32, device=device)
-    for batch in batches:
+def collect_features(pairs, forward, ids: list[np.ndarray], width: int, device) -> list[tuple[torch.Tensor,
+                                                                                           torch.Tensor]]:
+    """Run ``forward`` (uint8 images -> (B, width) features) on every batch of ``pairs``
+    (``(job, batch)`` from :class:`~pretrain.data.fewshot.SelectedImages`, padding included, so
+    that every process runs the same forwards); returns per job this process's (len(ids[job]),
+    width) float32 features and a float ok-mask on ``device``, zero where another process (or a
+    failed image) holds the row, ready to be summed over processes."""
+    out = [(torch.zeros(len(i), width, dtype=torch.float32, device=device),
+            torch.zeros(len(i), dtype=torch.float32, device=device)) for i in ids]
+    for job, batch in pairs:
         feats = forward(batch.images)
-        valid = batch.valid if batch.valid is not None else torch.ones(len(feats), dtype=torch.bool)
-        if not valid.any():
+        if job < 0 or not batch.valid.any():
             continue
-        j = torch.from_numpy(np.searchsorted(ids, batch.targets[valid].numpy())).to(device)
-        x[j] = feats[valid.to(feats.device)].float().to(device)
+        x, ok = out[job]
+        j = torch.from_numpy(np.searchsorted(ids[job], batch.targets[batch.valid].numpy())).to(device)
+        x[j] = feats[batch.valid.to(feats.device)].float().to(device)
         ok[j] = 1.0
-    return x, ok
+    return out
 
 
 def result_cells(result: dict, fc: FewshotConfig) -> str:
@@ -269,34 +271,38 @@ def evaluate_model(model, fc: FewshotConfig, img_size: int, batch_size: int = 64
     from pretrain.data.fewshot import SelectedImages
     from pretrain.data.transforms import normalize
 
+    t0 = time.perf_counter()
     device = next(model.parameters()).device
     width = feature_width(model.spec)
-    out: dict = {"short": {}}
-    t0 = time.perf_counter()
-    feature_s = solve_s = 0.0
-    images = 0
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return model(normalize(batch.to(device)), pre_logits=True)
-
-    def features(shards: ShardSet, rows: Rows, ids: np.ndarray) -> Features:
-        source = SelectedImages(shards, wanted(rows, ids), 0, 1, batch_size, img_size, crop_pct, workers)
-        x, ok = collect_features(source, forward, ids, width, device)
-        return Features(ids, x.cpu().numpy(), ok.cpu().numpy() > 0)
-
+    sets = []
+    for ds in fc.datasets:
+        train_set, val_set = resolve_dataset(ds)
+        cat = catalog(ds, train_set, val_set, [scan_dataset(train_set, val_set, fc, 0, 1)], fc, width)
+        sets.append((cat, plan(cat, fc)))
+    jobs, ids = fewshot_jobs(sets)
+    source = SelectedImages(jobs, 0, 1, batch_size, img_size, crop_pct, workers)
+    t = time.perf_counter()
     with torch.no_grad():
-        for ds in fc.datasets:
-            train_set, val_set = resolve_dataset(ds)
-            cat = catalog(ds, train_set, val_set, [scan_dataset(train_set, val_set, fc, 0, 1)], fc, width)
-            p = plan(cat, fc)
-            if p.short:
-                out["short"][ds.name] = {k: v for k, v in p.short.items()}
-            t = time.perf_counter()
-            train, val = features(train_set, cat.train, p.train_rows()), features(val_set, cat.val, p.val_rows)
-            feature_s += time.perf_counter() - t
-            images += int(train.ok.sum() + val.ok.sum())
-            t = time.perf_counter()
-            out.update(score(cat, p, fc, train, val))
-            solve_s += time.perf_counter() - t
-    out.update(seconds=time.perf_counter() - t0, feature_seconds=feature_s, solve_seconds=solve_s, images=images)
+        feats = collect_features(source, lambda b: model(normalize(b.to(device)), pre_logits=True), ids, width,
+                                 device)
+    feature_s = time.perf_counter() - t
+    tables = [Features(i, x.cpu().numpy(), ok.cpu().numpy() > 0) for i, (x, ok) in zip(ids, feats, strict=True)]
+    t = time.perf_counter()
+    out: dict = {"short": {cat.name: dict(p.short) for cat, p in sets if p.short}}
+    for n, (cat, p) in enumerate(sets):
+        out.update(score(cat, p, fc, tables[2 * n], tables[2 * n + 1]))
+    solve_s = time.perf_counter() - t
+    out.update(seconds=time.perf_counter() - t0, feature_seconds=feature_s, solve_seconds=solve_s,
+               images=int(sum(f.ok.sum() for f in tables)))
     return out
+
+
+def fewshot_jobs(sets: list[tuple[Catalog, FewshotPlan]]) -> tuple[list, list[np.ndarray]]:
+    """The (shard set, wanted rows) jobs of every dataset (train, then val) and their row ids."""
+    jobs, ids = [], []
+    for cat, p in sets:
+        for shards, rows, need in ((cat.train_shards, cat.train, p.train_rows()), (cat.val_shards, cat.val,
+                                                                                     p.val_rows)):
+            jobs.append((shards, wanted(rows, need)))
+            ids.append(need)
+    return jobs, ids

@@ -10,7 +10,8 @@ end; classes short of shots are reported as a warning line and an event record.
 An evaluation (every ``fewshot.every`` steps and at the end) runs the model in eval mode through
 the engine's top-level forward (``pre_logits=True``: under ZeRO-3 the parameters are gathered as
 for a training forward) on the planned images of every rank's shards with the eval transform,
-every rank the same number of batches; the features are summed over ranks in float32 (one
+every rank the same number of batches, read by ``data.workers`` decode processes that start at the
+first evaluation and serve every later one; the features are summed over ranks in float32 (one
 all-reduce per set and side) and rank 0 solves in float64 and logs one ``"kind": "fewshot"``
 record: ``<name>/<k>shot`` (mean over seeds), ``<name>/<k>shot_std``, per-seed values, the
 subsets' digests, ``seconds`` (all), ``feature_seconds`` (model and data), ``solve_seconds``
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from pretrain.data.fewshot import SelectedImages
@@ -32,6 +32,7 @@ from pretrain.train.fewshot import (
     catalog,
     collect_features,
     feature_width,
+    fewshot_jobs,
     plan,
     resolve_dataset,
     result_cells,
@@ -40,7 +41,6 @@ from pretrain.train.fewshot import (
     score,
     short_line,
     unreadable_line,
-    wanted,
 )
 from pretrain.train.metrics import MetricsLog
 
@@ -69,45 +69,41 @@ class FewshotEvaluator:
                         f"each evaluation runs {len(p.train_rows())} train + {len(p.val_rows)} val images through "
                         f"the model ({self.width}-d features)")
 
+        jobs, self.ids = fewshot_jobs(self.sets)
+        c = cfg
+        self.source = SelectedImages(jobs, rank, world, c.train.micro_batch, c.model.img_size, c.data.eval_crop_pct,
+                                     c.data.workers)
+
     def due(self, step: int) -> bool:
         return bool(self.fc.every) and step % self.fc.every == 0
-
-    def _features(self, engine: Engine, shards, rows, ids: np.ndarray) -> Features:
-        c = self.cfg
-        source = SelectedImages(shards, wanted(rows, ids), self.rank, self.world, c.train.micro_batch,
-                                c.model.img_size, c.data.eval_crop_pct, c.data.workers)
-        x, ok = collect_features(source, lambda images: engine.forward(images, pre_logits=True), ids, self.width,
-                                 engine.device)
-        all_reduce_(x)
-        all_reduce_(ok)
-        return Features(ids, x.cpu().numpy(), ok.cpu().numpy() > 0)
 
     @torch.no_grad()
     def run(self, engine: Engine, step: int) -> dict:
         """One evaluation on every rank; rank 0 logs the record (returned; empty on other ranks)."""
         t0 = time.perf_counter()
         engine.train(False)
-        record: dict = {"kind": "fewshot", "step": step}
-        feature_s = solve_s = 0.0
-        images = 0
         try:
-            for cat, p in self.sets:
-                t = time.perf_counter()
-                train = self._features(engine, cat.train_shards, cat.train, p.train_rows())
-                val = self._features(engine, cat.val_shards, cat.val, p.val_rows)
-                feature_s += time.perf_counter() - t
-                images += int(train.ok.sum() + val.ok.sum())
-                if self.rank == 0:
-                    t = time.perf_counter()
-                    record.update(score(cat, p, self.fc, train, val))
-                    solve_s += time.perf_counter() - t
-                    if record[f"{cat.name}/unreadable"]:
-                        self.log.console(unreadable_line(cat.name, record[f"{cat.name}/unreadable"]))
+            feats = collect_features(self.source, lambda images: engine.forward(images, pre_logits=True), self.ids,
+                                     self.width, engine.device)
+            for x, ok in feats:
+                all_reduce_(x)
+                all_reduce_(ok)
         finally:
             engine.train(True)
+        feature_s = time.perf_counter() - t0
         if self.rank != 0:
             return {}
+        tables = [Features(i, x.cpu().numpy(), ok.cpu().numpy() > 0) for i, (x, ok) in zip(self.ids, feats,
+                                                                                             strict=True)]
+        t = time.perf_counter()
+        record: dict = {"kind": "fewshot", "step": step}
+        for n, (cat, p) in enumerate(self.sets):
+            record.update(score(cat, p, self.fc, tables[2 * n], tables[2 * n + 1]))
+            if record[f"{cat.name}/unreadable"]:
+                self.log.console(unreadable_line(cat.name, record[f"{cat.name}/unreadable"]))
+        solve_s = time.perf_counter() - t
         seconds = time.perf_counter() - t0
+        images = int(sum(f.ok.sum() for f in tables))
         record.update(seconds=round(seconds, 3), feature_seconds=round(feature_s, 3), solve_seconds=round(solve_s, 3),
                       images=images)
         self.last = record
