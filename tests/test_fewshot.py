@@ -320,3 +320,33 @@ def test_a_damaged_image_is_left_out_and_reported(sets, tmp_path):
     orig = evaluate_model(build_model(load_config(None, TINY).model.spec()).eval(), fc_orig, 16)
     assert good["s/val_images"] == orig["s/val_images"] - 1 and good["s/unreadable"] == 1
     assert orig["s/unreadable"] == 0
+
+
+def test_zero3_features_through_the_engine_equal_the_plain_model(sets, tmp_path):
+    """Under ZeRO-3 the parameters are partitioned; the evaluator's forward (pre_logits through the
+    engine) must see the whole model: its result equals the 1-process evaluation of the saved
+    weights."""
+    run = tmp_path / "run"
+    vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY, f"run.dir={run}",
+             "zero.stage=3", "train.steps=3", "train.bf16=false", "data.val=null", "model.representation_size=null",
+             _datasets(("short", sets["short"])), "fewshot.shots=[1, 2]", "fewshot.seeds=2", check=True)
+    (last,) = read_metrics(run, "fewshot")
+    proc = vitscale("evaluate", "--checkpoint", str(run), "--fewshot", str(sets["short"]), str(sets["short"]),
+                    "--shots", "1,2", "--seeds", "2", "--json", check=True)
+    one = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert one["features"] == 64 and last["step"] == 3
+    for k in (1, 2):
+        assert one[f"short/{k}shot_seeds"] == last[f"short/{k}shot_seeds"]
+
+
+def test_bench_fewshot_prints_the_solver_and_twin_costs(capsys):
+    from pretrain.bench.fewshot import main as bench_main
+
+    assert bench_main(["--classes", "30", "--dim", "24", "--val", "90", "--repeat", "1", "--grid", "3", "--twin",
+                       "--twin-classes", "4", "--twin-per-class", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    solver, twin = result["solver"], result["twin"]
+    assert (solver["classes"], solver["dim"], solver["shots"], solver["l2_grid"]) == (30, 24, 10, 3)
+    assert solver["seconds"] > 0 and 0 < solver["accuracy"] <= 1
+    assert twin["images"] > 0 and twin["seconds"] >= twin["feature_seconds"] > 0 and "twin/10shot" in twin
+    assert {"cpu", "torch"} <= set(result["machine"])
