@@ -4,8 +4,9 @@ Two measurements, each printed with the machine it ran on:
 
 * **solver** (feature extraction excluded): a k-shot evaluation of C classes with D-d features
   (default the ViT paper's ImageNet setting at ViT-H width: 10 shots x 1000 classes x 1280-d, 3
-  seeds, 10,000 val images): per seed one float64 fit (standardise, ``z^T z``, eigen-decomposition)
-  and the val predictions, exactly what :func:`pretrain.train.fewshot.score` runs on rank 0. The
+  seeds, 10,000 val images): per seed one float64 fit (standardise, Gram matrix ``z^T z``, class
+  sums) and the val predictions (one linear solve per l2, scores, argmax), exactly what
+  :func:`pretrain.train.fewshot.score` runs on rank 0. The
   features are random class clusters (the cost does not depend on their values). With
   ``--grid G`` every seed also scores G l2 values on ``--holdout`` held-out images per class.
   The median of ``--repeat`` runs is reported.
