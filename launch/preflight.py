@@ -9,7 +9,8 @@ failure, and exits 1 if anything failed:
    ``train.global_batch`` when not given (printed), or the nearest valid settings.
 3. data.train / data.val: resolved as the loaders resolve them (folder, pattern, glob, comma
    list, URLs; the split used), labels against the model, one shard per dataloader worker of
-   every rank for training.
+   every rank for training. fewshot.<name>: every ``fewshot.datasets`` entry resolves, is
+   single-label with labels, and has no more classes than the model's features can separate.
 4. run dir: ``run.dir`` can be created and written, and its filesystem has room for
    ``checkpoint.keep + 1`` checkpoints (14 B/param with AdamW = 2 bf16 weights + 4 fp32 master
    + 8 moments; 10 B/param with SGD).

@@ -163,11 +163,15 @@ def test_every_pretraining_recipe_passes_on_1_4_and_8_nodes_of_8_gpus(name, node
     from launch.cli import main as launch_main
 
     data = many_shards["multi" if "jft" in name else "single"]
-    over = [f"data.train={data}", f"data.val={data}", f"run.dir={tmp_path / 'run'}"]
+    fewshot = [{"name": d["name"], "train": str(many_shards["single"]), "val": str(many_shards["single"])}
+               for d in load_config(f"configs/{name}.yaml").to_dict()["fewshot"]["datasets"]]
+    over = [f"data.train={data}", f"data.val={data}", f"run.dir={tmp_path / 'run'}",
+            "fewshot.datasets=" + json.dumps(fewshot)]
     recipe = f"configs/{name}.yaml"
     rc, checks = _run(capsys, recipe, *over, "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu-mem-gb", "80")
     failed = {k: c for k, c in checks.items() if c["status"] == "FAIL"}
     assert rc == 0 and not failed, failed
+    assert checks["fewshot.imagenet"]["status"] == "PASS" and "4 classes" in checks["fewshot.imagenet"]["detail"]
     cfg = load_config(recipe, over)
     assert cfg.train.grad_accum is None and f"x {nodes * 8} ranks" in checks["batch"]["detail"]
     assert checks["batch"]["detail"].startswith(f"global batch {cfg.train.global_batch} = ")

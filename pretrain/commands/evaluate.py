@@ -1,4 +1,7 @@
-"""``vitscale evaluate --checkpoint PATH --data SHARDS``: top-1/top-5 (or precision@1) of a model.
+"""``vitscale evaluate --checkpoint PATH --data SHARDS``: top-1/top-5 (or precision@1) of a model;
+``--fewshot TRAIN_SHARDS VAL_SHARDS [--shots 1,5,10,25]``: its few-shot linear accuracy instead
+(:mod:`pretrain.train.fewshot`, the metric ``fewshot.*`` logs during training), as a table or
+``--json``.
 
 One process, no DeepSpeed: the model comes from :func:`pretrain.load_model` (any format it
 reads); with ``--img-size`` other than the model's, the position embeddings are resampled
@@ -17,6 +20,7 @@ import sys
 
 import torch
 
+from pretrain.commands.evaluate_fewshot import add_fewshot_args, fewshot_config, fewshot_main
 from pretrain.core.errors import UserError
 from pretrain.data.config import DataConfig, LoaderSpec
 from pretrain.data.loader import ShardEval
@@ -58,7 +62,10 @@ def evaluate_model(model, data: str, img_size: int, split: str = "val", batch_si
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vitscale evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, .safetensors, ...")
-    p.add_argument("--data", required=True, help="shard folder, pattern, glob or comma list")
+    p.add_argument("--data", help="shard folder, pattern, glob or comma list")
+    p.add_argument("--fewshot", nargs=2, metavar=("TRAIN_SHARDS", "VAL_SHARDS"),
+                   help="few-shot linear accuracy: shots from TRAIN_SHARDS, accuracy on VAL_SHARDS")
+    add_fewshot_args(p)
     p.add_argument("--split", default="val", help="split of an indexed folder (default val)")
     p.add_argument("--img-size", type=int, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=int, default=64)
@@ -67,6 +74,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if (args.data is None) == (args.fewshot is None):
+        raise UserError("vitscale evaluate: give --data SHARDS (top-1) or --fewshot TRAIN_SHARDS VAL_SHARDS "
+                        "(few-shot linear accuracy)")
     for flag, value in (("--batch-size", args.batch_size), ("--img-size", args.img_size or 1)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be >= 1")
@@ -74,12 +84,15 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--workers {args.workers}: must be >= 0")
     if not 0 < args.crop_pct <= 1:
         raise UserError(f"--crop-pct {args.crop_pct}: must be in (0, 1]")
+    fewshot = fewshot_config(args) if args.fewshot else None  # flags and shard sets checked before loading
     from pretrain.formats.load import load_model
 
     model = load_model(args.checkpoint, ema=args.ema)
     size = args.img_size or model.spec.img_size
     if size != model.spec.img_size:
         model = _resized(model, size)
+    if args.fewshot:
+        return fewshot_main(args, fewshot, model, size)
     result = {"checkpoint": args.checkpoint, "weights": "ema" if args.ema else "model", "data": args.data,
               "split": args.split, "img_size": size,
               **evaluate_model(model, args.data, size, args.split, args.batch_size, args.workers, args.crop_pct)}

@@ -280,8 +280,11 @@ class VisionTransformer(nn.Module):
             return x
         return self.head(x)
 
-    def forward(self, x: torch.Tensor, use_sdpa: bool = True) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, use_sdpa))
+    def forward(self, x: torch.Tensor, use_sdpa: bool = True, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, classes); ``pre_logits=True``: the representation before ``head`` instead
+        (few-shot features). A keyword here, not a call of ``forward_head``, so that an engine
+        that gathers partitioned parameters around the top-level forward (ZeRO-3) serves both."""
+        return self.forward_head(self.forward_features(x, use_sdpa), pre_logits)
 
     def set_grad_checkpointing(self, enable: bool | float = True) -> None:
         """Recompute blocks' activations in the backward pass instead of keeping them (training

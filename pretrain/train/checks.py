@@ -30,6 +30,7 @@ from pretrain.data.shards import resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
+from pretrain.train.fewshot import check_width, feature_width, resolve_dataset
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 GIB = 1 << 30
@@ -93,6 +94,29 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
         if split == "train":
             detail += f", for {world_size} ranks x {max(1, cfg.data.workers)} workers"
         checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
+    return checks + check_fewshot(cfg)
+
+
+def check_fewshot(cfg: Config) -> list[Check]:
+    """Every ``fewshot.datasets`` entry resolves, is single-label with labels, and (when its index
+    says how many classes it has) has no more classes than the model's features can separate.
+    Per-class counts need a label scan; the ranks do it at start-up (step 0)."""
+    checks = []
+    width = feature_width(cfg.model.spec())
+    for ds in cfg.fewshot.datasets:
+        name = f"fewshot.{ds.name}"
+        try:
+            train, val = resolve_dataset(ds)
+            classes = max(train.num_classes or 0, val.num_classes or 0)
+            if classes:
+                check_width(ds.name, classes, width)
+        except UserError as err:
+            checks.append(Check(name, FAIL, str(err), "see the message: fix the path or the setting named"))
+            continue
+        sides = [f"{side} {len(s.urls)} shards, {s.samples if s.samples is not None else 'unknown'} images"
+                 for side, s in (("train", train), ("val", val))]
+        what = f"{classes} classes" if classes else "classes counted at start-up"
+        checks.append(Check(name, PASS, "; ".join([*sides, f"{what}, {width}-d features", *train.notes, *val.notes])))
     return checks
 
 
@@ -220,7 +244,8 @@ def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: b
 def raise_on_failure(checks: list[Check]) -> None:
     """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
     failed = [c for c in checks if c.status == FAIL]
-    if len(failed) == 1 and failed[0].name in ("batch", "data.train", "data.val"):
+    if len(failed) == 1 and (failed[0].name in ("batch", "data.train", "data.val") or
+                             failed[0].name.startswith("fewshot.")):
         raise UserError(failed[0].detail)  # these details already name the key and the fix
     if failed:
         lines = [f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed]

@@ -20,6 +20,7 @@ from pretrain.core.errors import config_error as _fail
 from pretrain.core.errors import require as _check
 from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
 from pretrain.model.vit import ViTSpec, spec_for
+from pretrain.train.fewshot_config import FewshotConfig
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)  # see pretrain.train.fewshot_config
 
     def __post_init__(self):
         if self.data.multi_label and self.train.loss != "sigmoid":

@@ -9,6 +9,7 @@ next to every run.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import types
@@ -45,6 +46,13 @@ def _coerce_type(key: str, value, annotation):
             return None
         _fail(key, value, f"must not be null (expected {annotation})")
     for opt in options:
+        if typing.get_origin(opt) is tuple:
+            item = typing.get_args(opt)[0]
+            if isinstance(value, (list, tuple)):
+                return _coerce_items(key, value, item)
+            if len(options) == 1 and not isinstance(value, dict) and not dataclasses.is_dataclass(item):
+                return _coerce_items(key, [value], item)  # a single value for a list: shots=10
+    for opt in options:
         if opt is type(None):
             continue
         if opt is bool and isinstance(value, bool):
@@ -62,8 +70,23 @@ def _coerce_type(key: str, value, annotation):
                     return opt(value)
                 except ValueError:
                     pass
-    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
     _fail(key, value, f"expected {names}")
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        return f"a list of {'mappings' if dataclasses.is_dataclass(item) else item.__name__}"
+    return annotation.__name__
+
+
+def _coerce_items(key: str, values, item) -> tuple:
+    """A YAML list for a ``tuple[item, ...]`` field: each element checked as ``item``; an element
+    of a dataclass type is a mapping validated as that dataclass (e.g. ``fewshot.datasets``)."""
+    if dataclasses.is_dataclass(item):
+        return tuple(_section_from(item, f"{key}[{i}]", v) for i, v in enumerate(values))
+    return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(values))
 
 
 def _section_from(cls, key: str, values: dict):
@@ -76,6 +99,11 @@ def _section_from(cls, key: str, values: dict):
         if name not in known:
             raise UserError(f"config: unknown key {key}.{name}: {_hint(name, known)}")
         kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise UserError(f"config: {key} lacks {', '.join(missing)}: give each of {', '.join(required)}")
     return cls(**kwargs)
 
 

@@ -210,7 +210,11 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits, or with ``pre_logits=True`` the features before the head (through the engine's
+        top-level forward, so ZeRO-3 gathers the partitioned parameters)."""
+        if pre_logits:
+            return self.engine(self.to_device(images), pre_logits=True)
         return self.engine(self.to_device(images))
 
     def model_forward(self, x: torch.Tensor) -> torch.Tensor:

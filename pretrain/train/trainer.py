@@ -48,6 +48,7 @@ from pretrain.train.config_file import save_config
 from pretrain.train.ema import Ema
 from pretrain.train.engine import Comm, Engine, all_reduce_
 from pretrain.train.faults import Faults
+from pretrain.train.fewshot_eval import build_fewshot
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
 from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
 from pretrain.train.mixing import build_mixer
@@ -104,6 +105,7 @@ class Trainer:
         if self.engine.device.type == "cuda":  # copy batch k+1 while step k computes
             self.train_data = DevicePrefetcher(self.train_data, self.engine.device)
         self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
+        self.fewshot = build_fewshot(cfg, self.rank, self.world, self.spec, self.log)  # labels scanned here
         self.components.register("loop", self.state)
         self.components.register("data", self.train_data)
         self.components.register("rng", RngState())
@@ -174,6 +176,8 @@ class Trainer:
                 self._save(self.state.step, wait=True)
             if cfg.data.val:
                 self._evaluate(self.state.step)
+            if self.fewshot is not None:
+                self.fewshot.run(self.engine, self.state.step)
             self._summary(time.perf_counter() - t0)
         self.train_data.close()
         log.close()
@@ -255,6 +259,9 @@ class Trainer:
             self._save(step, wait=evaluate)  # an eval that fails must not cost this checkpoint
         if evaluate:
             self._evaluate(step)
+            self.meter.reset()
+        if self.fewshot is not None and self.fewshot.due(step):
+            self.fewshot.run(self.engine, step)
             self.meter.reset()
         return False
 
@@ -371,6 +378,7 @@ class Trainer:
                    "eval_ema_top1": ev.get("ema_top1"), "eval_ema_prec1": ev.get("ema_prec1"),
                    "images_per_s": state.images_per_s, "bad_steps_total": state.bad_steps_total,
                    "seconds": round(seconds, 1), "run_dir": str(self.run_dir)}
+        summary.update(self.fewshot.summary() if self.fewshot is not None else {})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc = ev.get("top1", ev.get("prec1"))
         print("\n".join([
@@ -379,6 +387,7 @@ class Trainer:
             f"loss           {_fmt(state.first_loss)} (first) -> {_fmt(state.last_loss)} (final)",
             f"eval top-1     {'n/a' if acc is None else f'{100 * acc:.1f}%'}",
             f"images/s       {_fmt(state.images_per_s, '.1f')}",
+            *([f"fewshot        {self.fewshot.line()}"] if self.fewshot is not None else []),
             f"run directory  {self.run_dir}",
         ]), flush=True)
         sys.stdout.flush()
