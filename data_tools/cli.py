@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--split", default="train", metavar="NAME",
                        help="name of the split the samples go to (default train; e.g. --split val for "
                             "ImageNet's val/ folder); files are NAME-000000.tar ...")
+    write.add_argument("--classes", type=Path, default=None, metavar="FROM",
+                       help="index classes by the table of another shard set (its folder or classes.json), "
+                            "e.g. --classes OUT/train when writing ImageNet's val/ folder on its own")
     write.add_argument("--force", action="store_true",
                        help="write into OUT even if it holds another dataset (its shards are replaced)")
     write.add_argument("--seed", type=int, default=0, help="seed for the split and the sample order")
@@ -76,7 +79,7 @@ def _write(args: argparse.Namespace) -> int:
     options = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                            workers=args.workers, resize_max=args.resize_max, quality=args.quality,
                            val_fraction=args.val_fraction, seed=args.seed, split=args.split, force=args.force,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, classes_from=args.classes)
     summary = write_shards(args.src, args.out, options)
     index = summary.index
     parts = [f"{split} {info['samples']} samples in {len(info['shards'])} shards "

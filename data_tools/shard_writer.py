@@ -27,7 +27,7 @@ from pathlib import Path
 from data_tools.encode import EncodeOptions, SkipSample, encode_image
 from data_tools.parallel import default_workers, map_with_progress
 from data_tools.plan import ShardTask, plan_shards
-from data_tools.sources import SourceScan, scan_source
+from data_tools.sources import SourceScan, scan_source, with_class_table
 from pretrain.core.errors import UserError
 from pretrain.core.files import sha256_file
 from pretrain.data.shards import (
@@ -40,6 +40,7 @@ from pretrain.data.shards import (
     SPLIT_NAME,
     add_bytes,
     json_bytes,
+    read_class_table,
 )
 
 SOURCE_FILE = "source.json"
@@ -59,6 +60,7 @@ class WriteOptions:
     split: str = "train"
     force: bool = False
     progress: bool = True
+    classes_from: Path | None = None  # a shard folder or classes.json whose class table to use
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -233,6 +235,8 @@ def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
         raise UserError(f"output {out} is inside the source folder {src}, where it would be read as a "
                         "class folder; choose an OUT outside SRC.")
     scan = scan_source(src)
+    if options.classes_from is not None:
+        scan = with_class_table(scan, read_class_table(options.classes_from), options.classes_from)
     _claim_out(src, out, options.force)
     tasks = plan_shards(scan, str(out.resolve()), options.encode, options.samples_per_shard,
                         options.max_shard_bytes, options.val_fraction, options.seed, options.split)

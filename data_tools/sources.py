@@ -194,6 +194,18 @@ def scan_manifest(manifest: Path) -> SourceScan:
                       skipped=skipped)
 
 
+def with_class_table(scan: SourceScan, classes: list[str], origin: Path) -> SourceScan:
+    """``scan`` indexed by the given class table (another shard set's), so that index i means the
+    same class in both sets; a source class the table lacks is a :class:`UserError`."""
+    known = set(classes)
+    unknown = sorted({name for r in scan.records for name in r.labels} - known)
+    if unknown:
+        raise UserError(f"--classes {origin}: the source has {len(unknown)} classes that table lacks, e.g. "
+                        f"{unknown[0]!r}; give the table of the set these classes come from")
+    return SourceScan(records=scan.records, classes=list(classes), multi_label=scan.multi_label,
+                      skipped=scan.skipped)
+
+
 def scan_source(src: Path) -> SourceScan:
     """Dispatch on the kind of ``src``; raise :class:`UserError` if it is missing or yields nothing."""
     if not src.exists():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pretrain.data.shards import decode_label, iter_tar_samples
 from pretrain.data.synthetic import synthetic_uint8
 from tests.helpers import TINY, read_metrics, vitscale
 
@@ -75,6 +76,43 @@ def test_split_names_and_what_stats_and_verify_show(imagenet, tmp_path):
     assert "split val: 48 good samples of 48 in 3 shards" in verify
     train = vitscale("shards", "stats", str(imagenet["train"]), "--workers", "1", "--no-progress", check=True)
     assert "train: 160 samples in 8 shards" in train.stdout
+
+
+def test_a_val_folder_with_other_classes_is_refused_until_written_with_the_train_table(imagenet, tmp_path):
+    """A val/ folder lacking one class folder gets its own class table when sharded alone (index 0 is
+    another class there): pretrain refuses it before start, naming data.val and the --classes fix;
+    written with `--classes OUT/train`, its labels are the train set's indices and it runs."""
+    import shutil
+
+    raw = tmp_path / "val_raw"
+    shutil.copytree(imagenet["root"] / "raw" / "val", raw, ignore=lambda d, names: [CLASSES[0]] if d.endswith("val")
+                    else [])
+    alone, aligned = tmp_path / "alone", tmp_path / "aligned"
+    write = ("--samples-per-shard", "20", "--workers", "1", "--no-progress")
+    vitscale("shards", "write", str(raw), str(alone), *write, check=True)
+    args = ("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
+            f"data.train={imagenet['train']}", "data.workers=1", "train.steps=2")
+    proc = vitscale(*args, f"data.val={alone}", f"run.dir={tmp_path / 'run1'}")
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "data.val: its class table differs from data.train's (3 vs 4 classes; index 0 is" in line
+    assert "--classes" in line and not (tmp_path / "run1").exists()
+
+    bad = vitscale("shards", "write", str(imagenet["root"] / "raw" / "train"), str(tmp_path / "x"), "--classes",
+                   str(alone), *write)
+    assert bad.returncode == 2 and f"--classes {alone}: the source has 1 classes that table lacks" in bad.stderr
+
+    vitscale("shards", "write", str(raw), str(aligned), "--classes", str(imagenet["train"]), *write, check=True)
+    index = json.loads((aligned / "index.json").read_text())
+    assert index["num_classes"] == 4
+    labels = {decode_label(s.files, 4, False) for s in _samples(aligned)}
+    assert labels == {1, 2, 3}  # the train set's indices of the three classes present
+    vitscale(*args, f"data.val={aligned}", f"run.dir={tmp_path / 'run2'}", check=True)
+
+
+def _samples(folder: Path) -> list:
+
+    return [s for tar in sorted(folder.glob("*.tar")) for s in iter_tar_samples(str(tar))]
 
 
 @pytest.mark.parametrize("key,value,expect", [

@@ -280,6 +280,33 @@ def load_classes(out: Path) -> list[str]:
     return list(read_json(Path(out) / CLASSES_FILE)["classes"])
 
 
+def read_class_table(path: Path) -> list[str]:
+    """The class names, in index order, of a shard folder (its ``classes.json``) or of a
+    ``classes.json`` file itself: what ``shards write --classes`` takes."""
+    path = Path(path)
+    table = read_json(path / CLASSES_FILE if path.is_dir() else path)
+    names = table.get("classes") if isinstance(table, dict) else None
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{path}: no class list there; give a shard folder written by `vitscale shards write` "
+                        f"or its {CLASSES_FILE}")
+    return [str(n) for n in names]
+
+
+def check_same_classes(ref: ShardSet, other: ShardSet, ref_key: str, other_key: str) -> None:
+    """Class index i must mean the same class in both sets (when both know their class names):
+    ImageNet's ``val/`` sharded on its own gets its own table, which differs as soon as one class
+    folder is missing or named differently; the indices then silently mean other classes."""
+    if ref.classes is None or other.classes is None or ref.classes == other.classes:
+        return
+    a, b = ref.classes, other.classes
+    at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    first = (f"index {at} is {a[at]!r} there and {b[at]!r} here" if at < min(len(a), len(b))
+             else f"the first {at} agree")
+    raise UserError(f"{other_key}: its class table differs from {ref_key}'s ({len(b)} vs {len(a)} classes; {first}), "
+                    f"so its labels would score against the wrong classes; write it with the same table: "
+                    f"`vitscale shards write SRC OUT --split val --classes <{ref_key} shard folder>`")
+
+
 def index_entries(index: dict) -> Iterator[tuple[str, dict]]:
     """``(split, shard entry)`` for every shard the index names, in split then shard order."""
     for split, info in index["splits"].items():
@@ -298,6 +325,7 @@ class ShardSet:
     multi_label: bool | None = None  # known from an index
     num_classes: int | None = None  # known from an index
     notes: tuple[str, ...] = ()  # how a split was chosen, for the log
+    classes: tuple[str, ...] | None = None  # class names by index, known from classes.json
 
     @property
     def samples(self) -> int | None:
@@ -331,8 +359,10 @@ def _from_index(folder: Path, split: str, key: str) -> ShardSet:
                         f"point {key} at a shard set with one, or write one with "
                         f"`vitscale shards write SRC OUT --split {split}`")
     shards = splits[chosen]["shards"]
+    names = folder / index.get("classes_file", CLASSES_FILE)
+    classes = tuple(read_class_table(names)) if names.is_file() else None
     return ShardSet(tuple(str(folder / s["file"]) for s in shards), tuple(int(s["samples"]) for s in shards),
-                    bool(index["multi_label"]), int(index["num_classes"]), notes)
+                    bool(index["multi_label"]), int(index["num_classes"]), notes, classes)
 
 
 def _expand(part: str) -> list[str]:
@@ -399,6 +429,10 @@ def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
     else:
         raise UserError(f"{key}={spec!r} names remote shards without an index: set data.samples_per_epoch "
                         f"to the number of samples they hold")
+    tables = {s.classes for s in sets if s.classes is not None}
+    if len(tables) > 1:
+        raise UserError(f"{key}={spec!r} joins shard sets whose class tables differ; write them with one table "
+                        f"(`vitscale shards write ... --classes FIRST_SHARD_FOLDER`)")
     return ShardSet(urls, counts, labelled[0].multi_label if labelled else None,
                     max((s.num_classes for s in labelled), default=None),
-                    tuple(n for s in sets for n in s.notes))
+                    tuple(n for s in sets for n in s.notes), tables.pop() if tables else None)

@@ -26,7 +26,7 @@ import torch
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.loader import check_labels, check_layout
-from pretrain.data.shards import resolve_shards
+from pretrain.data.shards import check_same_classes, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
@@ -74,6 +74,7 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
     model, and every dataloader worker of every rank gets a training shard of its own."""
     spec = cfg.loader()
     checks = []
+    train = None
     for key, source, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
         if not source:
             checks.append(Check(key, SKIP, "not set: no evaluation"))
@@ -86,6 +87,9 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
             check_labels(shards, spec, key)
             if split == "train":
                 check_layout(shards, world_size, max(1, cfg.data.workers))
+                train = shards
+            elif train is not None:
+                check_same_classes(train, shards, "data.train", key)
         except UserError as err:
             checks.append(Check(key, FAIL, str(err), "see the message: fix the path, the split or the setting named"))
             continue

@@ -32,7 +32,7 @@ import torch
 
 from pretrain.core.errors import UserError
 from pretrain.data.fewshot import class_orders, prefix_shards, resolve_fewshot_shards, scan_labels, val_subset
-from pretrain.data.shards import ShardSet
+from pretrain.data.shards import ShardSet, check_same_classes
 from pretrain.train import least_squares as lsq
 from pretrain.train.fewshot_config import FewshotConfig, FewshotDataset
 
@@ -74,8 +74,10 @@ class Catalog:
 
 def resolve_dataset(ds: FewshotDataset) -> tuple[ShardSet, ShardSet]:
     prefix = f"fewshot.datasets[{ds.name}]"
-    return (resolve_fewshot_shards(ds.train, "train", f"{prefix}.train"),
-            resolve_fewshot_shards(ds.val, "val", f"{prefix}.val"))
+    train = resolve_fewshot_shards(ds.train, "train", f"{prefix}.train")
+    val = resolve_fewshot_shards(ds.val, "val", f"{prefix}.val")
+    check_same_classes(train, val, f"{prefix}.train", f"{prefix}.val")
+    return train, val
 
 
 def scan_dataset(train: ShardSet, val: ShardSet, fc: FewshotConfig, rank: int, world: int) -> dict:
