@@ -115,7 +115,8 @@ def check_fewshot(cfg: Config) -> list[Check]:
             if classes:
                 check_width(ds.name, classes, width)
         except UserError as err:
-            checks.append(Check(name, FAIL, str(err), "see the message: fix the path or the setting named"))
+            checks.append(Check(name, FAIL, str(err), "point the dataset at your shard set, or turn few-shot "
+                                                      "evaluation off with fewshot.datasets=[]"))
             continue
         sides = [f"{side} {len(s.urls)} shards, {s.samples if s.samples is not None else 'unknown'} images"
                  for side, s in (("train", train), ("val", val))]
