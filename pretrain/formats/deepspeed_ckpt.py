@@ -25,7 +25,7 @@ names, format names) belongs to :mod:`pretrain.checkpoint.layout`.
 from __future__ import annotations
 
 import contextlib
-import sys
+import io
 from pathlib import Path
 
 import torch
@@ -82,6 +82,21 @@ def describe(path: str | Path) -> dict:
     return info
 
 
+def _quiet_zero_to_fp32():
+    """DeepSpeed's consolidation module, imported without its accelerator banner (our commands
+    print what was read themselves; its progress prints are dropped by the caller)."""
+    import logging
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import logger, zero_to_fp32
+
+    logger.setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    return zero_to_fp32
+
+
 def consolidate_deepspeed(path: str | Path,
                           dtype: torch.dtype | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
     """(full state dict, spec, meta) of a ZeRO checkpoint, on CPU, without its process count.
@@ -94,10 +109,9 @@ def consolidate_deepspeed(path: str | Path,
     tag_dir = ckdir / tag
     meta = read_meta(tag_dir) or {}
     spec = spec_from_meta(meta, tag_dir)
-    from deepspeed.utils import zero_to_fp32
-
+    zero_to_fp32 = _quiet_zero_to_fp32()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             lazy = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag, lazy_mode=True)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"cannot consolidate the DeepSpeed checkpoint {tag_dir}: {err}. Every rank's "
