@@ -90,15 +90,19 @@ def _coerce_items(key: str, values, item) -> tuple:
 
 
 def _section_from(cls, key: str, values: dict):
+    """``cls`` built from the mapping ``values`` found at ``key`` ("" for the whole config, whose
+    fields are the sections): every name known, every value coerced to its field's type."""
     if not isinstance(values, dict):
         _fail(key, values, "expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     kwargs = {}
     for name, value in values.items():
+        where = f"{key}.{name}" if key else name
         if name not in known:
-            raise UserError(f"config: unknown key {key}.{name}: {_hint(name, known)}")
-        kwargs[name] = _coerce(f"{key}.{name}", value, hints[name])
+            what = "key" if key else "section"
+            raise UserError(f"config: unknown {what} {where}: {_hint(name, known)}")
+        kwargs[name] = _coerce(where, value, hints[name]) if key else _section_from(hints[name], name, value or {})
     required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in kwargs]
@@ -112,14 +116,7 @@ def config_from_dict(raw: dict) -> Config:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise UserError("config: the file must hold a mapping of sections (run:, model:, train:, ...)")
-    hints = typing.get_type_hints(Config)
-    sections = [f.name for f in fields(Config)]
-    kwargs = {}
-    for name, values in raw.items():
-        if name not in sections:
-            raise UserError(f"config: unknown section {name!r}: {_hint(name, sections)}")
-        kwargs[name] = _section_from(hints[name], name, values or {})
-    return Config(**kwargs)
+    return _section_from(Config, "", raw)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
