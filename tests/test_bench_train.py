@@ -90,12 +90,19 @@ def test_shrink_backs_off_on_the_alignment():
 
 def test_plan_grid_then_extras_without_duplicates():
     plan = build_plan("vit_test4", "16,32", "2,3", "both", "off",
-                      ["vit_micro4@16:z3:ckpt:compile,vit_test4@16", "vit_test8@32"])
+                      ["vit_micro4@16:z3:ckpt,vit_test4@16", "vit_test8@32"])
     assert plan[:4] == [Case("vit_test4", 16, 2, False, False), Case("vit_test4", 16, 2, True, False),
                         Case("vit_test4", 16, 3, False, False), Case("vit_test4", 16, 3, True, False)]
     assert len(plan) == 8 + 2  # vit_test4@16 z2 eager is in the grid already
-    assert plan[-2:] == [Case("vit_micro4", 16, 3, True, True), Case("vit_test8", 32, 2, False, False)]
+    assert plan[-2:] == [Case("vit_micro4", 16, 3, True, False), Case("vit_test8", 32, 2, False, False)]
     assert parse_extra("vit_h14@518", 1) == Case("vit_h14", 518, 1, False, False)
+
+
+def test_plan_leaves_compile_under_zero3_out_of_the_grid_and_refuses_it_named():
+    plan = build_plan("vit_test4", "32", "2,3", "off", "both", [])
+    assert [(c.zero_stage, c.compile) for c in plan] == [(2, False), (2, True), (3, False)]
+    with pytest.raises(UserError, match="model.compile"):
+        build_plan("", "32", "2", "off", "off", ["vit_test4@32:z3:compile"])
 
 
 @pytest.mark.parametrize("bad", [dict(models="vit_nope4"), dict(img_sizes="30"), dict(zero_stages="4"),
