@@ -201,12 +201,19 @@ def eval_transform(data: bytes, size: int, crop_pct: float = 1.0) -> torch.Tenso
 
 def baseline_transform(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.05, 1.0),
                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> torch.Tensor:
-    """The plain path benchmarks compare against: full decode, crop, resize, flip.
+    """The plain path benchmarks compare against: Pillow's full decode, crop, resize, flip.
 
     Same random draws as :func:`train_transform` (so the same crop for the same ``rng`` state),
-    but no draft decoding and a separate crop copy, as torchvision's RandomResizedCrop does on PIL.
+    but no reduced decoding and a separate crop copy, as torchvision's RandomResizedCrop does on PIL.
     """
-    img = _to_rgb(Image.open(io.BytesIO(data)))
+    return pil_random_resized_crop(_to_rgb(Image.open(io.BytesIO(data))), size, rng, scale, ratio, hflip)
+
+
+def pil_random_resized_crop(img: Image.Image, size: int, rng: random.Random,
+                            scale: tuple[float, float] = (0.05, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            hflip: float = 0.5) -> torch.Tensor:
+    """Inception crop (drawn as :func:`train_transform` draws it) + flip of a decoded RGB Pillow
+    image with Pillow's crop and bilinear resize, as uint8 ``(3, size, size)``."""
     left, top, crop_w, crop_h = inception_crop_box(img.width, img.height, rng, scale, ratio)
     out = img.crop((left, top, left + crop_w, top + crop_h)).resize((size, size), Image.Resampling.BILINEAR)
     if rng.random() < hflip:

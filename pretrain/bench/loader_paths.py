@@ -1,0 +1,123 @@
+"""The input paths ``vitscale bench loader`` times, as DataLoader datasets over the same shards.
+
+* ``ours``: the training loader's per-sample work: tar reading, label decoding, a per-sample
+  seeded generator, :func:`pretrain.data.transforms.train_transform` (simplejpeg with DCT
+  scaling, or the Pillow fallback);
+* ``pil``: the same, with :func:`pretrain.data.transforms.baseline_transform` (Pillow's full
+  decode, crop, resize: the plain path);
+* ``webdataset``: WebDataset's standard pipeline, ``WebDataset(urls).decode("pil")`` and the same
+  Inception crop + flip on the decoded image (:func:`pil_random_resized_crop`);
+* ``overhead``: ``ours`` without the decode and augmentation (a fixed image per sample): what
+  tar parsing, labels, seeding, collation and the hand-over cost on their own;
+* ``gpu``: the workers' part of ``data.decode=gpu`` (header, box, packed bytes); the main
+  process decodes each batch on the device (:func:`pretrain.data.device_decode.decode_packed`).
+
+Each sample comes with the worker's id and its CPU time (``time.process_time``) when it was
+done, which the timing loop turns into images per CPU-second.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+from pretrain.data.device_decode import Planned, pack, plan_train
+from pretrain.data.shards import SampleError, decode_label, image_bytes, iter_tar_samples
+from pretrain.data.stream import seeded
+from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, train_transform
+
+CPU_PATHS = ("ours", "pil", "webdataset")
+_LABEL_LIMIT = 1 << 62
+
+
+def _label(files: dict[str, bytes]) -> int:
+    try:
+        return int(decode_label(files, _LABEL_LIMIT, False))
+    except SampleError:
+        return -1
+
+
+class ShardImages(IterableDataset):
+    """Endless ``(image, label, worker id, worker CPU seconds)`` from tar shards for path ``path``
+    (``ours``, ``pil``, ``overhead`` or ``gpu``; ``gpu`` yields a :class:`Planned` as the image).
+
+    Worker ``w`` of ``W`` reads every W-th shard, or every W-th sample when there are fewer
+    shards than workers; the augmentation generator of a sample is ``seeded("aug", seed, 0, w, i)``
+    for its place ``i`` in the worker's stream, as the training loader seeds it."""
+
+    def __init__(self, files: list[str], path: str, img_size: int, seed: int = 0) -> None:
+        self.files, self.path, self.img_size, self.seed = files, path, img_size, seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | Planned, int, int, float]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        torch.set_num_threads(1)
+        by_shard = len(self.files) >= workers
+        files = self.files[worker::workers] if by_shard else self.files
+        blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
+        transform = {"ours": train_transform, "pil": baseline_transform, "gpu": plan_train,
+                     "overhead": lambda data, size, rng: blank}[self.path]
+        position = index = 0
+        while True:
+            for path in files:
+                for sample in iter_tar_samples(Path(path)):
+                    position += 1
+                    if not by_shard and (position - 1) % workers != worker:
+                        continue
+                    try:
+                        data = image_bytes(sample)
+                    except SampleError:
+                        continue
+                    label = _label(sample.files)
+                    rng = seeded("aug", self.seed, 0, worker, index)
+                    index += 1
+                    yield transform(data, self.img_size, rng), label, worker, time.process_time()
+
+
+class _WdsCrop:
+    """The map step of the WebDataset pipeline: the crop + flip of a decoded Pillow image."""
+
+    def __init__(self, img_size: int, seed: int) -> None:
+        self.img_size, self.seed, self.rng = img_size, seed, None
+
+    def __call__(self, sample: tuple) -> tuple[torch.Tensor, int, int, float]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if self.rng is None:
+            self.rng = random.Random(self.seed * 1009 + worker)
+        img, label = sample
+        return pil_random_resized_crop(img, self.img_size, self.rng), int(label), worker, time.process_time()
+
+
+def webdataset_images(files: list[str], img_size: int, workers: int, seed: int = 0) -> IterableDataset:
+    """WebDataset's standard pipeline over ``files``, endless: split by worker when there are at
+    least as many shards as workers (else every worker reads all shards)."""
+    import webdataset as wds
+
+    splitter = wds.split_by_worker if len(files) >= max(1, workers) else None
+    return (wds.WebDataset(files, shardshuffle=False, workersplitter=splitter, empty_check=False)
+            .decode("pil").to_tuple("jpg;jpeg;png;webp", "cls").map(_WdsCrop(img_size, seed)).repeat())
+
+
+def dataset(files: list[str], path: str, img_size: int, workers: int, seed: int = 0) -> IterableDataset:
+    if path == "webdataset":
+        return webdataset_images(files, img_size, workers, seed)
+    return ShardImages(files, path, img_size, seed)
+
+
+def collate(path: str, img_size: int):
+    """The DataLoader ``collate_fn`` of a path: stacked in shared memory, or packed JPEGs (gpu)."""
+    if path != "gpu":
+        return default_collate
+
+    def packed(items: list) -> tuple:
+        images, labels, workers, cpus = zip(*items, strict=True)
+        return (pack(list(images), img_size), torch.tensor(labels), torch.tensor(workers),
+                torch.tensor(cpus, dtype=torch.float64))
+
+    return packed
