@@ -42,14 +42,13 @@ from PIL import features
 from torch.utils.data import DataLoader
 
 from pretrain.bench import fidelity
-from pretrain.bench.loader_paths import CPU_PATHS, collate, dataset
+from pretrain.bench.loader_paths import CPU_PATHS, PREFETCH, dataset
 from pretrain.core.errors import UserError
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
 from pretrain.data.device_decode import decode_packed
 from pretrain.data.shards import iter_tar_samples, load_index
 
-_PREFETCH = 2
 _ROUNDS = 3
 _FIDELITY_IMAGES = 250
 # Images/s one H100 consumes at ~50% MFU of 989 TFLOP/s: ~1.0 TFLOP per ViT-H/14 image, ~0.1 for ViT-B/16.
@@ -65,12 +64,14 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
     and last timed batch (a worker's first timed batch only marks its starting CPU time), and the
     main process's CPU seconds over the timed batches.
     """
-    loader = DataLoader(dataset(files, path, img_size, workers, seed), batch_size=batch_size,
-                        num_workers=workers, prefetch_factor=_PREFETCH if workers > 0 else None,
-                        collate_fn=collate(path, img_size))
+    loader = DataLoader(dataset(files, path, img_size, batch_size, workers, seed), batch_size=None,
+                        num_workers=workers, prefetch_factor=PREFETCH if workers > 0 else None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # idle intra-op threads spin and would be counted as hand-over CPU
     stream = iter(loader)
-    for _ in range((_PREFETCH + 1) * max(1, workers)):
+    for _ in range((PREFETCH + 1) * max(1, workers)):
         next(stream)
+    target = None  # stands for the pinned memory a batch is copied into (same layout)
     images = timed = 0
     cpu_first: dict[int, float] = {}
     cpu_last: dict[int, float] = {}
@@ -82,7 +83,11 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
             batch, _ = decode_packed(batch, img_size, device)
             if batch.is_cuda:
                 torch.cuda.synchronize(batch.device)
-        worker, now = int(worker_ids[0]), float(cpu.max())
+        else:  # what the pin-memory thread does with every batch: copy it into reused memory
+            target = torch.empty_like(batch) if target is None or target.shape != batch.shape else target
+            target.copy_(batch)
+        worker = int(worker_ids if isinstance(worker_ids, int) else worker_ids[0])
+        now = float(cpu if isinstance(cpu, float) else max(cpu))
         if worker in cpu_first:
             cpu_last[worker] = now
             cpu_images[worker] = cpu_images.get(worker, 0) + batch.shape[0]
@@ -95,6 +100,7 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
             break
     main_cpu = time.process_time() - main_start
     del stream
+    torch.set_num_threads(threads)
     cpu_seconds = sum(cpu_last[w] - cpu_first[w] for w in cpu_last)
     return {"images": images, "batches": timed, "seconds": elapsed,
             "cpu_images": sum(cpu_images.values()), "cpu_seconds": cpu_seconds, "main_cpu_seconds": main_cpu}

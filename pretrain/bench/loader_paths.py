@@ -26,12 +26,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from pretrain.data.device_decode import Planned, pack, plan_train
+from pretrain.data.device_decode import pack, plan_train
+from pretrain.data.handover import BatchSlots
 from pretrain.data.shards import SampleError, decode_label, image_bytes, iter_tar_samples
 from pretrain.data.stream import seeded
 from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, train_transform
 
 CPU_PATHS = ("ours", "pil", "webdataset")
+PREFETCH = 2
+HANDOVER_SLOTS = PREFETCH + 2
 _LABEL_LIMIT = 1 << 62
 
 
@@ -43,25 +46,24 @@ def _label(files: dict[str, bytes]) -> int:
 
 
 class ShardImages(IterableDataset):
-    """Endless ``(image, label, worker id, worker CPU seconds)`` from tar shards for path ``path``
-    (``ours``, ``pil``, ``overhead`` or ``gpu``; ``gpu`` yields a :class:`Planned` as the image).
+    """Endless batches ``(images, labels, worker id, worker CPU seconds)`` from tar shards for
+    path ``path`` (``ours``, ``pil``, ``overhead`` or ``gpu``; ``gpu`` batches are packed JPEGs).
 
     Worker ``w`` of ``W`` reads every W-th shard, or every W-th sample when there are fewer
     shards than workers; the augmentation generator of a sample is ``seeded("aug", seed, 0, w, i)``
-    for its place ``i`` in the worker's stream, as the training loader seeds it."""
+    for its place ``i`` in the worker's stream, as the training loader seeds it. ``ours`` and
+    ``overhead`` hand batches over as the training loader does (reused shared memory), ``pil`` as
+    a plain DataLoader pipeline does (``default_collate``)."""
 
-    def __init__(self, files: list[str], path: str, img_size: int, seed: int = 0) -> None:
-        self.files, self.path, self.img_size, self.seed = files, path, img_size, seed
+    def __init__(self, files: list[str], path: str, img_size: int, batch_size: int = 64, seed: int = 0) -> None:
+        self.files, self.path, self.img_size, self.batch_size, self.seed = files, path, img_size, batch_size, seed
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | Planned, int, int, float]]:
+    def samples(self) -> Iterator[tuple[bytes, int, random.Random]]:
+        """This worker's endless ``(encoded image, label, augmentation generator)`` stream."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        torch.set_num_threads(1)
         by_shard = len(self.files) >= workers
         files = self.files[worker::workers] if by_shard else self.files
-        blank = torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8)
-        transform = {"ours": train_transform, "pil": baseline_transform, "gpu": plan_train,
-                     "overhead": lambda data, size, rng: blank}[self.path]
         position = index = 0
         while True:
             for path in files:
@@ -73,10 +75,31 @@ class ShardImages(IterableDataset):
                         data = image_bytes(sample)
                     except SampleError:
                         continue
-                    label = _label(sample.files)
-                    rng = seeded("aug", self.seed, 0, worker, index)
+                    yield data, _label(sample.files), seeded("aug", self.seed, 0, worker, index)
                     index += 1
-                    yield transform(data, self.img_size, rng), label, worker, time.process_time()
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        size, path = self.img_size, self.path
+        slots = BatchSlots(HANDOVER_SLOTS, self.batch_size, size)
+        images, labels = [], []
+        for data, label, rng in self.samples():
+            if path == "ours":  # as the training loader: resized straight into the batch row
+                images.append(train_transform(data, size, rng, out=slots.current()[len(images)]))
+            elif path == "overhead":
+                images.append(slots.current()[len(images)])
+            else:
+                images.append((plan_train if path == "gpu" else baseline_transform)(data, size, rng))
+            labels.append(label)
+            if len(images) == self.batch_size:
+                if path == "gpu":
+                    batch = pack(images, size)
+                else:
+                    batch = default_collate(images) if path == "pil" else slots.hand_over(len(images))
+                yield batch, torch.tensor(labels), worker, time.process_time()
+                images, labels = [], []
 
 
 class _WdsCrop:
@@ -89,35 +112,27 @@ class _WdsCrop:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if self.rng is None:
+            torch.set_num_threads(1)
             self.rng = random.Random(self.seed * 1009 + worker)
         img, label = sample
         return pil_random_resized_crop(img, self.img_size, self.rng), int(label), worker, time.process_time()
 
 
-def webdataset_images(files: list[str], img_size: int, workers: int, seed: int = 0) -> IterableDataset:
+def webdataset_batches(files: list[str], img_size: int, batch_size: int, workers: int,
+                       seed: int = 0) -> IterableDataset:
     """WebDataset's standard pipeline over ``files``, endless: split by worker when there are at
-    least as many shards as workers (else every worker reads all shards)."""
+    least as many shards as workers (else every worker reads all shards), batched by WebDataset."""
     import webdataset as wds
 
     splitter = wds.split_by_worker if len(files) >= max(1, workers) else None
     return (wds.WebDataset(files, shardshuffle=False, workersplitter=splitter, empty_check=False)
-            .decode("pil").to_tuple("jpg;jpeg;png;webp", "cls").map(_WdsCrop(img_size, seed)).repeat())
+            .decode("pil").to_tuple("jpg;jpeg;png;webp", "cls").map(_WdsCrop(img_size, seed))
+            .batched(batch_size, partial=False).repeat())
 
 
-def dataset(files: list[str], path: str, img_size: int, workers: int, seed: int = 0) -> IterableDataset:
+def dataset(files: list[str], path: str, img_size: int, batch_size: int, workers: int,
+            seed: int = 0) -> IterableDataset:
+    """The batches of ``path``: ``(images, labels, worker id(s), worker CPU seconds)``."""
     if path == "webdataset":
-        return webdataset_images(files, img_size, workers, seed)
-    return ShardImages(files, path, img_size, seed)
-
-
-def collate(path: str, img_size: int):
-    """The DataLoader ``collate_fn`` of a path: stacked in shared memory, or packed JPEGs (gpu)."""
-    if path != "gpu":
-        return default_collate
-
-    def packed(items: list) -> tuple:
-        images, labels, workers, cpus = zip(*items, strict=True)
-        return (pack(list(images), img_size), torch.tensor(labels), torch.tensor(workers),
-                torch.tensor(cpus, dtype=torch.float64))
-
-    return packed
+        return webdataset_batches(files, img_size, batch_size, workers, seed)
+    return ShardImages(files, path, img_size, batch_size, seed)

@@ -19,8 +19,8 @@ slot skips its share), so no more than the batches in flight are repeated or ski
 but which samples fill the rest of that epoch differs.
 
 Augmentation randomness is seeded per sample (seed, epoch, slot, index), independent of timing.
-Workers stack a batch straight into shared memory (``default_collate``), so it reaches the main
-process without another copy.
+Workers stack a batch into shared memory they reuse (:mod:`pretrain.data.handover`), so it reaches
+the main process without another copy and without fresh pages per batch.
 
 ``data.decode=gpu`` (:mod:`pretrain.data.device_decode`): workers draw the same crop boxes and flips
 from the same seeds but hand over the encoded JPEGs; the rank process decodes each batch with
@@ -45,11 +45,13 @@ from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
+from pretrain.data.handover import BatchSlots, receive
 from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
 from pretrain.data.stream import read_shard, seeded, slot_stream
 from pretrain.data.transforms import eval_transform, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
+_PREFETCH = 4  # batches in flight per worker
 
 
 def sample_target(sample: TarSample, num_classes: int, multi_label: bool) -> torch.Tensor:
@@ -80,7 +82,7 @@ def decode_device(spec: LoaderSpec) -> torch.device | None:
 
 
 def collate(images: list, size: int, gpu: bool):
-    """A worker's batch of images: stacked in shared memory, or packed encoded JPEGs (gpu)."""
+    """A worker's batch of eval images: stacked in shared memory, or packed encoded JPEGs (gpu)."""
     return pack(images, size) if gpu else default_collate(images)
 
 
@@ -112,15 +114,17 @@ class _TrainSlots(IterableDataset):
         spec, d = self.spec, self.spec.data
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
         gpu = d.decode == "gpu"
-        transform = plan_train if gpu else train_transform
+        slots = BatchSlots(_PREFETCH + 2, spec.micro_batch, spec.img_size)  # CPU decode writes rows in place
+        aug = {"scale": (d.crop_scale_min, 1.0), "hflip": 0.5 if d.hflip else 0.0}
         bad: dict = {}
         images, targets, keys, shards = [], [], [], []
         for item in slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad):
             try:
                 target = sample_target(item.sample, spec.num_classes, d.multi_label)
                 rng = seeded("aug", spec.seed, item.epoch, slot, item.index)
-                img = transform(image_bytes(item.sample), spec.img_size, rng, scale=(d.crop_scale_min, 1.0),
-                                hflip=0.5 if d.hflip else 0.0)
+                data = image_bytes(item.sample)
+                img = (plan_train(data, spec.img_size, rng, **aug) if gpu else
+                       train_transform(data, spec.img_size, rng, **aug, out=slots.current()[len(images)]))
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1
@@ -130,7 +134,8 @@ class _TrainSlots(IterableDataset):
             keys.append(item.sample.key)
             shards.append(item.sample.shard)
             if len(images) == spec.micro_batch:
-                yield {"images": collate(images, spec.img_size, gpu), "targets": default_collate(targets),
+                batch = pack(images, spec.img_size) if gpu else slots.hand_over(len(images))
+                yield {"images": batch, "targets": default_collate(targets),
                        "keys": keys, "shards": shards, "worker": w, "pos": item.position, "epoch": item.epoch,
                        "bad": dict(bad)}
                 images, targets, keys, shards = [], [], [], []
@@ -160,7 +165,7 @@ class ShardTrain:
                          self.batches % self.workers)
         n = self.spec.workers
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=4 if n else None, persistent_workers=False)
+                            prefetch_factor=_PREFETCH if n else None, persistent_workers=False)
         self._it = iter(loader)
 
     def next_batch(self) -> Batch:
@@ -172,7 +177,7 @@ class ShardTrain:
         self.epoch = b["epoch"]
         add_counts(self.bad, b["bad"])
         self.seen += len(b["keys"]) + sum(b["bad"].values())
-        images, _ = decode_batch(b, self.device, self.bad)
+        images, _ = decode_batch(b, self.device, self.bad) if self.device else (receive(b["images"]), [])
         return Batch(images, b["targets"], list(b["keys"]))
 
     def state_dict(self) -> dict:

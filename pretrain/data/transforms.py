@@ -131,27 +131,41 @@ def _pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, min(width, max(left + 1, round(box[2]))), min(height, max(top + 1, round(box[3])))
 
 
-def resize_box(img: np.ndarray | Image.Image, box: Box, size: int, flip: bool = False) -> torch.Tensor:
+def _resize_into(crop: torch.Tensor, out: torch.Tensor) -> None:
+    """Antialiased bilinear resize of uint8 ``crop`` (1, 3, h, w) into ``out`` (1, 3, S, S), any
+    strides: the out= form of the op ``F.interpolate(..., antialias=True)`` runs writes straight
+    into a batch row (channels-last rows save ~100 us per 224 px image over resize + copy)."""
+    try:
+        torch.ops.aten._upsample_bilinear2d_aa.out(crop, list(out.shape[-2:]), False, None, None, out=out)
+    except (AttributeError, RuntimeError, TypeError):  # the op's out= form changed: resize, then copy
+        out.copy_(F.interpolate(crop, size=tuple(out.shape[-2:]), mode="bilinear", antialias=True,
+                                align_corners=False))
+
+
+def resize_box(img: np.ndarray | Image.Image, box: Box, size: int, flip: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Antialiased bilinear resize of the region ``box`` = (l, t, r, b) of an RGB image (a
     ``(H, W, 3)`` uint8 array or a Pillow image) to uint8 (3, S, S), mirrored when ``flip``.
 
-    On x86 CPUs with AVX2 torch's uint8 antialiased kernel is used (about 2x faster than PIL's
-    and within 1 grey level of it) on a view of the region, rounded to whole pixels. Elsewhere
-    PIL resizes the exact (fractional) box.
+    Written into ``out`` when given (any strides, e.g. a channels-last batch row), else into a new
+    contiguous tensor; returns it. On x86 CPUs with AVX2 torch's uint8 antialiased kernel is used
+    (about 3x faster than PIL's and within 1 grey level of it) on a view of the region, rounded to
+    whole pixels. Elsewhere PIL resizes the exact (fractional) box.
     """
+    if out is None:
+        out = torch.empty(3, size, size, dtype=torch.uint8)
     if not TORCH_UINT8_RESIZE:
         pil = Image.fromarray(img) if isinstance(img, np.ndarray) else img
-        out = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return _to_chw_uint8(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
+        pil = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return out.copy_(_to_chw_uint8(pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil))
     if isinstance(img, np.ndarray):
         left, top, right, bottom = _pixel_box(box, img.shape[1], img.shape[0])
         crop = torch.from_numpy(img)[top:bottom, left:right]  # a view: no copy of the region
     else:
         left, top, right, bottom = _pixel_box(box, img.width, img.height)
         crop = torch.from_numpy(np.array(img.crop((left, top, right, bottom)), dtype=np.uint8))
-    out = F.interpolate(crop.permute(2, 0, 1).unsqueeze(0), size=(size, size), mode="bilinear",
-                        antialias=True, align_corners=False)[0]  # (3, S, S)
-    return out.flip(-1) if flip else out.contiguous()
+    _resize_into(crop.permute(2, 0, 1).unsqueeze(0), out.unsqueeze(0))
+    return out.copy_(out.flip(-1)) if flip else out
 
 
 def decode_crop(data: bytes, box: Box, size: int, use_draft: bool = True, fast: bool = True) -> torch.Tensor:
@@ -167,16 +181,18 @@ def decode_crop(data: bytes, box: Box, size: int, use_draft: bool = True, fast: 
 
 
 def train_transform(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.05, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5) -> torch.Tensor:
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Inception random-resized crop + horizontal flip of encoded image ``data``.
 
-    Returns a uint8 tensor of shape ``(3, size, size)``. Any PIL-readable format and mode
-    (grayscale, CMYK, palette, RGBA) is accepted and converted to RGB. Deterministic given the
-    state of ``rng`` (draws: crop box, then flip), and the box depends only on the image size, so
-    the simplejpeg and Pillow paths crop the same region for the same ``rng`` state.
+    Returns a uint8 tensor of shape ``(3, size, size)``: ``out`` when given (the loader passes a
+    row of its batch), else a new contiguous one. Any PIL-readable format and mode (grayscale,
+    CMYK, palette, RGBA) is accepted and converted to RGB. Deterministic given the state of
+    ``rng`` (draws: crop box, then flip), and the box depends only on the image size, so the
+    simplejpeg and Pillow paths crop the same region for the same ``rng`` state.
     """
     img, fbox = decode_region(data, size, crop_fn=lambda w, h: inception_crop_box(w, h, rng, scale, ratio))
-    return resize_box(img, fbox, size, flip=rng.random() < hflip)
+    return resize_box(img, fbox, size, flip=rng.random() < hflip, out=out)
 
 
 def centre_box(width: int, height: int, size: int, crop_pct: float = 1.0) -> tuple[float, float, float, float]:
