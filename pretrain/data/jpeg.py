@@ -2,8 +2,8 @@
 
 Why simplejpeg: it is a maintained binding of libjpeg-turbo whose wheels bundle the library
 (nothing to install on the system), and it exposes what the loader needs and Pillow does not:
-DCT-domain scaling chosen by target size, the fast integer IDCT and plain chroma upsampling, and
-decoding into a caller's buffer. Decoding into a buffer this process reuses avoids a fresh
+DCT-domain scaling chosen by target size, plain chroma upsampling, and decoding into a caller's
+buffer. Decoding into a buffer this process reuses avoids a fresh
 allocation (and its page faults) per image, which alone saves ~15% of the decode time.
 
 What it does not expose is decoding only the rows of a crop: libjpeg-turbo can skip and stop
@@ -81,11 +81,13 @@ def decode_scaled(data: bytes, width: int, height: int, reduction: int = 1, fast
     scale to RGB uint8 ``(H, W, 3)``.
 
     The array lives in a buffer this thread reuses: it is valid until the next call, so copy
-    out of it (a resize does) before decoding again. ``fast`` selects libjpeg-turbo's integer
-    fast IDCT and plain chroma upsampling (see the README for their fidelity). Raises
-    ``ValueError`` for a corrupt or truncated stream, as Pillow would.
+    out of it (a resize does) before decoding again. ``fast`` selects plain (replicating) chroma
+    upsampling instead of libjpeg's smooth "fancy" upsampling: ~5% faster, and after the
+    antialiased downscale 0.1 grey levels from Pillow's decode on average (the README has the
+    figures). The fast integer IDCT is not used: no measurable gain here for 1.2 grey levels.
+    Raises ``ValueError`` for a corrupt or truncated stream, as Pillow would.
     """
     out_w, out_h = scaled_size(width, height, reduction)
     buf = _buffer(out_w * out_h * 3)
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast, fastupsample=fast,
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=fast,
                                   min_height=out_h, min_width=out_w, buffer=buf, strict=True)

@@ -7,8 +7,8 @@ Speed comes from deciding the crop before decoding. The header gives the image s
 box is sampled in original pixel coordinates (the augmentation distribution does not depend on
 the decoder), and a JPEG is then decoded by libjpeg-turbo through simplejpeg
 (:mod:`pretrain.data.jpeg`) at the largest power-of-two DCT reduction (1/2, 1/4, 1/8) that still
-leaves the crop at least ``size`` pixels a side, with the fast IDCT and plain chroma upsampling,
-into a reused buffer. The box is mapped into the reduced image and a single antialiased bilinear
+leaves the crop at least ``size`` pixels a side, with plain chroma upsampling, into a reused
+buffer. The box is mapped into the reduced image and a single antialiased bilinear
 resize of that region (torch's uint8 kernel on the crop, a view of the decoded array) produces
 the output. Anything simplejpeg does not take (PNG, WebP, CMYK JPEGs, or simplejpeg not
 installed) goes through Pillow: JPEGs there in draft mode (libjpeg DCT scaling chosen the same
@@ -107,8 +107,8 @@ def decode_region(data: bytes, size: int, box: Box | None = None, crop_fn: CropF
 
     Returns the decoded RGB image, a ``(H, W, 3)`` uint8 array from simplejpeg (valid until this
     thread decodes again) or a Pillow image (the fallback), and the box as (l, t, r, b) in its
-    pixels. ``use_draft`` allows DCT-domain reduction; ``fast`` selects libjpeg-turbo's fast IDCT
-    and upsampling on the simplejpeg path.
+    pixels. ``use_draft`` allows DCT-domain reduction; ``fast`` selects plain chroma upsampling on
+    the simplejpeg path (:func:`pretrain.data.jpeg.decode_scaled`).
     """
     dims = jpeg.jpeg_size(data)
     if dims is None:
