@@ -42,11 +42,12 @@ from PIL import features
 from torch.utils.data import DataLoader
 
 from pretrain.bench import fidelity
-from pretrain.bench.loader_paths import CPU_PATHS, PREFETCH, dataset
+from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, dataset
 from pretrain.core.errors import UserError
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
 from pretrain.data.device_decode import decode_packed
+from pretrain.data.handover import SharedBatches, SlotRef
 from pretrain.data.shards import iter_tar_samples, load_index
 
 _ROUNDS = 3
@@ -64,7 +65,8 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
     and last timed batch (a worker's first timed batch only marks its starting CPU time), and the
     main process's CPU seconds over the timed batches.
     """
-    loader = DataLoader(dataset(files, path, img_size, batch_size, workers, seed), batch_size=None,
+    buffers = SharedBatches(workers, HANDOVER_SLOTS, batch_size, img_size) if path in ("ours", "overhead") else None
+    loader = DataLoader(dataset(files, path, img_size, batch_size, workers, seed, buffers), batch_size=None,
                         num_workers=workers, prefetch_factor=PREFETCH if workers > 0 else None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # idle intra-op threads spin and would be counted as hand-over CPU
@@ -84,6 +86,7 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
             if batch.is_cuda:
                 torch.cuda.synchronize(batch.device)
         else:  # what the pin-memory thread does with every batch: copy it into reused memory
+            batch = batch.view() if isinstance(batch, SlotRef) else batch
             target = torch.empty_like(batch) if target is None or target.shape != batch.shape else target
             target.copy_(batch)
         worker = int(worker_ids if isinstance(worker_ids, int) else worker_ids[0])
@@ -100,6 +103,8 @@ def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_
             break
     main_cpu = time.process_time() - main_start
     del stream
+    if buffers is not None:
+        buffers.close()
     torch.set_num_threads(threads)
     cpu_seconds = sum(cpu_last[w] - cpu_first[w] for w in cpu_last)
     return {"images": images, "batches": timed, "seconds": elapsed,

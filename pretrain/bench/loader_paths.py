@@ -23,11 +23,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from pretrain.data.device_decode import pack, plan_train
-from pretrain.data.handover import BatchSlots
+from pretrain.data.handover import SharedBatches
 from pretrain.data.shards import SampleError, decode_label, image_bytes, iter_tar_samples
 from pretrain.data.stream import seeded
 from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, train_transform
@@ -55,8 +56,10 @@ class ShardImages(IterableDataset):
     ``overhead`` hand batches over as the training loader does (reused shared memory), ``pil`` as
     a plain DataLoader pipeline does (``default_collate``)."""
 
-    def __init__(self, files: list[str], path: str, img_size: int, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, files: list[str], path: str, img_size: int, batch_size: int = 64, seed: int = 0,
+                 buffers: SharedBatches | None = None) -> None:
         self.files, self.path, self.img_size, self.batch_size, self.seed = files, path, img_size, batch_size, seed
+        self.buffers = buffers  # ours / overhead: the rank process's batch buffers
 
     def samples(self) -> Iterator[tuple[bytes, int, random.Random]]:
         """This worker's endless ``(encoded image, label, augmentation generator)`` stream."""
@@ -82,23 +85,22 @@ class ShardImages(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         torch.set_num_threads(1)
-        size, path = self.img_size, self.path
-        slots = BatchSlots(HANDOVER_SLOTS, self.batch_size, size)
+        size, path, buffers = self.img_size, self.path, self.buffers
         images, labels = [], []
         for data, label, rng in self.samples():
             if path == "ours":  # as the training loader: resized straight into the batch row
-                images.append(train_transform(data, size, rng, out=slots.current()[len(images)]))
+                images.append(train_transform(data, size, rng, out=buffers.current(worker)[len(images)]))
             elif path == "overhead":
-                images.append(slots.current()[len(images)])
+                images.append(buffers.current(worker)[len(images)])
             else:
                 images.append((plan_train if path == "gpu" else baseline_transform)(data, size, rng))
             labels.append(label)
             if len(images) == self.batch_size:
-                if path == "gpu":
-                    batch = pack(images, size)
+                if path in ("ours", "overhead"):  # as the training loader hands batches over
+                    yield buffers.hand_over(worker, len(images)), np.array(labels), worker, time.process_time()
                 else:
-                    batch = default_collate(images) if path == "pil" else slots.hand_over(len(images))
-                yield batch, torch.tensor(labels), worker, time.process_time()
+                    batch = pack(images, size) if path == "gpu" else default_collate(images)
+                    yield batch, torch.tensor(labels), worker, time.process_time()
                 images, labels = [], []
 
 
@@ -131,8 +133,9 @@ def webdataset_batches(files: list[str], img_size: int, batch_size: int, workers
 
 
 def dataset(files: list[str], path: str, img_size: int, batch_size: int, workers: int,
-            seed: int = 0) -> IterableDataset:
-    """The batches of ``path``: ``(images, labels, worker id(s), worker CPU seconds)``."""
+            seed: int = 0, buffers: SharedBatches | None = None) -> IterableDataset:
+    """The batches of ``path``: ``(images, labels, worker id(s), worker CPU seconds)``; ``buffers``
+    (ours, overhead): made by the caller with ``HANDOVER_SLOTS`` slots per worker."""
     if path == "webdataset":
         return webdataset_batches(files, img_size, batch_size, workers, seed)
-    return ShardImages(files, path, img_size, batch_size, seed)
+    return ShardImages(files, path, img_size, batch_size, seed, buffers)

@@ -1,59 +1,86 @@
-"""How a DataLoader worker hands image batches to the rank process: reused shared memory.
+"""How DataLoader workers hand image batches to the rank process: in place, through shared memory.
 
-The default hand-over stacks every batch into freshly allocated shared memory. Touching fresh
-pages costs more than copying into warm ones: on the 2-core VM of the README's figures a fresh
-(64, 3, 224, 224) uint8 batch cost ~125 us of worker CPU per image, an eighth of a JPEG decode,
-against ~17 us per image for the same stack into memory used before. So each worker keeps a
-few batch buffers in shared memory (:class:`BatchSlots`) and stacks batch ``k`` into slot
-``k % slots``; the tensor it yields is pickled as a handle to that memory (no copy).
+A plain DataLoader hands over every batch as a new tensor: the worker stacks it into freshly
+allocated shared memory, and its file descriptor travels to the rank process through a socket
+handshake per tensor. On the 2-core VM of the README's figures that cost ~125 us of worker CPU
+per 224 px image for the fresh pages alone, plus ~50 us per image for the transfer on the
+receiving side: a sixth of a JPEG decode. Here the rank process makes the batch buffers once
+(:class:`SharedBatches`, ``slots`` per worker, in shared memory that workers inherit), a worker
+resizes each image straight into its row of the current slot, and what crosses the process
+boundary is a :class:`SlotRef`: four small numbers.
+
+Buffers are channels-last (each image's pixels are ``(S, S, 3)``, as the resize writes them), so
+batches are uint8 ``(B, 3, S, S)`` tensors with channels-last strides.
 
 A slot is rewritten ``slots`` batches later, and the receiving side copies a batch out before
-then: DataLoader's pin-memory thread pins (copies) each batch on arrival, and without pinning
-:func:`receive` clones it. That order holds because a torch DataLoader serving in order (the
-default) asks worker ``w`` for its batch ``k + prefetch_factor`` only after the rank process has
-received the worker's batch ``k`` (and batches are pinned in arrival order), so with
-``slots >= prefetch_factor + 2`` a worker never writes into a batch not yet copied out.
+then: DataLoader's pin-memory thread calls :meth:`SlotRef.pin_memory` on arrival, and without
+pinning the rank process calls :meth:`SlotRef.receive`. That order holds because a torch
+DataLoader serving in order (the default) asks worker ``w`` for its batch ``k + prefetch_factor``
+only after the rank process has received the worker's batch ``k`` (and the pin thread works in
+arrival order), so with ``slots >= prefetch_factor + 2`` a worker never writes into a batch that
+has not been copied out.
 """
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+
 import torch
 
-
-class BatchSlots:
-    """A worker's ``slots`` reused shared-memory batch buffers, uint8 ``(batch, 3, S, S)`` in
-    channels-last memory (each image's pixels are ``(S, S, 3)``, as the resize writes them).
-
-    Fill rows of :meth:`current` in place, then :meth:`hand_over` the first ``n`` rows, which moves
-    on to the next slot; a handed-over batch is rewritten ``slots`` batches later."""
-
-    def __init__(self, slots: int, batch: int, size: int):
-        self.slots, self.batch, self.size = slots, batch, size
-        self._buffers: list[torch.Tensor] = []
-        self._count = 0
-
-    def current(self) -> torch.Tensor:
-        i = self._count % self.slots
-        if i == len(self._buffers):
-            raw = torch.empty(self.batch, self.size, self.size, 3, dtype=torch.uint8).share_memory_()
-            self._buffers.append(raw.permute(0, 3, 1, 2))  # (B, 3, S, S), channels-last strides
-        return self._buffers[i]
-
-    def hand_over(self, n: int) -> torch.Tensor:
-        """The first ``n`` rows of the current slot; the next :meth:`current` is another slot."""
-        out = self.current()[:n]
-        self._count += 1
-        return out
-
-    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """``images`` (3, S, S) copied into the current slot and handed over."""
-        rows = self.current()
-        for i, img in enumerate(images):
-            rows[i].copy_(img)
-        return self.hand_over(len(images))
+_OPEN: dict[str, SharedBatches] = {}  # the rank process's buffers, by key (SlotRef names them)
 
 
-def receive(images: torch.Tensor) -> torch.Tensor:
-    """A batch from :meth:`BatchSlots.stack` as the rank process may keep it: pinned batches are
-    copies already, others are cloned out of the worker's slot."""
-    return images if images.is_pinned() else images.clone()
+class SharedBatches:
+    """``workers x slots`` uint8 batch buffers ``(batch, 3, size, size)`` (channels-last) in shared
+    memory; make it in the rank process before the DataLoader starts its workers, :meth:`close`
+    it when that DataLoader is done. Pages are touched on first use, not here."""
+
+    def __init__(self, workers: int, slots: int, batch: int, size: int):
+        self.slots, self.key = slots, uuid.uuid4().hex
+        storage = torch.UntypedStorage._new_shared(max(1, workers) * slots * batch * size * size * 3)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self.buffer = raw.view(max(1, workers), slots, batch, size, size, 3).permute(0, 1, 2, 5, 3, 4)
+        self._written = [0] * max(1, workers)  # counts of the process that writes (one worker each)
+        _OPEN[self.key] = self
+
+    def current(self, worker: int) -> torch.Tensor:
+        """Worker ``worker``'s slot to fill: ``(batch, 3, S, S)``, rows written in place."""
+        return self.buffer[worker, self._written[worker] % self.slots]
+
+    def hand_over(self, worker: int, n: int) -> SlotRef:
+        """The first ``n`` rows of the worker's current slot as a reference; the next
+        :meth:`current` is the following slot."""
+        ref = SlotRef(self.key, worker, self._written[worker] % self.slots, n)
+        self._written[worker] += 1
+        return ref
+
+    def close(self) -> None:
+        _OPEN.pop(self.key, None)
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """A batch in a :class:`SharedBatches` of the rank process: (key, worker, slot, rows)."""
+
+    key: str
+    worker: int
+    slot: int
+    rows: int
+
+    def view(self) -> torch.Tensor:
+        """The batch in place (rank process only; rewritten ``slots`` batches later)."""
+        return _OPEN[self.key].buffer[self.worker, self.slot, :self.rows]
+
+    def pin_memory(self, device: str | None = None) -> torch.Tensor:
+        """A pinned copy (DataLoader's pin-memory thread calls this)."""
+        return self.view().pin_memory()
+
+    def receive(self) -> torch.Tensor:
+        """A copy the rank process may keep."""
+        return self.view().clone()
+
+
+def receive(images: torch.Tensor | SlotRef) -> torch.Tensor:
+    """A worker batch's images as a tensor the rank process may keep (pinned ones already are)."""
+    return images.receive() if isinstance(images, SlotRef) else images

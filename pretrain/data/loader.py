@@ -19,8 +19,9 @@ slot skips its share), so no more than the batches in flight are repeated or ski
 but which samples fill the rest of that epoch differs.
 
 Augmentation randomness is seeded per sample (seed, epoch, slot, index), independent of timing.
-Workers stack a batch into shared memory they reuse (:mod:`pretrain.data.handover`), so it reaches
-the main process without another copy and without fresh pages per batch.
+Workers resize each image straight into a batch buffer the rank process shares with them
+(:mod:`pretrain.data.handover`), so a batch reaches it without another copy, without fresh pages
+and without a file-descriptor transfer per batch; batches are uint8 with channels-last strides.
 
 ``data.decode=gpu`` (:mod:`pretrain.data.device_decode`): workers draw the same crop boxes and flips
 from the same seeds but hand over the encoded JPEGs; the rank process decodes each batch with
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
@@ -45,7 +47,7 @@ from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
-from pretrain.data.handover import BatchSlots, receive
+from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
 from pretrain.data.stream import read_shard, seeded, slot_stream
 from pretrain.data.transforms import eval_transform, train_transform
@@ -102,19 +104,20 @@ class _TrainSlots(IterableDataset):
     the worker id, the slot's stream position after the batch, and bad-sample counts."""
 
     def __init__(self, shards: ShardSet, spec: LoaderSpec, rank: int, world: int, workers: int,
-                 starts: list[int], rotation: int):
+                 starts: list[int], rotation: int, buffers: SharedBatches | None):
         self.shards, self.spec, self.rank, self.world, self.workers, self.starts = \
             shards, spec, rank, world, workers, starts
         self.rotation = rotation  # DataLoader worker i serves slot (i + rotation) % W after a resume
+        self.buffers = buffers  # where CPU decoding writes batches (None with data.decode=gpu)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        w = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        row = info.id if info is not None else 0
+        w = (row + self.rotation) % self.workers
         torch.set_num_threads(1)
         spec, d = self.spec, self.spec.data
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
-        gpu = d.decode == "gpu"
-        slots = BatchSlots(_PREFETCH + 2, spec.micro_batch, spec.img_size)  # CPU decode writes rows in place
+        gpu, buffers = d.decode == "gpu", self.buffers
         aug = {"scale": (d.crop_scale_min, 1.0), "hflip": 0.5 if d.hflip else 0.0}
         bad: dict = {}
         images, targets, keys, shards = [], [], [], []
@@ -124,7 +127,7 @@ class _TrainSlots(IterableDataset):
                 rng = seeded("aug", spec.seed, item.epoch, slot, item.index)
                 data = image_bytes(item.sample)
                 img = (plan_train(data, spec.img_size, rng, **aug) if gpu else
-                       train_transform(data, spec.img_size, rng, **aug, out=slots.current()[len(images)]))
+                       train_transform(data, spec.img_size, rng, **aug, out=buffers.current(row)[len(images)]))
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1
@@ -134,8 +137,9 @@ class _TrainSlots(IterableDataset):
             keys.append(item.sample.key)
             shards.append(item.sample.shard)
             if len(images) == spec.micro_batch:
-                batch = pack(images, spec.img_size) if gpu else slots.hand_over(len(images))
-                yield {"images": batch, "targets": default_collate(targets),
+                batch = pack(images, spec.img_size) if gpu else buffers.hand_over(row, len(images))
+                labels = default_collate(targets) if d.multi_label else torch.stack(targets).numpy()  # inline
+                yield {"images": batch, "targets": labels,
                        "keys": keys, "shards": shards, "worker": w, "pos": item.position, "epoch": item.epoch,
                        "bad": dict(bad)}
                 images, targets, keys, shards = [], [], [], []
@@ -159,11 +163,15 @@ class ShardTrain:
         self.bad: dict = {}
         self.seen = 0
         self._it = None
+        self._buffers: SharedBatches | None = None
 
     def _start(self) -> None:
-        ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
-                         self.batches % self.workers)
+        self.close()
         n = self.spec.workers
+        if self.device is None:  # CPU decoding: batch buffers the workers fill in place
+            self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
+        ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
+                         self.batches % self.workers, self._buffers)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=_PREFETCH if n else None, persistent_workers=False)
         self._it = iter(loader)
@@ -178,7 +186,9 @@ class ShardTrain:
         add_counts(self.bad, b["bad"])
         self.seen += len(b["keys"]) + sum(b["bad"].values())
         images, _ = decode_batch(b, self.device, self.bad) if self.device else (receive(b["images"]), [])
-        return Batch(images, b["targets"], list(b["keys"]))
+        targets = b["targets"]
+        return Batch(images, torch.from_numpy(targets) if isinstance(targets, np.ndarray) else targets,
+                     list(b["keys"]))
 
     def state_dict(self) -> dict:
         micro = self.spec.micro_batch
@@ -221,7 +231,10 @@ class ShardTrain:
                 f"shards: {named}. Check them with `vitscale shards verify`, or raise data.max_bad_frac")
 
     def close(self) -> None:
-        self._it = None
+        self._it = None  # its workers are joined here, before their buffers are let go
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = None
 
 
 def check_layout(shards: ShardSet, world: int, workers: int) -> None:
