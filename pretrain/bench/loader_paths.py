@@ -53,8 +53,9 @@ class ShardImages(IterableDataset):
     Worker ``w`` of ``W`` reads every W-th shard, or every W-th sample when there are fewer
     shards than workers; the augmentation generator of a sample is ``seeded("aug", seed, 0, w, i)``
     for its place ``i`` in the worker's stream, as the training loader seeds it. ``ours`` and
-    ``overhead`` hand batches over as the training loader does (reused shared memory), ``pil`` as
-    a plain DataLoader pipeline does (``default_collate``)."""
+    ``overhead`` hand batches over as the training loader does (rows of the caller's
+    :class:`SharedBatches`, a :class:`~pretrain.data.handover.SlotRef` per batch), ``pil`` as a
+    plain DataLoader pipeline does (``default_collate``: a new shared tensor per batch)."""
 
     def __init__(self, files: list[str], path: str, img_size: int, batch_size: int = 64, seed: int = 0,
                  buffers: SharedBatches | None = None) -> None:
