@@ -19,6 +19,10 @@ DataLoader serving in order (the default) asks worker ``w`` for its batch ``k + 
 only after the rank process has received the worker's batch ``k`` (and the pin thread works in
 arrival order), so with ``slots >= prefetch_factor + 2`` a worker never writes into a batch that
 has not been copied out.
+
+Memory: ``workers x slots`` batches of shared memory per rank (the training loader uses
+``slots = prefetch_factor + 2 = 6``; e.g. 4 workers x 6 x 256 images x 147 KiB = 0.9 GiB at
+224 px), against ``workers x prefetch_factor`` batches a plain DataLoader keeps in flight.
 """
 
 from __future__ import annotations
