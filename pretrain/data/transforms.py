@@ -160,11 +160,11 @@ def resize_box(img: np.ndarray | Image.Image, box: Box, size: int, flip: bool = 
         return out.copy_(_to_chw_uint8(pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil))
     if isinstance(img, np.ndarray):
         left, top, right, bottom = _pixel_box(box, img.shape[1], img.shape[0])
-        crop = torch.from_numpy(img)[top:bottom, left:right]  # a view: no copy of the region
+        crop = img[top:bottom, left:right]  # a view: no copy of the region
     else:
         left, top, right, bottom = _pixel_box(box, img.width, img.height)
-        crop = torch.from_numpy(np.array(img.crop((left, top, right, bottom)), dtype=np.uint8))
-    _resize_into(crop.permute(2, 0, 1).unsqueeze(0), out.unsqueeze(0))
+        crop = np.array(img.crop((left, top, right, bottom)), dtype=np.uint8)
+    _resize_into(torch.from_numpy(crop.transpose(2, 0, 1)[None]), out[None])  # (1, 3, h, w) -> (1, 3, S, S)
     return out.copy_(out.flip(-1)) if flip else out
 
 
