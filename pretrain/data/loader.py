@@ -28,6 +28,7 @@ from the same seeds but hand over the encoded JPEGs; the rank process decodes ea
 nvJPEG and crops and resizes on its device, so batches arrive as uint8 on the device. A sample no
 decoder can read there is counted as ``undecodable``; in training its row stays in the batch as a
 zero image (the batch size is fixed), in evaluation it is left out of the scores.
+
 Unusable samples are skipped and counted by reason and shard (``undecodable``, ``missing_image``,
 ``missing_label``, ``bad_label``, ``label_out_of_range``; a damaged shard counts every sample its
 index says it lost as ``truncated_shard`` or ``missing_shard``); the counts are part of the
