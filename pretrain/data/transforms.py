@@ -1,7 +1,9 @@
 """CPU decode + augmentation for DataLoader workers.
 
-Workers return **uint8 CHW tensors**; :func:`normalize` turns a whole batch into floats later
-(on the GPU in training), which keeps worker -> main-process traffic 4x smaller than float32.
+Transforms produce **uint8 (3, S, S) tensors**, written into ``out`` when given (the training
+loader passes a channels-last row of a shared batch buffer); :func:`normalize` turns a whole batch
+into floats later (on the GPU in training), which keeps worker -> main-process traffic 4x smaller
+than float32.
 
 Speed comes from deciding the crop before decoding. The header gives the image size, the crop
 box is sampled in original pixel coordinates (the augmentation distribution does not depend on
@@ -173,8 +175,9 @@ def decode_crop(data: bytes, box: Box, size: int, use_draft: bool = True, fast: 
 
     With ``use_draft`` a JPEG is decoded at the largest reduction that keeps the crop >= ``size``
     pixels a side; without it the image is decoded fully. Both paths crop the same region.
-    Fidelity against Pillow's full decode of the same crop (``vitscale bench loader`` reports it
-    on real shards; tests bound it): mean absolute difference about 1 grey level, PSNR above 40 dB.
+    Fidelity against Pillow's full decode of the same crop (``vitscale bench loader`` reports it;
+    tests bound it): on the 250 ImageNet sample JPEGs 0.16 grey levels mean absolute difference
+    and 50 dB PSNR; the worst crop (DCT-reduced, sharp content) 2.9 levels, 34 dB.
     """
     img, fbox = decode_region(data, size, box=box, use_draft=use_draft, fast=fast)
     return resize_box(img, fbox, size)
