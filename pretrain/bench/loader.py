@@ -6,24 +6,28 @@ than workers), loops over them as many times as needed, and times, in the same r
 :mod:`pretrain.bench.loader_paths`: ``ours`` (the training loader's CPU path), ``pil`` (the plain
 Pillow full-decode path), ``webdataset`` (WebDataset's ``.decode("pil")`` + the same crop), and
 ``overhead`` (ours without decoding: tar parsing, labels, seeding, collation, hand-over), plus
-``gpu`` (``data.decode=gpu``) when a CUDA device is present or ``--gpu-device`` names one. The paths
-alternate in rounds (ours, pil, webdataset, ..., ours, ...) with a fresh DataLoader each, so a change
-in machine load hits all alike. Per round the first ``(prefetch + 1) x W`` batches are warm-up
-(worker start, initial prefetch burst).
+``gpu`` (``data.decode=gpu``) when a CUDA device is present or ``--gpu-device`` names one.
 
-Rates reported per path:
+The paths run side by side (:class:`~pretrain.bench.loader_paths.MixedBatches`): every worker
+makes one batch of each path in turn, so a change in machine load (this project's machines are
+shared) hits all paths alike, instead of whichever path ran at that moment. The first two
+batches of every path and worker are warm-up. Rates per path:
 
-* ``images_per_s``: wall clock, all workers together, what the training loop would see;
-* ``images_per_s_per_core``: images per CPU-second spent in the workers (each worker reports
-  its own ``time.process_time``), i.e. what one dedicated core sustains. It does not move when
-  other processes share the machine, so it is the figure to plan core counts with;
-  ``images_per_s_per_worker`` (wall / W) is given too;
-* ``main_cpu_us_per_image``: CPU time of the receiving (main) process per image: the hand-over
-  (and for ``gpu`` the device decode's host side).
+* ``images_per_s_per_core``: images per CPU-second of the worker thread that reads, decodes and
+  collates (``time.thread_time`` around each batch), i.e. what one dedicated core sustains, the
+  figure to plan core counts with. The threads that pickle batches and pass shared-memory handles
+  are not counted (they cost the plain paths more than ours, which hands over four numbers);
+* ``images_per_s``: images per second of worker wall time, times W: what W workers running that
+  path alone would deliver (``images_per_s_per_worker`` = that / W);
+* ``main_cpu_us_per_image``: CPU of the receiving (main) thread per image: the hand-over and the
+  copy into reused memory that DataLoader's pin-memory thread makes of every batch (for ``gpu``:
+  the host side of the device decode).
 
-``overhead_share`` is what everything but the decode and augmentation costs per image (the
-``overhead`` path's worker CPU plus ours' hand-over) as a share of ours' total CPU per image.
-``fidelity`` compares the decoded crops with Pillow's full decode (:mod:`pretrain.bench.fidelity`).
+``window_speedups_per_core_vs_baseline`` splits the timed batches into five consecutive windows:
+the spread of the ratio over the run. ``overhead`` is what everything but decode and
+augmentation costs per image (the ``overhead`` path's worker CPU plus ours' hand-over) and its
+share of ours' total. ``fidelity`` compares the decoded crops with Pillow's full decode
+(:mod:`pretrain.bench.fidelity`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from PIL import features
 from torch.utils.data import DataLoader
 
 from pretrain.bench import fidelity
-from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, dataset
+from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, MixedBatches
 from pretrain.core.errors import UserError
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
@@ -50,81 +54,70 @@ from pretrain.data.device_decode import decode_packed
 from pretrain.data.handover import SharedBatches, SlotRef
 from pretrain.data.shards import iter_tar_samples, load_index
 
-_ROUNDS = 5
+_WINDOWS = 5
+_WARMUP_BATCHES = 2
 _FIDELITY_IMAGES = 250
 # Images/s one H100 consumes at ~50% MFU of 989 TFLOP/s: ~1.0 TFLOP per ViT-H/14 image, ~0.1 for ViT-B/16.
 TARGETS = {"ViT-H/14 on one H100": 500, "ViT-B/16 on one H100": 5000}
 
 
-def timed_round(files: list[str], path: str, workers: int, img_size: int, batch_size: int,
-                batches: int | None, seconds: float, seed: int = 0, device: str | None = None) -> dict:
-    """One round of ``path`` with a fresh DataLoader: ``batches`` timed batches, or as many as fit
-    in ``seconds``.
-
-    Returns images, wall seconds, the images/CPU-seconds measured between each worker's first
-    and last timed batch (a worker's first timed batch only marks its starting CPU time), and the
-    main process's CPU seconds over the timed batches.
-    """
-    buffers = SharedBatches(workers, HANDOVER_SLOTS, batch_size, img_size) if path in ("ours", "overhead") else None
-    loader = DataLoader(dataset(files, path, img_size, batch_size, workers, seed, buffers), batch_size=None,
+def timed_run(files: list[str], paths: list[str], workers: int, img_size: int, batch_size: int,
+              batches: int | None, seconds: float, device: str | None = None) -> dict[str, list[dict]]:
+    """All ``paths`` side by side in one DataLoader: ``batches`` timed batches per path, or as many
+    as fit in ``seconds`` per path. Returns, per path, one record per timed batch (arrival order):
+    rows, worker CPU and wall seconds, main-thread CPU seconds."""
+    buffers = SharedBatches(workers, HANDOVER_SLOTS, batch_size, img_size)
+    loader = DataLoader(MixedBatches(files, paths, img_size, batch_size, workers, buffers=buffers), batch_size=None,
                         num_workers=workers, prefetch_factor=PREFETCH if workers > 0 else None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # idle intra-op threads spin and would be counted as hand-over CPU
-    stream = iter(loader)
-    for _ in range((PREFETCH + 1) * max(1, workers)):
-        next(stream)
-    target = None  # stands for the pinned memory a batch is copied into (same layout)
-    images = timed = 0
-    cpu_first: dict[int, float] = {}
-    cpu_last: dict[int, float] = {}
-    cpu_images: dict[int, int] = {}
-    start, main_start = time.perf_counter(), time.process_time()
+    records: dict[str, list[dict]] = {path: [] for path in paths}
+    seen: dict[tuple[str, int], int] = {}
+    target: dict[str, torch.Tensor] = {}  # stands for the pinned memory a batch is copied into
+    stream, start = iter(loader), time.perf_counter()
     while True:
-        batch, _, worker_ids, cpu = next(stream)
+        main = time.thread_time()
+        b = next(stream)
+        path, images = b["path"], b["images"]
         if path == "gpu":
-            batch, _ = decode_packed(batch, img_size, device)
-            if batch.is_cuda:
-                torch.cuda.synchronize(batch.device)
+            images, _ = decode_packed(images, img_size, device)
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)
         else:  # what the pin-memory thread does with every batch: copy it into reused memory
-            batch = batch.view() if isinstance(batch, SlotRef) else batch
-            target = torch.empty_like(batch) if target is None or target.shape != batch.shape else target
-            target.copy_(batch)
-        worker = int(worker_ids if isinstance(worker_ids, int) else worker_ids[0])
-        now = float(cpu if isinstance(cpu, float) else max(cpu))
-        if worker in cpu_first:
-            cpu_last[worker] = now
-            cpu_images[worker] = cpu_images.get(worker, 0) + batch.shape[0]
-        else:
-            cpu_first[worker] = now
-        images += batch.shape[0]
-        timed += 1
-        elapsed = time.perf_counter() - start
-        if (batches is not None and timed >= batches) or (batches is None and elapsed >= seconds):
+            images = images.view() if isinstance(images, SlotRef) else images
+            if path not in target or target[path].shape != images.shape:
+                target[path] = torch.empty_like(images)
+            target[path].copy_(images)
+        main = time.thread_time() - main
+        key = (path, b["worker"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > _WARMUP_BATCHES:
+            records[path].append({"rows": b["rows"], "cpu": b["cpu"], "wall": b["wall"], "main": main})
+        done = min(len(r) for r in records.values())
+        if (batches is not None and done >= batches) or \
+                (batches is None and time.perf_counter() - start >= seconds * len(paths) and done >= _WINDOWS):
             break
-    main_cpu = time.process_time() - main_start
     del stream
-    if buffers is not None:
-        buffers.close()
+    buffers.close()
     torch.set_num_threads(threads)
-    cpu_seconds = sum(cpu_last[w] - cpu_first[w] for w in cpu_last)
-    return {"images": images, "batches": timed, "seconds": elapsed,
-            "cpu_images": sum(cpu_images.values()), "cpu_seconds": cpu_seconds, "main_cpu_seconds": main_cpu}
+    return records
 
 
-def _summarise(rounds: list[dict], workers: int) -> dict:
-    images = sum(r["images"] for r in rounds)
-    seconds = sum(r["seconds"] for r in rounds)
-    cpu_images = sum(r["cpu_images"] for r in rounds)
-    cpu_seconds = sum(r["cpu_seconds"] for r in rounds)
-    rate = images / seconds
-    per_core = cpu_images / cpu_seconds if cpu_seconds > 0 else rate / max(1, workers)
-    return {"images": images, "batches": sum(r["batches"] for r in rounds), "seconds": round(seconds, 3),
+def _rates(records: list[dict], workers: int) -> tuple[float, float]:
+    """(images per worker CPU-second, images per second of wall time for W workers)."""
+    images = sum(r["rows"] for r in records)
+    return images / sum(r["cpu"] for r in records), images / sum(r["wall"] for r in records) * max(1, workers)
+
+
+def _summarise(records: list[dict], workers: int) -> dict:
+    images = sum(r["rows"] for r in records)
+    per_core, rate = _rates(records, workers)
+    windows = [records[i * len(records) // _WINDOWS:(i + 1) * len(records) // _WINDOWS] for i in range(_WINDOWS)]
+    return {"images": images, "batches": len(records), "worker_cpu_seconds": round(sum(r["cpu"] for r in records), 3),
             "images_per_s": round(rate, 1), "images_per_s_per_core": round(per_core, 1),
             "images_per_s_per_worker": round(rate / max(1, workers), 1),
-            "main_cpu_us_per_image": round(1e6 * sum(r["main_cpu_seconds"] for r in rounds) / images, 1),
-            "round_images_per_s": [round(r["images"] / r["seconds"], 1) for r in rounds],
-            "round_images_per_s_per_core": [round(r["cpu_images"] / r["cpu_seconds"], 1)
-                                            for r in rounds if r["cpu_seconds"] > 0]}
+            "main_cpu_us_per_image": round(1e6 * sum(r["main"] for r in records) / images, 1),
+            "window_images_per_s_per_core": [round(_rates(w, workers)[0], 1) for w in windows if w]}
 
 
 def machine_info() -> dict:
@@ -183,13 +176,8 @@ def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batch
                         "`vitscale shards write SRC OUT`.")
     device = gpu_device or ("cuda" if torch.cuda.is_available() else None)
     paths = [*CPU_PATHS, "overhead"] + (["gpu"] if device else [])
-    rounds: dict[str, list[dict]] = {name: [] for name in paths}
-    count = 1 if batches is not None else _ROUNDS
-    for i in range(count):
-        for name in paths:
-            rounds[name].append(timed_round(files, name, workers, img_size, batch_size, batches,
-                                            seconds / count, seed=i, device=device))
-    runs = {name: _summarise(r, workers) for name, r in rounds.items()}
+    records = timed_run(files, paths, workers, img_size, batch_size, batches, seconds, device)
+    runs = {name: _summarise(r, workers) for name, r in records.items()}
     ours, base, wds = runs["ours"], runs["pil"], runs["webdataset"]
     return {
         "images_per_s": ours["images_per_s"],
@@ -201,8 +189,8 @@ def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batch
         "speedup_vs_baseline": round(ours["images_per_s"] / base["images_per_s"], 3),
         "speedup_per_core_vs_baseline": round(ours["images_per_s_per_core"] / base["images_per_s_per_core"], 3),
         "speedup_per_core_vs_webdataset": round(ours["images_per_s_per_core"] / wds["images_per_s_per_core"], 3),
-        "round_speedups_per_core_vs_baseline": [round(a / b, 3) for a, b in zip(
-            ours["round_images_per_s_per_core"], base["round_images_per_s_per_core"], strict=False)],
+        "window_speedups_per_core_vs_baseline": [round(a / b, 3) for a, b in zip(
+            ours["window_images_per_s_per_core"], base["window_images_per_s_per_core"], strict=False)],
         "decoder": "simplejpeg (libjpeg-turbo)" if jpeg.AVAILABLE else "Pillow (simplejpeg not installed)",
         "overhead": overhead_figures(runs),
         "fidelity": _fidelity(files, img_size, device or "cpu"),
@@ -235,7 +223,8 @@ def format_result(r: dict) -> str:
     for name, run in runs.items():
         lines.append(f"{_TITLES[name]:28}{run['images_per_s']:>14.1f}{run['images_per_s_per_worker']:>14.1f}"
                      f"{run['images_per_s_per_core']:>16.1f}{run['main_cpu_us_per_image']:>13.1f}")
-    lines.append(f"ours per core: {r['speedup_per_core_vs_baseline']:.2f}x the plain PIL path, "
+    windows = ", ".join(f"{x:.2f}" for x in r["window_speedups_per_core_vs_baseline"])
+    lines.append(f"ours per core: {r['speedup_per_core_vs_baseline']:.2f}x the plain PIL path (by window: {windows}), "
                  f"{r['speedup_per_core_vs_webdataset']:.2f}x webdataset (wall: {r['speedup_vs_baseline']:.2f}x PIL)")
     lines.append(f"everything but decode + augmentation: {o['us_per_image']:.0f} us/image "
                  f"({o['worker_us_per_image']:.0f} in the worker, {o['handover_us_per_image']:.0f} hand-over) = "

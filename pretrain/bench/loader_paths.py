@@ -12,8 +12,9 @@
 * ``gpu``: the workers' part of ``data.decode=gpu`` (header, box, packed bytes); the main
   process decodes each batch on the device (:func:`pretrain.data.device_decode.decode_packed`).
 
-Each sample comes with the worker's id and its CPU time (``time.process_time``) when it was
-done, which the timing loop turns into images per CPU-second.
+:class:`MixedBatches` runs them side by side: each worker makes one batch of every path in
+turn, so load changes on a shared machine hit all paths alike, and reports the CPU time of its
+reading/decoding thread (``time.thread_time``) and the wall time each batch took.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from pretrain.data.device_decode import pack, plan_train
-from pretrain.data.handover import SharedBatches
+from pretrain.data.handover import SharedBatches, SlotRef
 from pretrain.data.shards import SampleError, decode_label, image_bytes, iter_tar_samples
 from pretrain.data.stream import seeded
 from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, train_transform
@@ -83,6 +84,7 @@ class ShardImages(IterableDataset):
                     index += 1
 
     def __iter__(self) -> Iterator[tuple]:
+        """Endless ``(images, labels, worker id, worker CPU seconds)`` batches."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
         torch.set_num_threads(1)
@@ -133,10 +135,30 @@ def webdataset_batches(files: list[str], img_size: int, batch_size: int, workers
             .batched(batch_size, partial=False).repeat())
 
 
-def dataset(files: list[str], path: str, img_size: int, batch_size: int, workers: int,
-            seed: int = 0, buffers: SharedBatches | None = None) -> IterableDataset:
-    """The batches of ``path``: ``(images, labels, worker id(s), worker CPU seconds)``; ``buffers``
-    (ours, overhead): made by the caller with ``HANDOVER_SLOTS`` slots per worker."""
-    if path == "webdataset":
-        return webdataset_batches(files, img_size, batch_size, workers, seed)
-    return ShardImages(files, path, img_size, batch_size, seed, buffers)
+class MixedBatches(IterableDataset):
+    """Endless batches of all ``paths`` in turn, from every worker: dicts with ``path``, ``images``
+    (a tensor, a :class:`~pretrain.data.handover.SlotRef` or packed JPEGs), ``rows``, ``worker``,
+    and ``cpu`` / ``wall``: the seconds of worker-thread CPU and of wall clock the batch took.
+    Each path reads the shards on its own (the same samples in the same order)."""
+
+    def __init__(self, files: list[str], paths: list[str], img_size: int, batch_size: int, workers: int,
+                 seed: int = 0, buffers: SharedBatches | None = None) -> None:
+        self.files, self.paths, self.img_size, self.batch_size, self.workers, self.seed, self.buffers = \
+            files, paths, img_size, batch_size, workers, seed, buffers
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        streams = {path: iter(webdataset_batches(self.files, self.img_size, self.batch_size, self.workers, self.seed)
+                              if path == "webdataset" else
+                              ShardImages(self.files, path, self.img_size, self.batch_size, self.seed, self.buffers))
+                   for path in self.paths}
+        while True:
+            for path, stream in streams.items():
+                cpu, wall = time.thread_time(), time.perf_counter()
+                images = next(stream)[0]
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                rows = images.rows if isinstance(images, SlotRef) else (
+                    images["boxes"].shape[0] if isinstance(images, dict) else images.shape[0])
+                yield {"path": path, "images": images, "rows": rows, "worker": worker, "cpu": cpu, "wall": wall}
