@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import pretrain.bench.loader as bench_loader
+import pretrain.bench.loader_paths as loader_paths
 from data_tools.shard_writer import WriteOptions, write_shards
 
 
@@ -29,16 +30,25 @@ def _shards(root: Path, images: int, per_shard: int) -> Path:
 def test_bench_prints_the_json_contract(tmp_path: Path, capsys) -> None:
     out = _shards(tmp_path, images=12, per_shard=4)
     argv = ["--shards", str(out), "--workers", "1", "--img-size", "32", "--batch-size", "4", "--batches", "2",
-            "--json"]
+            "--gpu-device", "cpu", "--json"]
     assert bench_loader.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("images_per_s", "images_per_s_per_core", "baseline_images_per_s",
-                "baseline_images_per_s_per_core", "speedup_vs_baseline"):
+                "baseline_images_per_s_per_core", "webdataset_images_per_s", "webdataset_images_per_s_per_core",
+                "speedup_vs_baseline", "speedup_per_core_vs_baseline", "speedup_per_core_vs_webdataset"):
         assert result[key] > 0
     assert (result["workers"], result["img_size"], result["shards"]) == (1, 32, 3)
-    assert result["runs"]["ours"]["images"] == 8 and result["runs"]["baseline"]["batches"] == 2
-    assert {"cpu", "cpu_count", "torch"} <= set(result["machine"])
+    assert set(result["runs"]) == {"ours", "pil", "webdataset", "overhead", "gpu"}
+    assert all(run["images"] == 8 and run["batches"] == 2 for run in result["runs"].values())
+    overhead = result["overhead"]
+    assert overhead["us_per_image"] > 0 and overhead["ours_cpu_us_per_image"] > 0 and overhead["share"] > 0
+    fidelity = result["fidelity"]
+    assert fidelity["ours"]["images"] == 12 and fidelity["gpu_path"]["images"] == 12
+    assert "within_bound" in fidelity["ours"] and fidelity["gpu_path"]["device"] == "cpu"  # noise: no bound
+    assert {"cpu", "cpu_count", "torch", "simplejpeg"} <= set(result["machine"])
+    assert result["decoder"].startswith("simplejpeg")
     assert all(v >= 1 for v in result["cores_needed"].values())
+    assert "plain PIL path" in bench_loader.format_result(result)
 
 
 @pytest.mark.parametrize("images,per_shard,per_worker", [(12, 4, (8, 4)), (6, 6, (3, 3))])
@@ -48,11 +58,11 @@ def test_workers_read_disjoint_samples_covering_the_data(tmp_path: Path, monkeyp
     out = _shards(tmp_path, images=images, per_shard=per_shard)
     index = json.loads((out / "index.json").read_text())
     files = [str(out / s["file"]) for s in index["splits"]["train"]["shards"]]
-    dataset = bench_loader.ShardImages(files, "ours", img_size=16)
+    dataset = loader_paths.ShardImages(files, "ours", img_size=16)
     seen = []
     for worker, count in enumerate(per_worker):
         fake_info = SimpleNamespace(id=worker, num_workers=2)
-        monkeypatch.setattr(bench_loader, "get_worker_info", lambda info=fake_info: info)
-        seen.append([item[1] for item in itertools.islice(iter(dataset), count)])
+        monkeypatch.setattr(loader_paths, "get_worker_info", lambda info=fake_info: info)
+        seen.append([item[1] for item in itertools.islice(dataset.samples(), count)])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(images))

@@ -1,15 +1,19 @@
 """The streaming shard loader: layout, equal steps, exact resume, bad samples (no DeepSpeed needed)."""
 
+import dataclasses
 import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_tools.shard_writer import WriteOptions, write_shards
 from data_tools.synth import write_synthetic_folder
 from pretrain.core.errors import UserError
+from pretrain.data import jpeg
 from pretrain.data.loader import ShardEval, ShardTrain
 from pretrain.train.config_file import load_config
 
@@ -154,3 +158,117 @@ def test_the_device_prefetcher_keeps_resume_exact(shards, stop):
     resumed = DevicePrefetcher(ShardTrain(cfg.loader(), 0, 1), "cpu")
     resumed.load_state_dict(first.state_dict())
     assert head + _keys(resumed, 12 - stop) == straight
+
+
+# ---- decoders: simplejpeg, its Pillow fallback, data.decode=gpu (run on the CPU) ----
+
+def _smooth_jpeg(path: Path, width: int, height: int, seed: int) -> None:
+    """A photo-like JPEG: smooth colour fields and a soft blob (crops of it differ clearly)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    chans = []
+    for _ in range(3):
+        c = 128 + 70 * np.sin(x / rng.uniform(8, 30) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(8, 30))
+        c += 50 * np.exp(-((x - rng.uniform(0, width)) ** 2 + (y - rng.uniform(0, height)) ** 2) / (width * 3))
+        chans.append(np.clip(c, 0, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.stack(chans, -1).astype(np.uint8)).save(path, quality=92)
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> Path:
+    """Larger, smoother JPEGs than the layout tests need, so that crops and decoders can be told apart."""
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(40):
+        _smooth_jpeg(root / "img" / f"c{i % 4}" / f"{i:03d}.jpg", 96 + 8 * (i % 5), 80 + 6 * (i % 3), i)
+    write_shards(root / "img", root / "sh", WriteOptions(samples_per_shard=10, workers=1, progress=False))
+    return root / "sh"
+
+
+def _photo_cfg(shards: Path, **kw):
+    return _cfg(str(shards), **{"model.img_size": "32", **kw})
+
+
+def _batches(spec, n, rank=0, world=2, state=None):
+    src = ShardTrain(spec, rank, world)
+    if state is not None:
+        src.load_state_dict(state)
+    return [src.next_batch() for _ in range(n)], src
+
+
+def _gpu_spec(cfg):
+    return dataclasses.replace(cfg.loader(), decode_device="cpu")
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
+def test_resume_is_exact_in_pixels_with_either_decoder(photo_shards, monkeypatch, decoder):
+    if decoder == "pillow":
+        monkeypatch.setattr(jpeg, "AVAILABLE", False)  # inherited by the forked workers
+    spec = _photo_cfg(photo_shards).loader()
+    straight, _ = _batches(spec, 6)
+    head, first = _batches(spec, 2)
+    rest, _ = _batches(spec, 4, state=first.state_dict())
+    for a, b in zip(straight, head + rest, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+
+
+def test_fallback_decodes_the_same_crops(photo_shards, monkeypatch):
+    spec = _photo_cfg(photo_shards).loader()
+    fast, _ = _batches(spec, 4)
+    monkeypatch.setattr(jpeg, "AVAILABLE", False)
+    slow, _ = _batches(spec, 4)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.keys == b.keys
+        assert (a.images.float() - b.images.float()).abs().mean() < 3.0
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(fast, slow, strict=True))
+
+
+def test_batches_stay_valid_while_workers_reuse_their_buffers(photo_shards):
+    spec = _photo_cfg(photo_shards, **{"data.workers": "1"}).loader()
+    held, _ = _batches(spec, 16, world=1)  # more batches than a worker has buffers
+    src = ShardTrain(spec, 0, 1)
+    for kept in held:
+        fresh = src.next_batch()
+        assert kept.keys == fresh.keys and torch.equal(kept.images, fresh.images.clone())
+
+
+def test_gpu_decode_gives_the_same_samples_and_crops(photo_shards):
+    cfg = _photo_cfg(photo_shards)
+    cpu, _ = _batches(cfg.loader(), 4)
+    gpu, _ = _batches(_gpu_spec(_photo_cfg(photo_shards, **{"data.decode": "gpu"})), 4)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a.keys == b.keys and torch.equal(a.targets, b.targets)
+        assert b.images.shape == (5, 3, 32, 32) and b.images.dtype == torch.uint8
+        assert (a.images.float() - b.images.float()).abs().mean() < 2.0
+
+
+def test_gpu_decode_resumes_exactly(photo_shards):
+    spec = _gpu_spec(_photo_cfg(photo_shards, **{"data.decode": "gpu"}))
+    straight, _ = _batches(spec, 6)
+    head, first = _batches(spec, 3)
+    rest, _ = _batches(spec, 3, state=first.state_dict())
+    for a, b in zip(straight, head + rest, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+
+
+def test_gpu_decode_eval_scores_the_whole_set(tmp_path):
+    for i in range(36):
+        _smooth_jpeg(tmp_path / "img" / f"c{i % 4}" / f"{i:03d}.jpg", 60 + 4 * (i % 3), 50, i)
+    write_shards(tmp_path / "img", tmp_path / "sh", WriteOptions(samples_per_shard=7, workers=1, val_fraction=0.5,
+                                                                 progress=False))
+    cfg = _cfg(str(tmp_path / "sh"), **{"data.val": str(tmp_path / "sh")})
+    cpu = list(ShardEval(cfg.loader(), 0, 1, cfg.data.val))
+    gcfg = _cfg(str(tmp_path / "sh"), **{"data.val": str(tmp_path / "sh"), "data.decode": "gpu"})
+    gpu = list(ShardEval(_gpu_spec(gcfg), 0, 1, gcfg.data.val))
+    assert len(cpu) == len(gpu)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.targets, b.targets)
+        assert (a.images.float() - b.images.float()).abs().mean() < 2.0
+
+
+def test_decode_setting_is_checked(shards):
+    with pytest.raises(UserError, match=r"data.decode='nvjpeg': use one of cpu, gpu"):
+        _cfg(str(shards), **{"data.decode": "nvjpeg"})
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"data.decode.*no CUDA device.*data.decode=cpu"):
+            ShardTrain(_cfg(str(shards), **{"data.decode": "gpu"}).loader(), 0, 1)

@@ -338,3 +338,34 @@ def test_stats_reports_histogram_sizes_and_labels_per_image(tmp_path: Path, caps
     text = capsys.readouterr().out
     assert "labels per image: min 1, mean 2.00, median 2, max 3" in text
     assert "       3  x (0)" in text
+
+
+def _members(path: Path, tarinfo) -> list[tuple]:
+    with tarfile.open(path, "r:", tarinfo=tarinfo) as tar:
+        return [(m.name, m.size, m.type, m.offset, m.offset_data, m.mode, m.mtime, m.pax_headers) for m in tar]
+
+
+def test_fast_header_decoding_reads_what_tarfile_reads(tmp_path: Path) -> None:
+    from pretrain.data.tar_header import FastTarInfo
+
+    out = tmp_path / "out"
+    write_shards(_image_folder(tmp_path / "src"), out, _opts(samples_per_shard=5))
+    shard = out / "train-000000.tar"
+    assert _members(shard, FastTarInfo) == _members(shard, tarfile.TarInfo)
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):  # long names, prefixes, dirs
+        path = tmp_path / f"other-{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            folder = tarfile.TarInfo("a_dir")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            for name in ("short.jpg", "d" * 60 + "/" + "e" * 60 + ".cls", "x" * 90 + ".json"):
+                info = tarfile.TarInfo(name)
+                info.size = 3
+                tar.addfile(info, io.BytesIO(b"abc"))
+        assert _members(path, FastTarInfo) == _members(path, tarfile.TarInfo)
+    damaged = bytearray(shard.read_bytes())
+    damaged[10] ^= 0xFF  # a byte of the first member's name: its checksum no longer matches
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    for tarinfo in (FastTarInfo, tarfile.TarInfo):
+        with pytest.raises(tarfile.ReadError):
+            _members(tmp_path / "damaged.tar", tarinfo)

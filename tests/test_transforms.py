@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from pretrain.bench.fidelity import difference, reference_crop, summarise, within_bound
+from pretrain.data import jpeg
+from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
 from pretrain.data.transforms import (
     _open_for_box,
     baseline_transform,
     decode_crop,
+    decode_region,
     draft_reduction,
     eval_transform,
     inception_crop_box,
@@ -156,3 +161,148 @@ def test_normalize_maps_uint8_to_unit_range_and_keeps_device() -> None:
     assert normalize(batch, dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(TypeError):
         normalize(batch.float())
+
+
+# ---- the simplejpeg path, its Pillow fallback, and decode fidelity ----
+
+def _photo_jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
+    """Smooth content plus texture (noise and edges), 4:2:0 like most camera JPEGs."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(_smooth_rgb(width, height, seed), dtype=np.float32)
+    base += rng.normal(0, 4, base.shape)
+    base[:, ::17] *= 0.6  # thin dark lines: edges a wrong box or filter would smear
+    return _encode(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)), quality=quality, subsampling=2)
+
+
+@pytest.fixture
+def pil_only(monkeypatch):
+    """Decode as if simplejpeg were not installed (the documented fallback)."""
+    monkeypatch.setattr(jpeg, "AVAILABLE", False)
+
+
+def test_simplejpeg_is_used_for_baseline_and_progressive_rgb_and_grey_jpegs() -> None:
+    assert jpeg.AVAILABLE
+    img = _smooth_rgb(120, 90)
+    for data in (_encode(img), _encode(img, progressive=True), _encode(img.convert("L"))):
+        assert jpeg.jpeg_size(data) == (120, 90)
+    for data in (_encode(img.convert("CMYK")), _encode(img, "PNG"), b"\xff\xd8\xff broken"):
+        assert jpeg.jpeg_size(data) is None  # left to Pillow
+
+
+def test_dct_scaling_is_chosen_from_the_crop_and_maps_the_box() -> None:
+    data = _photo_jpeg(800, 600, seed=1)
+    arr, fbox = decode_region(data, 64, box=(40, 30, 640, 480))
+    assert arr.shape == (150, 200, 3)  # 1/4: the crop stays >= 64 px a side (160 x 120)
+    assert fbox == pytest.approx((10, 7.5, 170, 127.5))
+    arr, _ = decode_region(data, 48, box=(40, 30, 100, 100))
+    assert arr.shape == (300, 400, 3)  # a 100 px crop allows 1/2 only for 48 px
+    arr, _ = decode_region(data, 64, box=(40, 30, 100, 100))
+    assert arr.shape == (600, 800, 3)  # and none for 64 px
+
+
+def test_fast_decode_stays_within_the_fidelity_bound_of_pillows_full_decode() -> None:
+    """The bound (pretrain.bench.fidelity.BOUND, justified there) against Pillow's full decode of
+    the same crops, on textured JPEGs harsher than photos (the 250 ImageNet sample JPEGs measure
+    0.16 grey levels and 50 dB, worst crop 2.9 / 34 dB); a crop one pixel off falls outside it."""
+    boxes = ((0, 0, 500, 375), (37, 21, 300, 260), (200, 100, 120, 90), (10, 5, 470, 360), (3, 3, 140, 200))
+    diffs = []
+    for seed in range(3):
+        data = _photo_jpeg(500, 375, seed)
+        diffs += [difference(decode_crop(data, box, 112), reference_crop(data, box, 112)) for box in boxes]
+    assert within_bound(summarise(diffs)), summarise(diffs)
+    data = _photo_jpeg(500, 375, 0)
+    shifted = difference(decode_crop(data, (201, 100, 120, 90), 112), reference_crop(data, (200, 100, 120, 90), 112))
+    assert not within_bound(summarise([shifted]))
+
+
+def test_fallback_draws_the_same_crops_as_the_fast_path(monkeypatch) -> None:
+    data = _photo_jpeg(400, 300, seed=5)
+    assert isinstance(decode_region(data, 64, box=(0, 0, 400, 300))[0], np.ndarray)  # simplejpeg
+    fast = [train_transform(data, 64, random.Random(s)).float() for s in range(6)]
+    monkeypatch.setattr(jpeg, "AVAILABLE", False)
+    assert isinstance(decode_region(data, 64, box=(0, 0, 400, 300))[0], Image.Image)  # Pillow
+    slow = [train_transform(data, 64, random.Random(s)).float() for s in range(6)]
+    for s in range(6):
+        assert (fast[s] - slow[s]).abs().mean() < 3.0  # the same box and flip, another decoder
+        assert (fast[s] - slow[(s + 1) % 6]).abs().mean() > 6.0  # another seed: another crop
+
+
+def test_resizing_into_a_channels_last_row_equals_the_plain_result(jpeg_bytes: bytes) -> None:
+    rows = torch.empty(2, 40, 40, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    for i, flip in enumerate((0.0, 1.0)):
+        plain = train_transform(jpeg_bytes, 40, random.Random(i), hflip=flip)
+        into = train_transform(jpeg_bytes, 40, random.Random(i), hflip=flip, out=rows[i])
+        assert into.data_ptr() == rows[i].data_ptr() and torch.equal(into, plain)
+
+
+def test_pillow_fallback_gives_uint8_chw(pil_only, jpeg_bytes: bytes) -> None:
+    out = train_transform(jpeg_bytes, 32, random.Random(0))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert eval_transform(jpeg_bytes, 32).shape == (3, 32, 32)
+
+
+# ---- data.decode=gpu: the device path, run on the CPU ----
+
+def _reference_device_rows(encoded: list[bytes], plans: list, size: int) -> torch.Tensor:
+    """What the device path must produce, written out independently: torchvision's CPU
+    decode_jpeg of each image, the crop, a float antialiased resize, the flip, rounding."""
+    rows = []
+    for data, plan in zip(encoded, plans, strict=True):
+        if plan.data is None:
+            rows.append(plan.pixels)
+            continue
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        left, top, w, h = plan.box
+        out = torch.nn.functional.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
+                                              mode="bilinear", antialias=True, align_corners=False)[0]
+        out = out.flip(-1) if plan.flip else out
+        rows.append(out.round().clamp(0, 255).to(torch.uint8))
+    return torch.stack(rows)
+
+
+def _mixed_batch() -> list[bytes]:
+    return [_photo_jpeg(320, 240, 0), _encode(_smooth_rgb(200, 150, 1), progressive=True),
+            _encode(_smooth_rgb(150, 200, 2).convert("L")), _encode(_smooth_rgb(120, 90, 3), "PNG"),
+            _encode(_smooth_rgb(100, 80, 4).convert("CMYK")), _photo_jpeg(180, 300, 5)]
+
+
+def test_worker_plan_draws_the_boxes_and_flips_of_the_cpu_path() -> None:
+    data = _photo_jpeg(320, 240, 7)
+    for seed in range(8):
+        a, b = random.Random(seed), random.Random(seed)
+        plan = plan_train(data, 64, a)
+        box = inception_crop_box(320, 240, b)
+        assert plan.data == data and plan.box == box and plan.flip == (b.random() < 0.5)
+        assert a.random() == b.random()  # the same draws were used
+
+
+def test_device_decode_on_cpu_equals_torchvision_cpu_decode_of_the_same_crops() -> None:
+    encoded = _mixed_batch()
+    plans = [plan_train(d, 48, random.Random(i)) for i, d in enumerate(encoded)]
+    assert [p.data is None for p in plans] == [False, False, False, True, True, False]  # PNG, CMYK: CPU
+    out, failed = decode_packed(pack(plans, 48), 48, "cpu")
+    assert failed == [] and out.shape == (6, 3, 48, 48) and out.dtype == torch.uint8
+    assert torch.equal(out, _reference_device_rows(encoded, plans, 48))
+
+
+def test_device_decode_matches_the_cpu_transform_for_the_same_seeds() -> None:
+    encoded = _mixed_batch()
+    plans = [plan_train(d, 48, random.Random(i)) for i, d in enumerate(encoded)]
+    out, _ = decode_packed(pack(plans, 48), 48, "cpu")
+    cpu = torch.stack([train_transform(d, 48, random.Random(i)) for i, d in enumerate(encoded)])
+    diffs = [difference(out[i], cpu[i]) for i in range(6)]
+    assert within_bound(summarise(diffs)), summarise(diffs)  # the same crops and flips
+
+
+def test_a_jpeg_no_decoder_reads_is_reported_not_fatal() -> None:
+    good, cut = _photo_jpeg(160, 120, 0), _photo_jpeg(160, 120, 1)
+    cut = cut[:len(cut) // 2]  # the header is intact, the data is not
+    plans = [plan_train(d, 32, random.Random(0)) for d in (good, cut)]
+    out, failed = decode_packed(pack(plans, 32), 32, "cpu")
+    assert failed == [1] and out[1].eq(0).all() and out[0].float().mean() > 20
+
+
+def test_eval_plan_is_the_centre_crop() -> None:
+    plan = plan_eval(_photo_jpeg(300, 200, 0), 32, crop_pct=0.875)
+    side = round(200 * 32 / 36)
+    assert plan.box == ((300 - side) // 2, (200 - side) // 2, side, side) and not plan.flip

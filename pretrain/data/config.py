@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pretrain.core.errors import require
 
+DECODERS = ("cpu", "gpu")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -26,6 +28,7 @@ class DataConfig:
     hflip: bool = True
     eval_crop_pct: float = 1.0
     max_bad_frac: float = 0.01
+    decode: str = "cpu"  # "cpu": workers decode (libjpeg-turbo); "gpu": nvJPEG in the rank process
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
@@ -38,6 +41,7 @@ class DataConfig:
         require(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", self.crop_scale_min, "use (0, 1]")
         require(0.0 < self.eval_crop_pct <= 1.0, "data.eval_crop_pct", self.eval_crop_pct, "use (0, 1]")
         require(0.0 <= self.max_bad_frac <= 1.0, "data.max_bad_frac", self.max_bad_frac, "use [0, 1]")
+        require(self.decode in DECODERS, "data.decode", self.decode, f"use one of {', '.join(DECODERS)}")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
 
 
@@ -84,6 +88,7 @@ class LoaderSpec:
     seed: int
     eval_batches: int | None = None  # cap on eval batches per rank (None: the whole set)
     augment: AugmentConfig = AugmentConfig()
+    decode_device: str = "cuda"  # where data.decode=gpu decodes: the rank's current CUDA device (tests: "cpu")
 
     @property
     def workers(self) -> int:

@@ -20,6 +20,17 @@ but which samples fill the rest of that epoch differs.
 
 Augmentation (crop, flip, RandAugment) is seeded per sample by (seed, epoch, sample key): the same
 sample gets the same pixels whatever the number of ranks and workers, before or after a resume.
+Workers resize each image straight into a batch buffer the rank process shares with them
+(:mod:`pretrain.data.handover`), so a batch reaches it without another copy, without fresh pages
+and without a file-descriptor transfer per batch; batches are uint8 with channels-last strides.
+
+``data.decode=gpu`` (:mod:`pretrain.data.device_decode`): workers draw the same crop boxes and flips
+from the same seeds but hand over the encoded JPEGs; the rank process decodes each batch with
+nvJPEG and crops and resizes on its device, so batches arrive as uint8 on the device. A sample no
+decoder can read there is counted as ``undecodable``; in training its row stays in the batch as a
+zero image (the batch size is fixed), in evaluation it is left out of the scores. RandAugment
+runs in the workers, so it needs ``data.decode=cpu``.
+
 Unusable samples are skipped and counted by reason and shard (``undecodable``, ``missing_image``,
 ``missing_label``, ``bad_label``, ``label_out_of_range``; a damaged shard counts every sample its
 index says it lost as ``truncated_shard`` or ``missing_shard``); the counts are part of the
@@ -31,17 +42,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from pretrain.core.errors import UserError
+from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
+from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
+from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
 from pretrain.data.stream import read_shard, seeded, slot_stream
 from pretrain.data.transforms import eval_transform, rand_augment, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
+_PREFETCH = 4  # batches in flight per worker
 
 
 def sample_target(sample: TarSample, num_classes: int, multi_label: bool) -> torch.Tensor:
@@ -61,32 +76,66 @@ def add_counts(into: dict, counts: dict) -> None:
         into[key] = into.get(key, 0) + n
 
 
+def decode_device(spec: LoaderSpec) -> torch.device | None:
+    """Where batches are decoded with ``data.decode=gpu`` (None: in the workers, on the CPU)."""
+    if spec.data.decode != "gpu":
+        return None
+    device = torch.device(spec.decode_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        config_error("data.decode", "gpu", "this process sees no CUDA device; use data.decode=cpu")
+    return device
+
+
+def collate(images: list, size: int, gpu: bool):
+    """A worker's batch of eval images: stacked in shared memory, or packed encoded JPEGs (gpu)."""
+    return pack(images, size) if gpu else default_collate(images)
+
+
+def decode_batch(b: dict, device: torch.device | None, bad: dict) -> tuple[torch.Tensor, list[int]]:
+    """The images of worker batch ``b`` as a tensor, decoded on ``device`` when they arrive
+    packed, and the rows no decoder could read (added to ``bad`` as ``undecodable``)."""
+    if not isinstance(b["images"], dict):
+        return b["images"], []
+    out, failed = decode_packed(b["images"], b["images"]["pixels"].shape[-1], device)
+    for i in failed:
+        add_counts(bad, {("undecodable", b["shards"][i]): 1})
+    return out, failed
+
+
 class _TrainSlots(IterableDataset):
     """Yields micro batches of one slot per worker: dicts with uint8 images, targets, keys,
     the worker id, the slot's stream position after the batch, and bad-sample counts."""
 
     def __init__(self, shards: ShardSet, spec: LoaderSpec, rank: int, world: int, workers: int,
-                 starts: list[int], rotation: int):
+                 starts: list[int], rotation: int, buffers: SharedBatches | None):
         self.shards, self.spec, self.rank, self.world, self.workers, self.starts = \
             shards, spec, rank, world, workers, starts
         self.rotation = rotation  # DataLoader worker i serves slot (i + rotation) % W after a resume
+        self.buffers = buffers  # where CPU decoding writes batches (None with data.decode=gpu)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        w = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        row = info.id if info is not None else 0
+        w = (row + self.rotation) % self.workers
         torch.set_num_threads(1)
-        spec, d, aug = self.spec, self.spec.data, self.spec.augment
+        spec, d, randaug = self.spec, self.spec.data, self.spec.augment
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
+        gpu, buffers = d.decode == "gpu", self.buffers
+        crop = {"scale": (d.crop_scale_min, 1.0), "hflip": 0.5 if d.hflip else 0.0}
         bad: dict = {}
-        images, targets, keys = [], [], []
+        images, targets, keys, shards = [], [], [], []
         for item in slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad):
             try:
                 target = sample_target(item.sample, spec.num_classes, d.multi_label)
                 rng = seeded("aug", spec.seed, item.epoch, item.sample.key)
-                img = train_transform(image_bytes(item.sample), spec.img_size, rng, scale=(d.crop_scale_min, 1.0),
-                                      hflip=0.5 if d.hflip else 0.0)
-                if aug.randaug_layers:
-                    img = rand_augment(img, aug.randaug_layers, aug.randaug_magnitude, rng.getrandbits(63))
+                data = image_bytes(item.sample)
+                if gpu:
+                    img = plan_train(data, spec.img_size, rng, **crop)
+                else:
+                    img = train_transform(data, spec.img_size, rng, **crop, out=buffers.current(row)[len(images)])
+                    if randaug.randaug_layers:
+                        img.copy_(rand_augment(img, randaug.randaug_layers, randaug.randaug_magnitude,
+                                               rng.getrandbits(63)))
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1
@@ -94,10 +143,14 @@ class _TrainSlots(IterableDataset):
             images.append(img)
             targets.append(target)
             keys.append(item.sample.key)
+            shards.append(item.sample.shard)
             if len(images) == spec.micro_batch:
-                yield {"images": torch.stack(images), "targets": torch.stack(targets), "keys": keys,
-                       "worker": w, "pos": item.position, "epoch": item.epoch, "bad": dict(bad)}
-                images, targets, keys = [], [], []
+                batch = pack(images, spec.img_size) if gpu else buffers.hand_over(row, len(images))
+                labels = default_collate(targets) if d.multi_label else torch.stack(targets).numpy()  # inline
+                yield {"images": batch, "targets": labels,
+                       "keys": keys, "shards": shards, "worker": w, "pos": item.position, "epoch": item.epoch,
+                       "bad": dict(bad)}
+                images, targets, keys, shards = [], [], [], []
                 bad.clear()  # the stream adds to this very dict
 
 
@@ -111,19 +164,24 @@ class ShardTrain:
         self.workers = max(1, d.workers)
         check_layout(self.shards, world, self.workers)
         check_labels(self.shards, spec, "data.train")
+        self.device = decode_device(spec)
         self.positions = [0] * self.workers
         self.batches = 0
         self.epoch = 0
         self.bad: dict = {}
         self.seen = 0
         self._it = None
+        self._buffers: SharedBatches | None = None
 
     def _start(self) -> None:
-        ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
-                         self.batches % self.workers)
+        self.close()
         n = self.spec.workers
+        if self.device is None:  # CPU decoding: batch buffers the workers fill in place
+            self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
+        ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
+                         self.batches % self.workers, self._buffers)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=4 if n else None, persistent_workers=False)
+                            prefetch_factor=_PREFETCH if n else None, persistent_workers=False)
         self._it = iter(loader)
 
     def next_batch(self) -> Batch:
@@ -135,7 +193,10 @@ class ShardTrain:
         self.epoch = b["epoch"]
         add_counts(self.bad, b["bad"])
         self.seen += len(b["keys"]) + sum(b["bad"].values())
-        return Batch(b["images"], b["targets"], list(b["keys"]))
+        images, _ = decode_batch(b, self.device, self.bad) if self.device else (receive(b["images"]), [])
+        targets = b["targets"]
+        return Batch(images, torch.from_numpy(targets) if isinstance(targets, np.ndarray) else targets,
+                     list(b["keys"]))
 
     def state_dict(self) -> dict:
         micro = self.spec.micro_batch
@@ -178,7 +239,10 @@ class ShardTrain:
                 f"shards: {named}. Check them with `vitscale shards verify`, or raise data.max_bad_frac")
 
     def close(self) -> None:
-        self._it = None
+        self._it = None  # its workers are joined here, before their buffers are let go
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = None
 
 
 def check_layout(shards: ShardSet, world: int, workers: int) -> None:
@@ -214,35 +278,48 @@ class _EvalShards(IterableDataset):
         w = info.id if info is not None else 0
         torch.set_num_threads(1)
         spec = self.spec
-        images, targets = [], []
+        gpu = spec.data.decode == "gpu"
+        transform = plan_eval if gpu else eval_transform
+        images, targets, shards = [], [], []
         bad: dict = {}
         counts = self.shards.counts
         for i in self.mine[w::self.workers]:
             for sample in read_shard(self.shards.urls[i], counts[i] if counts else None, bad):
                 try:
                     target = sample_target(sample, spec.num_classes, spec.data.multi_label)
-                    img = eval_transform(image_bytes(sample), spec.img_size, spec.data.eval_crop_pct)
+                    img = transform(image_bytes(sample), spec.img_size, spec.data.eval_crop_pct)
                 except Exception as err:  # counted, and reported as missing from the eval set
                     key = (bad_reason(err), sample.shard)
                     bad[key] = bad.get(key, 0) + 1
                     continue
                 images.append(img)
                 targets.append(target)
+                shards.append(sample.shard)
                 if len(images) == spec.micro_batch:
-                    yield {**_pad(images, targets, spec.micro_batch), "bad": dict(bad)}
-                    images, targets = [], []
+                    yield {**_pad(images, targets, spec, gpu), "shards": shards, "bad": dict(bad)}
+                    images, targets, shards = [], [], []
                     bad.clear()  # read_shard adds to this very dict
         if images:
-            yield {**_pad(images, targets, spec.micro_batch), "bad": dict(bad)}
+            yield {**_pad(images, targets, spec, gpu), "shards": shards, "bad": dict(bad)}
         elif bad:
             yield {"images": None, "bad": dict(bad)}
 
 
-def _pad(images: list, targets: list, micro: int) -> dict:
-    n = len(images)
-    imgs = torch.stack(images + [torch.zeros_like(images[0])] * (micro - n))
+def _pad(images: list, targets: list, spec: LoaderSpec, gpu: bool) -> dict:
+    """Targets and validity padded to a micro batch; images too, or (gpu) packed unpadded."""
+    n, micro = len(images), spec.micro_batch
+    imgs = collate(images if gpu else images + [torch.zeros_like(images[0])] * (micro - n), spec.img_size, gpu)
     tgts = torch.stack(targets + [torch.zeros_like(targets[0])] * (micro - n))
     return {"images": imgs, "targets": tgts, "valid": torch.arange(micro) < n}
+
+
+def _eval_images(b: dict, device: torch.device | None, bad: dict) -> torch.Tensor:
+    """The images of an eval worker batch, padded to its rows; rows that could not be decoded on
+    ``device`` are counted in ``bad`` and marked invalid in ``b["valid"]``."""
+    images, failed = decode_batch(b, device, bad)
+    b["valid"][failed] = False
+    missing = b["valid"].shape[0] - images.shape[0]
+    return torch.cat([images, images.new_zeros(missing, *images.shape[1:])]) if missing else images
 
 
 class ShardEval:
@@ -257,6 +334,7 @@ class ShardEval:
         self.spec, self.rank, self.world = spec, rank, world
         self.shards = resolve_shards(source, split, key=key, samples_per_epoch=spec.data.samples_per_epoch)
         check_labels(self.shards, spec, key)
+        self.device = decode_device(spec)
         self.expected = None if spec.eval_batches else self.shards.samples
         self.bad: dict = {}
 
@@ -284,11 +362,12 @@ class ShardEval:
             if b["images"] is None:
                 continue
             produced += 1
-            yield Batch(b["images"], b["targets"], [], b["valid"])
+            images = _eval_images(b, self.device, self.bad)
+            yield Batch(images, b["targets"], [], b["valid"])
         size = spec.img_size
         while produced < total:
             produced += 1
-            empty = torch.zeros(micro, 3, size, size, dtype=torch.uint8)
+            empty = torch.zeros(micro, 3, size, size, dtype=torch.uint8, device=self.device)
             tgt = (torch.zeros(micro, spec.num_classes) if spec.data.multi_label
                    else torch.zeros(micro, dtype=torch.long))
             yield Batch(empty, tgt, [], torch.zeros(micro, dtype=torch.bool))

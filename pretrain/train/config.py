@@ -297,6 +297,9 @@ class Config:
         if self.ema.decay and self.zero.stage == 0:
             _fail("ema.decay", self.ema.decay, "the EMA is sharded like DeepSpeed's master weights: use zero.stage "
                   "1, 2 or 3")
+        if self.augment.randaug_layers and self.data.decode == "gpu":
+            _fail("data.decode", "gpu", "RandAugment runs in the loader workers on decoded images: use "
+                  "data.decode=cpu with augment.randaug_layers, or augment.randaug_layers=0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
