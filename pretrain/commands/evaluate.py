@@ -32,7 +32,7 @@ def evaluate_model(model, data: str, img_size: int, split: str = "val", batch_si
                    workers: int = 2, crop_pct: float = 1.0) -> dict:
     """Metrics of ``model`` (eval mode, CPU) on the ``split`` of ``data``: ``samples`` scored,
     ``expected`` (what the set holds), ``unusable`` by shard, and top1/top5 or prec1."""
-    from pretrain.data.shards import resolve_shards
+    from pretrain.data.shard_sets import resolve_shards
 
     multi = bool(resolve_shards(data, split, key="--data").multi_label)
     spec = LoaderSpec(DataConfig(train="synthetic", val=data, workers=workers, multi_label=multi,

@@ -1,7 +1,7 @@
 """The data side of few-shot evaluation: which images a few-shot set holds, which of them a
 (seed, k) subset uses, and a batch source that decodes only those.
 
-A few-shot set is a shard set as ``data.train`` takes it (:func:`pretrain.data.shards.resolve_shards`),
+A few-shot set is a shard set as ``data.train`` takes it (:func:`pretrain.data.shard_sets.resolve_shards`),
 single-label. Its *rows* are its samples in canonical order: shard order of the set, then order
 inside the shard; a row is named by ``(shard index, position)``. Everything below is a pure
 function of the rows, so it does not depend on the number of ranks or workers:
@@ -30,16 +30,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.core.errors import UserError
 from pretrain.data.batch import Batch
+from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import (
     IMAGE_EXTS,
     SampleError,
     ShardReadError,
-    ShardSet,
     decode_label,
     image_bytes,
     is_remote,
     iter_tar_samples,
-    resolve_shards,
     shard_label,
 )
 from pretrain.data.stream import read_shard

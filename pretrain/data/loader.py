@@ -51,7 +51,8 @@ from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
 from pretrain.data.handover import SharedBatches, receive
-from pretrain.data.shards import SampleError, ShardSet, TarSample, decode_label, image_bytes, resolve_shards
+from pretrain.data.shard_sets import ShardSet, resolve_shards
+from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes
 from pretrain.data.stream import read_shard, seeded, slot_stream
 from pretrain.data.transforms import eval_transform, rand_augment, train_transform
 

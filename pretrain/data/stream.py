@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pretrain.core.errors import UserError
-from pretrain.data.shards import ShardReadError, ShardSet, TarSample, iter_tar_samples, shard_label
+from pretrain.data.shard_sets import ShardSet
+from pretrain.data.shards import ShardReadError, TarSample, iter_tar_samples, shard_label
 
 
 def seeded(*parts) -> random.Random:

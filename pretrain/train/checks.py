@@ -6,7 +6,7 @@ failure (exit 2) before spawning ranks; ``vitscale preflight`` prints them as a 
 memory estimate and an all-reduce inside a job, see ``launch/preflight.py``); ``vitscale launch``
 runs them for the cluster it writes a launch for. Each check is a :class:`Check` with a status
 and, for WARN / FAIL, the fix. With synthetic data they take milliseconds; shard sets are
-resolved exactly as the loaders resolve them (:func:`pretrain.data.shards.resolve_shards`).
+resolved exactly as the loaders resolve them (:func:`pretrain.data.shard_sets.resolve_shards`).
 
 ``runs_here``: whether this machine runs the ranks (``vitscale pretrain``) or a cluster does
 (``preflight`` / ``launch`` on a login node): a login node without a GPU cannot tell whether
@@ -26,7 +26,7 @@ import torch
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.loader import check_labels, check_layout
-from pretrain.data.shards import check_same_classes, resolve_shards
+from pretrain.data.shard_sets import check_same_classes, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config

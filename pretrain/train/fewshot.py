@@ -32,7 +32,7 @@ import torch
 
 from pretrain.core.errors import UserError
 from pretrain.data.fewshot import class_orders, prefix_shards, resolve_fewshot_shards, scan_labels, val_subset
-from pretrain.data.shards import ShardSet, check_same_classes
+from pretrain.data.shard_sets import ShardSet, check_same_classes
 from pretrain.train import least_squares as lsq
 from pretrain.train.fewshot_config import FewshotConfig, FewshotDataset
 

@@ -1,0 +1,169 @@
+"""Shard sets as users name them: what ``data.train``, ``data.val``, ``vitscale evaluate --data``,
+the few-shot sets and ``vitscale bench loader --shards`` take, resolved the same way everywhere
+(the loaders, preflight, the benchmark), on top of the format in :mod:`pretrain.data.shards`.
+
+Accepted (:func:`resolve_shards`):
+
+- a folder written by ``shards write``: its index names the shards and counts of the requested
+  split. A folder holding a single split serves any request, so ImageNet's ``train/`` and ``val/``
+  folders sharded separately work as ``data.train`` and ``data.val`` (the set's ``notes`` say so);
+- a folder of ``.tar`` files without an index (counted from their tar headers);
+- a brace pattern (``/data/in21k-{000000..012345}.tar``) or a glob (``/data/in21k-*.tar``) of
+  local tars (counted from their tar headers);
+- URLs WebDataset opens (``pipe:``, ``s3://``, ``http(s)://``, ``gs://``), counted from
+  ``data.samples_per_epoch``;
+- a comma-separated list of any of these (a comma inside braces belongs to the pattern).
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.core.errors import UserError
+from pretrain.data.shards import (
+    CLASSES_FILE,
+    INDEX_FILE,
+    count_tar_samples,
+    is_remote,
+    load_index,
+    read_class_table,
+)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one data source, in their listed order, with what is known about them."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard, when known
+    multi_label: bool | None = None  # known from an index
+    num_classes: int | None = None  # known from an index
+    notes: tuple[str, ...] = ()  # how a split was chosen, for the log
+    classes: tuple[str, ...] | None = None  # class names by index, known from classes.json
+
+    @property
+    def samples(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def split_sources(spec: str) -> list[str]:
+    """``spec`` split at commas outside braces: ``a-{0..3}.tar,b/`` -> ``["a-{0..3}.tar", "b/"]``."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(spec):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _from_index(folder: Path, split: str, key: str) -> ShardSet:
+    index = load_index(folder)
+    splits = {name: info for name, info in index["splits"].items() if info.get("shards")}
+    notes: tuple[str, ...] = ()
+    if split in splits:
+        chosen = split
+    elif len(splits) == 1:
+        chosen = next(iter(splits))
+        notes = (f"{key}={folder}: no {split!r} split there, so its only split {chosen!r} is used",)
+    else:
+        have = ", ".join(splits) or "none"
+        raise UserError(f"{key}={str(folder)!r}: {folder / INDEX_FILE} has no {split!r} split (it has: {have}); "
+                        f"point {key} at a shard set with one, or write one with "
+                        f"`vitscale shards write SRC OUT --split {split}`")
+    shards = splits[chosen]["shards"]
+    names = folder / index.get("classes_file", CLASSES_FILE)
+    classes = tuple(read_class_table(names)) if names.is_file() else None
+    return ShardSet(tuple(str(folder / s["file"]) for s in shards), tuple(int(s["samples"]) for s in shards),
+                    bool(index["multi_label"]), int(index["num_classes"]), notes, classes)
+
+
+def _expand(part: str) -> list[str]:
+    import braceexpand
+
+    out: list[str] = []
+    for url in braceexpand.braceexpand(part):
+        if not is_remote(url) and glob.has_magic(url):
+            out.extend(sorted(glob.glob(url)))
+        else:
+            out.append(url)
+    return out
+
+
+def _resolve_part(part: str, split: str, key: str) -> ShardSet:
+    p = Path(part)
+    if not is_remote(part) and p.is_dir():
+        if (p / INDEX_FILE).is_file():
+            return _from_index(p, split, key)
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if not tars:
+            raise UserError(f"{key}={part!r}: the folder holds no {INDEX_FILE} and no .tar shards; write shards "
+                            f"with `vitscale shards write SRC {part}`")
+        return ShardSet(tuple(tars), tuple(count_tar_samples(t) for t in tars))
+    if not is_remote(part) and not glob.has_magic(part) and "{" not in part and not p.exists():
+        raise UserError(f"{key}={part!r} does not exist: give a shard folder written by `vitscale shards write`, "
+                        f"a brace pattern, a glob, or URLs")
+    urls = _expand(part)
+    if not urls:
+        raise UserError(f"{key}={part!r} matches no shards: give a folder written by `vitscale shards write`, "
+                        f"a brace pattern such as /data/in21k-{{000000..000127}}.tar, a glob, or URLs")
+    local = [u for u in urls if not is_remote(u)]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise UserError(f"{key}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}: check "
+                        f"{part!r}")
+    if len(local) != len(urls):
+        return ShardSet(tuple(urls), None)
+    return ShardSet(tuple(urls), tuple(count_tar_samples(u) for u in urls))
+
+
+def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
+                   samples_per_epoch: int | None = None) -> ShardSet:
+    """The shard set ``spec`` names (see the module docstring), reading the ``split`` of indexed
+    folders. ``key`` is the config key or flag that holds ``spec``, for messages. Remote shards
+    without an index need ``samples_per_epoch`` (split evenly over them). Every mistake is a
+    :class:`UserError` naming ``key`` and the fix."""
+    parts = split_sources(spec or "")
+    if not parts:
+        raise UserError(f"{key} is empty: give a shard folder, a pattern or URLs")
+    sets = [_resolve_part(part, split, key) for part in parts]
+    urls = tuple(u for s in sets for u in s.urls)
+    if len(set(urls)) != len(urls):
+        dup = next(u for u in urls if urls.count(u) > 1)
+        raise UserError(f"{key}={spec!r} names the shard {dup} more than once")
+    labelled = [s for s in sets if s.multi_label is not None]
+    if len({s.multi_label for s in labelled}) > 1:
+        raise UserError(f"{key}={spec!r} mixes single-label and multi-label shard sets")
+    counts: tuple[int, ...] | None
+    if all(s.counts is not None for s in sets):
+        counts = tuple(c for s in sets for c in s.counts)
+    elif samples_per_epoch:
+        counts = tuple([samples_per_epoch // len(urls)] * len(urls))
+    else:
+        raise UserError(f"{key}={spec!r} names remote shards without an index: set data.samples_per_epoch "
+                        f"to the number of samples they hold")
+    tables = {s.classes for s in sets if s.classes is not None}
+    if len(tables) > 1:
+        raise UserError(f"{key}={spec!r} joins shard sets whose class tables differ; write them with one table "
+                        f"(`vitscale shards write ... --classes FIRST_SHARD_FOLDER`)")
+    return ShardSet(urls, counts, labelled[0].multi_label if labelled else None,
+                    max((s.num_classes for s in labelled), default=None),
+                    tuple(n for s in sets for n in s.notes), tables.pop() if tables else None)
+
+
+def check_same_classes(ref: ShardSet, other: ShardSet, ref_key: str, other_key: str) -> None:
+    """Class index i must mean the same class in both sets (when both know their class names):
+    ImageNet's ``val/`` sharded on its own gets its own table, which differs as soon as one class
+    folder is missing or named differently; the indices then silently mean other classes."""
+    if ref.classes is None or other.classes is None or ref.classes == other.classes:
+        return
+    a, b = ref.classes, other.classes
+    at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    first = (f"index {at} is {a[at]!r} there and {b[at]!r} here" if at < min(len(a), len(b))
+             else f"the first {at} agree")
+    raise UserError(f"{other_key}: its class table differs from {ref_key}'s ({len(b)} vs {len(a)} classes; {first}), "
+                    f"so its labels would score against the wrong classes; write it with the same table: "
+                    f"`vitscale shards write SRC OUT --split val --classes <{ref_key} shard folder>`")
