@@ -38,7 +38,9 @@ def test_bench_prints_the_json_contract(tmp_path: Path, capsys) -> None:
                 "speedup_vs_baseline", "speedup_per_core_vs_baseline", "speedup_per_core_vs_webdataset"):
         assert result[key] > 0
     assert (result["workers"], result["img_size"], result["shards"]) == (1, 32, 3)
-    assert set(result["runs"]) == {"ours", "pil", "webdataset", "overhead", "gpu"}
+    assert set(result["runs"]) == {"ours", "randaug", "pil", "webdataset", "overhead", "gpu"}
+    assert (result["randaug"]["layers"], result["randaug"]["magnitude"]) == (2, 15)
+    assert result["randaug"]["images_per_s_per_core"] > 0 and "RandAugment(2, 15)" in bench_loader.format_result(result)
     assert all(run["images"] == 8 and run["batches"] == 2 for run in result["runs"].values())
     overhead = result["overhead"]
     assert overhead["us_per_image"] > 0 and overhead["ours_cpu_us_per_image"] > 0 and overhead["share"] > 0

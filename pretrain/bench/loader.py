@@ -5,6 +5,7 @@ processes (each worker takes every W-th shard, or every W-th sample when there a
 than workers), loops over them as many times as needed, and times, in the same run, the paths of
 :mod:`pretrain.bench.loader_paths`: ``ours`` (the training loader's CPU path), ``pil`` (the plain
 Pillow full-decode path), ``webdataset`` (WebDataset's ``.decode("pil")`` + the same crop), and
+``randaug`` (ours + RandAugment, ``--randaug L,M``, default 2,15; ``0`` leaves it out),
 ``overhead`` (ours without decoding: tar parsing, labels, seeding, collation, hand-over), plus
 ``gpu`` (``data.decode=gpu``) when a CUDA device is present or ``--gpu-device`` names one.
 
@@ -46,7 +47,7 @@ from PIL import features
 from torch.utils.data import DataLoader
 
 from pretrain.bench import fidelity
-from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, MixedBatches
+from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, RANDAUG, MixedBatches
 from pretrain.core.errors import UserError
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
@@ -62,12 +63,14 @@ TARGETS = {"ViT-H/14 on one H100": 500, "ViT-B/16 on one H100": 5000}
 
 
 def timed_run(files: list[str], paths: list[str], workers: int, img_size: int, batch_size: int,
-              batches: int | None, seconds: float, device: str | None = None) -> dict[str, list[dict]]:
+              batches: int | None, seconds: float, device: str | None = None,
+              randaug: tuple[int, int] = RANDAUG) -> dict[str, list[dict]]:
     """All ``paths`` side by side in one DataLoader: ``batches`` timed batches per path, or as many
     as fit in ``seconds`` per path. Returns, per path, one record per timed batch (arrival order):
     rows, worker CPU and wall seconds, main-thread CPU seconds."""
     buffers = SharedBatches(workers, HANDOVER_SLOTS, batch_size, img_size)
-    loader = DataLoader(MixedBatches(files, paths, img_size, batch_size, workers, buffers=buffers), batch_size=None,
+    loader = DataLoader(MixedBatches(files, paths, img_size, batch_size, workers, buffers=buffers, randaug=randaug),
+                        batch_size=None,
                         num_workers=workers, prefetch_factor=PREFETCH if workers > 0 else None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # idle intra-op threads spin and would be counted as hand-over CPU
@@ -165,9 +168,10 @@ def _fidelity(files: list[str], img_size: int, device: str) -> dict:
 
 
 def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batches: int | None,
-                  seconds: float, gpu_device: str | None = None) -> dict:
+                  seconds: float, gpu_device: str | None = None, randaug: tuple[int, int] = RANDAUG) -> dict:
     """Benchmark every path on the train shards of ``out``; the JSON document of ``--json``.
-    ``gpu_device``: where the ``gpu`` path decodes (default: ``cuda`` when present, else skipped)."""
+    ``gpu_device``: where the ``gpu`` path decodes (default: ``cuda`` when present, else skipped);
+    ``randaug``: (layers, magnitude) of the ``randaug`` path, left out when layers is 0."""
     index = load_index(out)
     shards = index["splits"].get("train", {}).get("shards", [])
     files = [str(out / s["file"]) for s in shards if s.get("samples", 0) > 0]
@@ -175,8 +179,8 @@ def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batch
         raise UserError(f"{out / 'index.json'} lists no non-empty train shards; write some with "
                         "`vitscale shards write SRC OUT`.")
     device = gpu_device or ("cuda" if torch.cuda.is_available() else None)
-    paths = [*CPU_PATHS, "overhead"] + (["gpu"] if device else [])
-    records = timed_run(files, paths, workers, img_size, batch_size, batches, seconds, device)
+    paths = [*CPU_PATHS, *(["randaug"] if randaug[0] > 0 else []), "overhead"] + (["gpu"] if device else [])
+    records = timed_run(files, paths, workers, img_size, batch_size, batches, seconds, device, randaug)
     runs = {name: _summarise(r, workers) for name, r in records.items()}
     ours, base, wds = runs["ours"], runs["pil"], runs["webdataset"]
     return {
@@ -191,6 +195,11 @@ def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batch
         "speedup_per_core_vs_webdataset": round(ours["images_per_s_per_core"] / wds["images_per_s_per_core"], 3),
         "window_speedups_per_core_vs_baseline": [round(a / b, 3) for a, b in zip(
             ours["window_images_per_s_per_core"], base["window_images_per_s_per_core"], strict=False)],
+        "randaug": ({"layers": randaug[0], "magnitude": randaug[1],
+                     "images_per_s_per_core": runs["randaug"]["images_per_s_per_core"],
+                     "per_core_vs_ours": round(runs["randaug"]["images_per_s_per_core"]
+                                               / ours["images_per_s_per_core"], 3)}
+                    if "randaug" in runs else None),
         "decoder": "simplejpeg (libjpeg-turbo)" if jpeg.AVAILABLE else "Pillow (simplejpeg not installed)",
         "overhead": overhead_figures(runs),
         "fidelity": _fidelity(files, img_size, device or "cpu"),
@@ -205,7 +214,8 @@ def run_benchmark(out: Path, workers: int, img_size: int, batch_size: int, batch
     }
 
 
-_TITLES = {"ours": "ours (train_transform)", "pil": "plain PIL path", "webdataset": "webdataset .decode('pil')",
+_TITLES = {"ours": "ours (train_transform)", "randaug": "ours + RandAugment",
+           "pil": "plain PIL path", "webdataset": "webdataset .decode('pil')",
            "overhead": "overhead (no decode)", "gpu": "gpu (data.decode=gpu)"}
 
 
@@ -226,6 +236,10 @@ def format_result(r: dict) -> str:
     windows = ", ".join(f"{x:.2f}" for x in r["window_speedups_per_core_vs_baseline"])
     lines.append(f"ours per core: {r['speedup_per_core_vs_baseline']:.2f}x the plain PIL path (by window: {windows}), "
                  f"{r['speedup_per_core_vs_webdataset']:.2f}x webdataset (wall: {r['speedup_vs_baseline']:.2f}x PIL)")
+    if r["randaug"]:
+        ra = r["randaug"]
+        lines.append(f"RandAugment({ra['layers']}, {ra['magnitude']}) on: {ra['images_per_s_per_core']:.1f} img/s per "
+                     f"core = {ra['per_core_vs_ours']:.2f}x ours without it")
     lines.append(f"everything but decode + augmentation: {o['us_per_image']:.0f} us/image "
                  f"({o['worker_us_per_image']:.0f} in the worker, {o['handover_us_per_image']:.0f} hand-over) = "
                  f"{100 * o['share']:.1f}% of ours' "
@@ -253,12 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="time per path without --batches")
     parser.add_argument("--gpu-device", default=None, metavar="DEV",
                         help="also time data.decode=gpu decoding there (default: cuda when present)")
+    parser.add_argument("--randaug", default=",".join(map(str, RANDAUG)), metavar="L,M",
+                        help="layers,magnitude of the RandAugment path (default %(default)s; 0 leaves it out)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    try:
+        randaug = tuple(int(x) for x in args.randaug.split(",")) if args.randaug.strip() != "0" else (0, 0)
+    except ValueError:
+        randaug = ()
+    if len(randaug) != 2 or min(randaug) < 0:
+        raise UserError(f"--randaug takes LAYERS,MAGNITUDE (e.g. 2,15) or 0; got {args.randaug!r}.")
     if min(args.img_size, args.batch_size, args.batches or 1) < 1 or args.workers < 0:
         raise UserError("--workers must be >= 0 and --img-size, --batch-size, --batches >= 1; "
                         f"got {args.workers}, {args.img_size}, {args.batch_size}, {args.batches}.")
     result = run_benchmark(args.shards, args.workers, args.img_size, args.batch_size, args.batches,
-                           args.seconds, args.gpu_device)
+                           args.seconds, args.gpu_device, randaug)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

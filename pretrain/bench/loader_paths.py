@@ -7,6 +7,9 @@
   decode, crop, resize: the plain path);
 * ``webdataset``: WebDataset's standard pipeline, ``WebDataset(urls).decode("pil")`` and the same
   Inception crop + flip on the decoded image (:func:`pil_random_resized_crop`);
+* ``randaug``: ``ours`` followed by RandAugment (``augment.randaug_layers`` /
+  ``randaug_magnitude``, default the AugReg L/16 i21k setting 2, 15), as the training loader
+  applies it to the batch row;
 * ``overhead``: ``ours`` without the decode and augmentation (a fixed image per sample): what
   tar parsing, labels, seeding, collation and the hand-over cost on their own;
 * ``gpu``: the workers' part of ``data.decode=gpu`` (header, box, packed bytes); the main
@@ -32,9 +35,10 @@ from pretrain.data.device_decode import pack, plan_train
 from pretrain.data.handover import SharedBatches, SlotRef
 from pretrain.data.shards import SampleError, decode_label, image_bytes, iter_tar_samples
 from pretrain.data.stream import seeded
-from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, train_transform
+from pretrain.data.transforms import baseline_transform, pil_random_resized_crop, rand_augment, train_transform
 
 CPU_PATHS = ("ours", "pil", "webdataset")
+RANDAUG = (2, 15)  # big_vision's AugReg setting for L/16 on ImageNet-21k
 PREFETCH = 2
 HANDOVER_SLOTS = PREFETCH + 2
 _LABEL_LIMIT = 1 << 62
@@ -49,7 +53,7 @@ def _label(files: dict[str, bytes]) -> int:
 
 class ShardImages(IterableDataset):
     """Endless batches ``(images, labels, worker id, worker CPU seconds)`` from tar shards for
-    path ``path`` (``ours``, ``pil``, ``overhead`` or ``gpu``; ``gpu`` batches are packed JPEGs).
+    path ``path`` (``ours``, ``randaug``, ``pil``, ``overhead`` or ``gpu``; ``gpu`` batches are packed JPEGs).
 
     Worker ``w`` of ``W`` reads every W-th shard, or every W-th sample when there are fewer
     shards than workers; the augmentation generator of a sample is ``seeded("aug", seed, 0, w, i)``
@@ -59,9 +63,10 @@ class ShardImages(IterableDataset):
     plain DataLoader pipeline does (``default_collate``: a new shared tensor per batch)."""
 
     def __init__(self, files: list[str], path: str, img_size: int, batch_size: int = 64, seed: int = 0,
-                 buffers: SharedBatches | None = None) -> None:
+                 buffers: SharedBatches | None = None, randaug: tuple[int, int] = RANDAUG) -> None:
         self.files, self.path, self.img_size, self.batch_size, self.seed = files, path, img_size, batch_size, seed
-        self.buffers = buffers  # ours / overhead: the rank process's batch buffers
+        self.buffers = buffers  # ours / randaug / overhead: the rank process's batch buffers
+        self.randaug = randaug  # (layers, magnitude) of the randaug path
 
     def samples(self) -> Iterator[tuple[bytes, int, random.Random]]:
         """This worker's endless ``(encoded image, label, augmentation generator)`` stream."""
@@ -91,15 +96,18 @@ class ShardImages(IterableDataset):
         size, path, buffers = self.img_size, self.path, self.buffers
         images, labels = [], []
         for data, label, rng in self.samples():
-            if path == "ours":  # as the training loader: resized straight into the batch row
-                images.append(train_transform(data, size, rng, out=buffers.current(worker)[len(images)]))
+            if path in ("ours", "randaug"):  # as the training loader: resized straight into the batch row
+                img = train_transform(data, size, rng, out=buffers.current(worker)[len(images)])
+                if path == "randaug":
+                    img.copy_(rand_augment(img, *self.randaug, rng.getrandbits(63)))
+                images.append(img)
             elif path == "overhead":
                 images.append(buffers.current(worker)[len(images)])
             else:
                 images.append((plan_train if path == "gpu" else baseline_transform)(data, size, rng))
             labels.append(label)
             if len(images) == self.batch_size:
-                if path in ("ours", "overhead"):  # as the training loader hands batches over
+                if path in ("ours", "randaug", "overhead"):  # as the training loader hands batches over
                     yield buffers.hand_over(worker, len(images)), np.array(labels), worker, time.process_time()
                 else:
                     batch = pack(images, size) if path == "gpu" else default_collate(images)
@@ -142,9 +150,10 @@ class MixedBatches(IterableDataset):
     Each path reads the shards on its own (the same samples in the same order)."""
 
     def __init__(self, files: list[str], paths: list[str], img_size: int, batch_size: int, workers: int,
-                 seed: int = 0, buffers: SharedBatches | None = None) -> None:
+                 seed: int = 0, buffers: SharedBatches | None = None, randaug: tuple[int, int] = RANDAUG) -> None:
         self.files, self.paths, self.img_size, self.batch_size, self.workers, self.seed, self.buffers = \
             files, paths, img_size, batch_size, workers, seed, buffers
+        self.randaug = randaug
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -152,7 +161,8 @@ class MixedBatches(IterableDataset):
         torch.set_num_threads(1)
         streams = {path: iter(webdataset_batches(self.files, self.img_size, self.batch_size, self.workers, self.seed)
                               if path == "webdataset" else
-                              ShardImages(self.files, path, self.img_size, self.batch_size, self.seed, self.buffers))
+                              ShardImages(self.files, path, self.img_size, self.batch_size, self.seed, self.buffers,
+                                          self.randaug))
                    for path in self.paths}
         while True:
             for path, stream in streams.items():

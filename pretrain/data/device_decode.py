@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pretrain.data import jpeg
 from pretrain.data.transforms import (
@@ -131,7 +130,7 @@ def decode_crops(encoded: list[torch.Tensor], boxes: list[IntBox], flips: list[b
     if not encoded:
         return out.to(torch.uint8), failed
     try:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        images = _decode_jpeg(encoded, device)
     except RuntimeError:  # one bad stream fails the batched call: decode one by one
         images = [_decode_one(data, device) for data in encoded]
     for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
@@ -149,9 +148,18 @@ def decode_crops(encoded: list[torch.Tensor], boxes: list[IntBox], flips: list[b
     return out.round_().clamp_(0, 255).to(torch.uint8), failed
 
 
+def _decode_jpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device | str):
+    """torchvision's ``decode_jpeg`` to RGB on ``device``; torchvision is imported here, on first
+    use, because importing it costs every rank ~1.5 s (it loads torch._dynamo) and only
+    ``data.decode=gpu`` needs it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
 def _decode_one(data: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg(data, device)
     except RuntimeError:
         return None
 

@@ -230,7 +230,7 @@ def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     torchrun = parse_args([f"--nproc-per-node={nproc}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
                            f"--master-addr={args.master_addr}", f"--master-port={port}", "--max-restarts=0",
-                           "--monitor-interval=0.5", "-m", "pretrain", command, *argv])
+                           "--monitor-interval=0.1", "-m", "pretrain", command, *argv])
     config, cmd, cmd_args = config_from_args(torchrun)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     outcome: dict = {}
