@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if (args.data is None) == (args.fewshot is None):
-        raise UserError("vitscale evaluate: give --data SHARDS (top-1) or --fewshot TRAIN_SHARDS VAL_SHARDS "
+        raise UserError("give --data SHARDS (top-1) or --fewshot TRAIN_SHARDS VAL_SHARDS "
                         "(few-shot linear accuracy)")
     for flag, value in (("--batch-size", args.batch_size), ("--img-size", args.img_size or 1)):
         if value < 1:
