@@ -12,6 +12,7 @@ Nothing else in ``pretrain`` imports those packages.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pretrain.core.errors import UserError
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        code = int(module.main(rest) or 0)
+    except BrokenPipeError:  # `vitscale inspect RUN | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as err:
         from pretrain.train.spawn import exit_rank, report_rank_error
 
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             exit_rank(2)
         print(f"vitscale {name}: error: {err}", file=sys.stderr)
         return 2
+    if name in ("pretrain", "finetune") and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from pretrain.train.spawn import exit_rank
+
+        exit_rank(code)  # a rank that finished: its files are closed and it has left the process group
+    return code
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from pretrain.data import jpeg
 from pretrain.data.device_decode import decode_packed
 from pretrain.data.handover import SharedBatches, SlotRef
 from pretrain.data.shards import iter_tar_samples, load_index
+from pretrain.data.transforms import prepare_rand_augment
 
 _WINDOWS = 5
 _WARMUP_BATCHES = 2
@@ -69,6 +70,8 @@ def timed_run(files: list[str], paths: list[str], workers: int, img_size: int, b
     as fit in ``seconds`` per path. Returns, per path, one record per timed batch (arrival order):
     rows, worker CPU and wall seconds, main-thread CPU seconds."""
     buffers = SharedBatches(workers, HANDOVER_SLOTS, batch_size, img_size)
+    if "randaug" in paths:
+        prepare_rand_augment(*randaug)  # torchvision imported before the workers fork
     loader = DataLoader(MixedBatches(files, paths, img_size, batch_size, workers, buffers=buffers, randaug=randaug),
                         batch_size=None,
                         num_workers=workers, prefetch_factor=PREFETCH if workers > 0 else None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import threading
@@ -142,6 +143,7 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.rank, self.world, self.keep, self.comm = rank, world, keep, comm
         self.pending: _PendingSave | None = None
+        self._writer: _Writer | None = None  # the background writer thread, started at the first background save
 
     # ---- finding ----
     def tags(self) -> list[str]:
@@ -222,13 +224,16 @@ class CheckpointManager:
         self.pending = _PendingSave(step, tag, tmp, meta, files, before_publish, self.dir)
         if not background:
             self.pending.run()
+            self.pending.done.set()
             return self.publish()
-        self.pending.start()
+        if self._writer is None:
+            self._writer = _Writer()
+        self._writer.submit(self.pending)
         return None
 
     def writing(self) -> bool:
         """Whether this rank's background writer is still at work."""
-        return self.pending is not None and self.pending.is_alive()
+        return self.pending is not None and not self.pending.done.is_set()
 
     def publish(self) -> Path:
         """Wait for this rank's writer, gather every rank's file hashes and let rank 0 make the
@@ -236,7 +241,9 @@ class CheckpointManager:
         collective: every rank calls it at the same point. A writer that failed (disk full,
         read-only) is a :class:`UserError` on every rank, naming the cause."""
         pending, self.pending = self.pending, None
-        pending.join()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
         parts = self.comm.all_gather_object(pending.outcome)
         errors = [p for p in parts if isinstance(p, str)]
         if errors:
@@ -292,15 +299,17 @@ def cpu_copy(obj):
     return obj
 
 
-class _PendingSave(threading.Thread):
+class _PendingSave:
     """One rank's part of a save: write (where not written yet), fsync and hash its files.
-    ``outcome`` is ``{file name: {"bytes", "sha256"}}``, or the message of a save failure."""
+    ``outcome`` is ``{file name: {"bytes", "sha256"}}``, or the message of a save failure;
+    ``done`` is set when :meth:`run` has finished (``error``: what it raised, if anything)."""
 
     def __init__(self, step: int, tag: str, tmp: Path, meta: dict, files: list, before_publish, ckdir: Path):
-        super().__init__(name=f"vitscale-save-{tag}", daemon=True)
         self.step, self.tag, self.tmp, self.meta, self.files = step, tag, tmp, meta, files
         self.before_publish, self.ckdir = before_publish, ckdir
         self.outcome: dict | str = {}
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
     def run(self) -> None:
         try:
@@ -318,9 +327,37 @@ class _PendingSave(threading.Thread):
         if self.before_publish is not None:
             self.before_publish()
 
-    def join(self, timeout=None) -> None:
-        if self.ident is not None:  # started: a background save
-            super().join(timeout)
+
+class _Writer(threading.Thread):
+    """The rank's one background writer: a thread that lives from the first background save to
+    the end of the process and runs the saves handed to it in turn.
+
+    One long-lived thread rather than one per save, because a thread that starts or ends while
+    the training process forks DataLoader workers (every evaluation does) can deadlock the new
+    worker: CPython 3.11 re-initialises thread states after fork under a lock that a starting or
+    exiting thread may hold at that instant (seen as an evaluation that never started). The
+    constructor returns once the thread runs, so no fork can meet its start."""
+
+    def __init__(self) -> None:
+        super().__init__(name="vitscale-checkpoint-writer", daemon=True)
+        self._jobs: queue.SimpleQueue[_PendingSave] = queue.SimpleQueue()
+        self._running = threading.Event()
+        self.start()
+        self._running.wait()
+
+    def submit(self, job: _PendingSave) -> None:
+        self._jobs.put(job)
+
+    def run(self) -> None:
+        self._running.set()
+        while True:
+            job = self._jobs.get()
+            try:
+                job.run()
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread by publish()
+                job.error = err
+            finally:
+                job.done.set()
 
 
 _LOW_SPACE = 64 << 20

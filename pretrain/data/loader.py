@@ -54,7 +54,7 @@ from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes
 from pretrain.data.stream import read_shard, seeded, slot_stream
-from pretrain.data.transforms import eval_transform, rand_augment, train_transform
+from pretrain.data.transforms import eval_transform, prepare_rand_augment, rand_augment, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 _PREFETCH = 4  # batches in flight per worker
@@ -179,6 +179,7 @@ class ShardTrain:
         n = self.spec.workers
         if self.device is None:  # CPU decoding: batch buffers the workers fill in place
             self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
+        prepare_rand_augment(self.spec.augment.randaug_layers, self.spec.augment.randaug_magnitude)
         ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
                          self.batches % self.workers, self._buffers)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
@@ -251,10 +252,11 @@ def check_layout(shards: ShardSet, world: int, workers: int) -> None:
     different numbers of steps per epoch)."""
     n, need = len(shards.urls), world * workers
     if n < need:
+        rewrite = (f"rewrite with more shards (`vitscale shards write ... --samples-per-shard "
+                   f"{max(1, (shards.samples or n) // need)}`)")
+        fix = f"set data.workers={n // world}, or {rewrite}" if n >= world else rewrite
         raise UserError(f"data.train has {n} shards but {world} ranks x {workers} workers need at least "
-                        f"{need} (each worker reads its own shards): set data.workers={max(1, n // world)}, or "
-                        f"rewrite with more shards (`vitscale shards write ... --samples-per-shard "
-                        f"{max(1, (shards.samples or n) // need)}`)")
+                        f"{need} (each worker reads its own shards): {fix}")
 
 
 def check_labels(shards: ShardSet, spec: LoaderSpec, key: str) -> None:

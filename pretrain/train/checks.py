@@ -91,7 +91,7 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
             elif train is not None:
                 check_same_classes(train, shards, "data.train", key)
         except UserError as err:
-            checks.append(Check(key, FAIL, str(err), "see the message: fix the path, the split or the setting named"))
+            checks.append(Check(key, FAIL, str(err)))  # the message names the key and the fix
             continue
         count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
         detail = f"{len(shards.urls)} shards, {count}"
@@ -253,7 +253,7 @@ def raise_on_failure(checks: list[Check]) -> None:
                              failed[0].name.startswith("fewshot.")):
         raise UserError(failed[0].detail)  # these details already name the key and the fix
     if failed:
-        lines = [f"{c.name}: {c.detail} -> fix: {c.fix}" for c in failed]
+        lines = [f"{c.name}: {c.detail}" + (f" -> fix: {c.fix}" if c.fix else "") for c in failed]
         raise UserError("preflight failed: " + " | ".join(lines))
 
 

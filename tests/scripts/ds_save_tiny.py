@@ -24,6 +24,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pretrain.model.vit import build_model, spec_for
+from pretrain.train.spawn import exit_rank
 
 TAG = "step_00000002"
 
@@ -98,3 +99,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # as a finished rank of `vitscale pretrain` ends: no C++ teardown at exit

@@ -13,6 +13,7 @@ from pretrain.model.vit import build_model
 from pretrain.train.config_file import load_config
 from pretrain.train.engine import Comm, Engine, destroy, init_distributed
 from pretrain.train.loop import train_step
+from pretrain.train.spawn import exit_rank
 
 stage, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rank, world, _ = init_distributed()
@@ -36,3 +37,4 @@ if rank == 0:
         json.dump(gathered, f)
 Comm.barrier()
 destroy()
+exit_rank(0)  # as a finished rank of `vitscale pretrain` ends: no C++ teardown at exit
