@@ -127,6 +127,15 @@ def test_missing_and_unexpected_keys_are_named():
         finetune_state_dict(source, spec_for("vit_test4", img_size=16, num_classes=5))
 
 
+def test_a_pooling_mismatch_names_model_pool():
+    """A GAP-pooled pretraining (the AugReg recipes) fine-tuned with a class-token recipe: the
+    message names the setting to change, not a conversion."""
+    source = build_model(spec_for("vit_test4", img_size=16, num_classes=7, pool="gap")).state_dict()
+    with pytest.raises(UserError, match="model.pool=gap") as err:
+        finetune_state_dict(source, spec_for("vit_test4", img_size=24, num_classes=5))
+    assert "cls_token" in str(err.value) and "converted first" not in str(err.value)
+
+
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(UserError, match="bilinear or bicubic"):
         finetune_state_dict(_pretrained(), spec_for("vit_test4", img_size=24, num_classes=5), mode="area")

@@ -334,9 +334,11 @@ class _Writer(threading.Thread):
 
     One long-lived thread rather than one per save, because a thread that starts or ends while
     the training process forks DataLoader workers (every evaluation does) can deadlock the new
-    worker: CPython 3.11 re-initialises thread states after fork under a lock that a starting or
-    exiting thread may hold at that instant (seen as an evaluation that never started). The
-    constructor returns once the thread runs, so no fork can meet its start."""
+    worker: up to CPython 3.11 the child re-initialises thread states under the runtime lock
+    that a starting or exiting thread may hold at that instant (CPython gh-112275), and
+    ``Thread.join()`` returns before an exiting thread has let go of it. Seen as a final
+    evaluation that never started, right after the last save was published. The constructor
+    returns once the thread runs, so no fork can meet its start either."""
 
     def __init__(self) -> None:
         super().__init__(name="vitscale-checkpoint-writer", daemon=True)

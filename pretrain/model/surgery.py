@@ -82,6 +82,10 @@ def _arch_hint(source: dict[str, torch.Tensor], target: ViTSpec) -> str:
     want = {"width": target.width, "depth": target.depth, "mlp_dim": target.mlp_dim,
             "patch": target.patch_size}
     diffs = [f"source {k} {v} vs target {want[k]}" for k, v in _source_arch(source).items() if v != want[k]]
+    pool = "cls" if "cls_token" in source else "gap"
+    if pool != target.pool and "pos_embed" in source:
+        return (f" Likely cause: the source pools with model.pool={pool} (it {'has' if pool == 'cls' else 'has no'} "
+                f"class token), the target with {target.pool}: set model.pool={pool}.")
     if not diffs:
         return ""
     return f" Likely cause: {', '.join(diffs)}: choose model.name (or model.* sizes) matching the checkpoint."
@@ -111,11 +115,11 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
             parts.append(f"missing {len(missing)} key(s) the target expects: {_first(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) the target lacks: {_first(unexpected)}")
-        raise UserError(
-            f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}."
-            f"{_arch_hint(full_source, target)} A checkpoint in another layout (timm, HF, .npz) must be "
-            f"converted first."
-        )
+        hint = _arch_hint(full_source, target)
+        convert = "" if "model.pool" in hint else \
+            " A checkpoint in another layout (timm, HF, .npz) must be converted first."
+        raise UserError(f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}."
+                        f"{hint}{convert}")
 
     out: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
