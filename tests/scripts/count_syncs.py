@@ -6,7 +6,6 @@ Every Tensor method that makes the host wait for the device (item, tolist, cpu, 
 float, int) is wrapped; a call counts when the frame that makes it is in the pretrain package.
 """
 
-import json
 import sys
 
 import torch
@@ -14,9 +13,9 @@ import torch
 from pretrain.data.synthetic import SyntheticTrain
 from pretrain.model.vit import build_model
 from pretrain.train.config_file import load_config
-from pretrain.train.engine import Comm, Engine, destroy, init_distributed
+from pretrain.train.engine import Engine, init_distributed
 from pretrain.train.loop import run_step
-from pretrain.train.spawn import exit_rank
+from tests.scripts.rank_end import write_and_exit
 
 steps, accum, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rank, world, _ = init_distributed()
@@ -53,10 +52,4 @@ for step in range(1, steps + 1):
     for name, (original, _) in patched.items():
         setattr(torch.Tensor, name, original)
     per_step.append({"syncs": counts["n"], "applied": outcome.applied})
-gathered = Comm.all_gather_object(per_step)
-if rank == 0:
-    with open(out, "w") as f:
-        json.dump(gathered, f)
-Comm.barrier()
-destroy()
-exit_rank(0)  # as a finished rank of `vitscale pretrain` ends: no C++ teardown at exit
+write_and_exit(rank, per_step, out)

@@ -3,7 +3,6 @@
 Usage: python -m torch.distributed.run --nproc-per-node 2 tests/scripts/zero_train.py STAGE STEPS OUT.json
 """
 
-import json
 import sys
 
 import torch
@@ -11,9 +10,9 @@ import torch
 from pretrain.data.synthetic import SyntheticTrain
 from pretrain.model.vit import build_model
 from pretrain.train.config_file import load_config
-from pretrain.train.engine import Comm, Engine, destroy, init_distributed
+from pretrain.train.engine import Engine, init_distributed
 from pretrain.train.loop import train_step
-from pretrain.train.spawn import exit_rank
+from tests.scripts.rank_end import write_and_exit
 
 stage, steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rank, world, _ = init_distributed()
@@ -31,10 +30,4 @@ for _ in range(steps):
     losses.append(loss.item())
 facts = {"rank": rank, "losses": losses, "total_params": total, "held_params": engine.partitioned_numel(),
          "param_dtype": str(next(engine.module.parameters()).dtype)}
-gathered = Comm.all_gather_object(facts)
-if rank == 0:
-    with open(out, "w") as f:
-        json.dump(gathered, f)
-Comm.barrier()
-destroy()
-exit_rank(0)  # as a finished rank of `vitscale pretrain` ends: no C++ teardown at exit
+write_and_exit(rank, facts, out)
