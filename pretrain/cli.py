@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             exit_rank(2)
         print(f"vitscale {name}: error: {err}", file=sys.stderr)
         return 2
-    if name in ("pretrain", "finetune") and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from pretrain.train.spawn import exit_rank
+    if name in ("pretrain", "finetune"):
+        from pretrain.train.spawn import exit_rank, in_launched_job
 
-        exit_rank(code)  # a rank that finished: its files are closed and it has left the process group
+        if in_launched_job():
+            exit_rank(code)  # a rank that finished: its files are closed and it has left the process group
     return code
 
 

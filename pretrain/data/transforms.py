@@ -248,19 +248,24 @@ def _randaug(layers: int, magnitude: int):
     return v2.RandAugment(num_ops=layers, magnitude=magnitude, num_magnitude_bins=11)
 
 
+def _randaug_op(layers: int, magnitude: float):
+    """The (cached) op for ``magnitude`` on the TF level scale, capped at 10."""
+    return _randaug(layers, round(min(magnitude, 10.0)))
+
+
 def prepare_rand_augment(layers: int, magnitude: float) -> None:
     """Import torchvision and build the RandAugment op in this process. Call it before a
     DataLoader forks its workers: importing torchvision (it loads torch._dynamo) in a worker
     forked from a process with running threads can deadlock on a lock held at fork time."""
     if layers > 0:
-        _randaug(layers, round(min(magnitude, 10.0)))
+        _randaug_op(layers, magnitude)
 
 
 def rand_augment(img: torch.Tensor, layers: int, magnitude: float, seed: int) -> torch.Tensor:
     """torchvision's RandAugment (``layers`` operations at ``magnitude`` on the TF level scale,
     capped at 10 = the operations' maxima) on a uint8 ``(3, S, S)`` image, its random draws a pure
     function of ``seed`` (the caller's torch RNG is left as it was)."""
-    op = _randaug(layers, round(min(magnitude, 10.0)))
+    op = _randaug_op(layers, magnitude)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return op(img)

@@ -77,15 +77,20 @@ def _source_arch(sd: dict[str, torch.Tensor]) -> dict[str, int]:
     return arch
 
 
+def _pool_hint(source: dict[str, torch.Tensor], target: ViTSpec) -> str:
+    """" Likely cause: the source pools with model.pool=gap ...: set model.pool=gap.", or ""."""
+    pool = "cls" if "cls_token" in source else "gap"
+    if pool == target.pool or "pos_embed" not in source:
+        return ""
+    return (f" Likely cause: the source pools with model.pool={pool} (it {'has' if pool == 'cls' else 'has no'} "
+            f"class token), the target with {target.pool}: set model.pool={pool}.")
+
+
 def _arch_hint(source: dict[str, torch.Tensor], target: ViTSpec) -> str:
     """"source width 192 vs target 64, ...: choose model.name matching the checkpoint", or ""."""
     want = {"width": target.width, "depth": target.depth, "mlp_dim": target.mlp_dim,
             "patch": target.patch_size}
     diffs = [f"source {k} {v} vs target {want[k]}" for k, v in _source_arch(source).items() if v != want[k]]
-    pool = "cls" if "cls_token" in source else "gap"
-    if pool != target.pool and "pos_embed" in source:
-        return (f" Likely cause: the source pools with model.pool={pool} (it {'has' if pool == 'cls' else 'has no'} "
-                f"class token), the target with {target.pool}: set model.pool={pool}.")
     if not diffs:
         return ""
     return f" Likely cause: {', '.join(diffs)}: choose model.name (or model.* sizes) matching the checkpoint."
@@ -115,11 +120,9 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
             parts.append(f"missing {len(missing)} key(s) the target expects: {_first(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) the target lacks: {_first(unexpected)}")
-        hint = _arch_hint(full_source, target)
-        convert = "" if "model.pool" in hint else \
-            " A checkpoint in another layout (timm, HF, .npz) must be converted first."
-        raise UserError(f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}."
-                        f"{hint}{convert}")
+        hint = _pool_hint(full_source, target) or (_arch_hint(full_source, target) + " A checkpoint in "
+                                                    "another layout (timm, HF, .npz) must be converted first.")
+        raise UserError(f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}.{hint}")
 
     out: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
