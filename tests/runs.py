@@ -25,13 +25,18 @@ def pretrain_args(run_dir: Path, *extra: str) -> list[str]:
 
 
 def start(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:
-    """``vitscale pretrain`` in the background (its own session), output to RUN_DIR.out."""
+    """``vitscale pretrain`` (:data:`RUN` + ``extra``) in the background, see :func:`start_command`."""
+    return start_command(run_dir, pretrain_args(run_dir, *extra), fault=fault)
+
+
+def start_command(run_dir: Path, args: list[str], fault: str | None = None) -> subprocess.Popen:
+    """``vitscale ARGS`` in the background (its own session), output to RUN_DIR.out."""
     env = cli_env()
     if fault:
         env["VITSCALE_FAULT"] = fault
     Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
     out = open(f"{run_dir}.out", "w")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "pretrain", *pretrain_args(run_dir, *extra)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -21,7 +21,8 @@ def pretrained(tmp_path_factory) -> dict:
     run = root / "pre"
     proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
                     f"run.dir={run}", f"data.train={root / 'sh'}", f"data.val={root / 'sh'}", "data.workers=1",
-                    "train.steps=30", "checkpoint.every=10", "checkpoint.keep=2", "optim.lr=0.005", check=True)
+                    "data.crop_scale_min=0.6", "train.steps=30", "checkpoint.every=10", "checkpoint.keep=2",
+                    "optim.lr=0.005", check=True)
     return {"root": root, "run": run, "shards": root / "sh", "proc": proc}
 
 
@@ -69,7 +70,8 @@ def test_finetune_at_higher_resolution_on_new_labels_then_evaluate(pretrained, t
     proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(pretrained["run"]),
                     "--nproc-per-node", "2", f"run.dir={run}", "model.img_size=24", "model.num_classes=3",
                     "zero.stage=3", "train.micro_batch=8", "train.steps=30", "train.log_every=5",
-                    f"data.train={tmp_path / 'sh'}", f"data.val={tmp_path / 'sh'}", check=True)
+                    f"data.train={tmp_path / 'sh'}", f"data.val={tmp_path / 'sh'}", "data.workers=1",
+                    "data.crop_scale_min=0.6", check=True)
     assert "dropped (4):" in proc.stdout and "pre_logits.weight" in proc.stdout
     assert "pos_embed [1, 17, 64] -> [1, 37, 64]" in proc.stdout
     event = [r for r in read_metrics(run, "event") if r.get("event") == "finetune_init"][0]

@@ -199,8 +199,8 @@ def trained(sets, tmp_path_factory) -> dict:
     steps on ``new20`` and ``short``."""
     run = tmp_path_factory.mktemp("run") / "run"
     proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", f"run.dir={run}",
-                    f"train.steps={STEPS}", "checkpoint.every=0", "train.eval_every=0", "data.val=null",
-                    "train.bf16=false", _datasets(("new20", sets["new20"]), ("short", sets["short"])),
+                    "data.workers=1", f"train.steps={STEPS}", "checkpoint.every=0", "train.eval_every=0",
+                    "data.val=null", "train.bf16=false", _datasets(("new20", sets["new20"]), ("short", sets["short"])),
                     f"fewshot.every={EVERY}", "fewshot.shots=[1, 5, 10]", timeout=900, check=True)
     return {"run": run, "proc": proc}
 

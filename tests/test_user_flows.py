@@ -51,7 +51,8 @@ def test_imagenet_train_and_val_folders_sharded_separately_train_and_evaluate(im
     proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
                     f"run.dir={run}", f"data.train={imagenet['train']}", f"data.val={imagenet['val']}",
                     "data.workers=1", "train.steps=24", "train.eval_every=12", "checkpoint.every=12",
-                    "model.representation_size=null", "optim.lr=0.005", "data.hflip=false", check=True)
+                    "model.representation_size=null", "optim.lr=0.005", "data.hflip=false",
+                    "data.crop_scale_min=0.6", check=True)
     assert f"data.val={imagenet['val']}: no 'val' split there, so its only split 'train' is used" in proc.stdout
     evals = read_metrics(run, "eval")
     assert [e["step"] for e in evals] == [12, 24]
@@ -91,7 +92,7 @@ def test_a_val_folder_with_other_classes_is_refused_until_written_with_the_train
     write = ("--samples-per-shard", "20", "--workers", "1", "--no-progress")
     vitscale("shards", "write", str(raw), str(alone), *write, check=True)
     args = ("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
-            f"data.train={imagenet['train']}", "data.workers=1", "train.steps=2")
+            f"data.train={imagenet['train']}", "data.workers=1", "data.crop_scale_min=0.6", "train.steps=2")
     proc = vitscale(*args, f"data.val={alone}", f"run.dir={tmp_path / 'run1'}")
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()

@@ -77,6 +77,39 @@ class AugmentConfig:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
 
+# Settings that only the shard pipelines read: key -> (the pipelines that read it, values besides the
+# default that describe synthetic data anyway: never flipped, made in the rank process, not shuffled)
+_SHARD_SETTINGS = {
+    "augment.randaug_layers": (("train",), ()),
+    "data.crop_scale_min": (("train",), ()),
+    "data.hflip": (("train",), (False,)),
+    "data.shuffle_buffer": (("train",), (0,)),
+    "data.max_bad_frac": (("train",), ()),
+    "data.samples_per_epoch": (("train", "val"), ()),
+    "data.decode": (("train", "val"), ()),
+    "data.workers": (("train", "val", "fewshot"), (0,)),
+    "data.eval_crop_pct": (("val", "fewshot"), ()),
+}
+
+
+def unread_settings(data: DataConfig, augment: AugmentConfig, readers: set[str]) -> list[str]:
+    """``key=value`` of each shard-only setting that is set (differs from its default and from
+    what synthetic data does anyway) although no pipeline that reads it runs on shards.
+    ``readers``: which of "train", "val" (``data.train`` / ``data.val`` not synthetic) and
+    "fewshot" (few-shot datasets, always shards) run. Synthetic data would silently ignore these,
+    so the launch refuses them (:func:`pretrain.train.checks.check_data`)."""
+    sections = {"data": (data, DataConfig()), "augment": (augment, AugmentConfig())}
+    out = []
+    for key, (read_by, inert) in _SHARD_SETTINGS.items():
+        if readers.intersection(read_by):
+            continue
+        section, name = key.split(".")
+        value, default = getattr(sections[section][0], name), getattr(sections[section][1], name)
+        if value != default and not any(value is v or (type(value) is type(v) and value == v) for v in inert):
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
 @dataclass(frozen=True)
 class LoaderSpec:
     """Everything an input pipeline depends on: the data section plus the run facts it needs."""

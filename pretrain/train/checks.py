@@ -25,6 +25,7 @@ import torch
 
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
+from pretrain.data.config import unread_settings
 from pretrain.data.loader import check_labels, check_layout
 from pretrain.data.shard_sets import check_same_classes, resolve_shards
 from pretrain.model.costs import param_count
@@ -75,12 +76,14 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
     spec = cfg.loader()
     checks = []
     train = None
+    unread = check_unread_settings(cfg)
     for key, source, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
         if not source:
             checks.append(Check(key, SKIP, "not set: no evaluation"))
             continue
         if source == "synthetic":
-            checks.append(Check(key, SKIP, "synthetic data: no shards to check"))
+            checks.append(unread if unread is not None and unread.name == key else
+                          Check(key, SKIP, "synthetic data: no shards to check"))
             continue
         try:
             shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
@@ -99,6 +102,23 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
             detail += f", for {world_size} ranks x {max(1, cfg.data.workers)} workers"
         checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
     return checks + check_fewshot(cfg)
+
+
+def check_unread_settings(cfg: Config) -> Check | None:
+    """A FAIL when a synthetic source would silently ignore settings only shard pipelines read
+    (RandAugment, crops, flips, workers, ...; :func:`pretrain.data.config.unread_settings`),
+    named after that source; None when there are none."""
+    readers = {split for split, source in (("train", cfg.data.train), ("val", cfg.data.val)) if source != "synthetic"}
+    if cfg.fewshot.datasets:
+        readers.add("fewshot")
+    unread = unread_settings(cfg.data, cfg.augment, readers)
+    if not unread:
+        return None
+    key = "data.train" if cfg.data.train == "synthetic" else "data.val"
+    return Check(key, FAIL, f"{key}=synthetic reads none of {', '.join(unread)} (synthetic images are made in the "
+                            f"rank process, never cropped, flipped or augmented): drop "
+                            f"{'it' if len(unread) == 1 else 'them'}, or point {key} at shards (`vitscale shards "
+                            f"synth DIR` + `vitscale shards write DIR SHARDS` write a tiny set of the same task)")
 
 
 def check_fewshot(cfg: Config) -> list[Check]:

@@ -9,6 +9,9 @@
 - ``slowsave``  the save at that step pauses ``SLOW_SAVE_S`` seconds after its files are written,
                 before it becomes visible (a window to kill or signal the job mid-save)
 - ``evalfail``  the evaluation at that step fails with a user error (as unreadable val data would)
+- ``holdstop``  the rank holds before that step until it has received a stop signal (at most
+                ``HOLD_S`` seconds), so a signal sent any time before is acted on at exactly
+                that step: a test waits for a condition instead of racing the run to its end
 
 Unset in real runs. An unknown kind is an error, so a typo cannot silently test nothing.
 """
@@ -22,8 +25,9 @@ import torch
 
 from pretrain.core.errors import UserError
 
-KINDS = ("nan", "nangrad", "stop", "slowsave", "evalfail")
+KINDS = ("nan", "nangrad", "stop", "slowsave", "evalfail", "holdstop")
 SLOW_SAVE_S = 4.0
+HOLD_S = 300.0
 
 
 class _NanGrad(torch.autograd.Function):
@@ -66,6 +70,16 @@ class Faults:
 
     def stop(self, step: int) -> bool:
         return step in self.at["stop"]
+
+    def hold_for_stop(self, step: int, stop) -> None:
+        """Before ``step``: wait until ``stop.raised`` (set by the signal handler)."""
+        if step not in self.at["holdstop"]:
+            return
+        deadline = time.monotonic() + HOLD_S
+        while not stop.raised:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"VITSCALE_FAULT holdstop@{step}: no stop signal within {HOLD_S:.0f} s")
+            time.sleep(0.01)
 
     def save_pause(self, step: int) -> Callable[[], None] | None:
         return (lambda: time.sleep(SLOW_SAVE_S)) if step in self.at["slowsave"] else None

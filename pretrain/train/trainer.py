@@ -204,6 +204,7 @@ class Trainer:
                 self.keys_log(step, batches)
             if self.faults.stop(step):
                 self.stop.raised = True
+            self.faults.hold_for_stop(step, self.stop)
             out = run_step(self.engine, batches, cfg, cfg.model.num_classes, lr, self.faults.loss_fault(step),
                            self.mixer, step, self.rank, self._flags())
             state.step = step
