@@ -12,7 +12,10 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_recipe_loads_and_validates(path):
+    from pretrain.train.checks import check_unread_settings
+
     cfg = load_config(path)
+    assert check_unread_settings(cfg) is None, "a recipe sets keys its data source ignores"
     spec = cfg.model.spec()
     assert spec.img_size % spec.patch_size == 0
     if cfg.train.global_batch:
@@ -68,6 +71,28 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path: Path):
     bad.write_text(yaml.safe_dump({"model": {"img_size": "big"}}))
     proc = vitscale("pretrain", "--config", str(bad))
     assert proc.returncode == 2 and "model.img_size='big'" in proc.stderr
+
+
+def test_synthetic_data_refuses_settings_it_would_ignore(tmp_path: Path):
+    """Shard-only settings on synthetic data: exit 2 before any process starts, one line naming
+    each key and the fix; values that describe synthetic data anyway (no flip, no workers) pass."""
+    from pretrain.train.checks import check_unread_settings
+
+    def unread(*overrides):
+        check = check_unread_settings(load_config(ROOT / "configs/demo_cpu.yaml", list(overrides)))
+        return None if check is None else (check.name, check.detail)
+
+    assert unread("data.workers=0", "data.hflip=false", "data.shuffle_buffer=0") is None
+    name, detail = unread("augment.randaug_layers=2", "data.crop_scale_min=0.6", "data.workers=1")
+    assert name == "data.train" and "augment.randaug_layers=2, data.crop_scale_min=0.6, data.workers=1" in detail
+    assert "vitscale shards synth" in detail
+    assert unread("data.workers=1", "fewshot.datasets=[{name: a, train: /a, val: /a}]") is None  # few-shot reads it
+    assert unread("data.train=/some/shards", "data.eval_crop_pct=0.875")[0] == "data.val"
+    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "augment.randaug_layers=2",
+                    "--nproc-per-node", "2", f"run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and not (tmp_path / "r").exists()
+    [line] = proc.stderr.strip().splitlines()
+    assert "data.train=synthetic reads none of augment.randaug_layers=2" in line and "Traceback" not in line
 
 
 def test_global_batch_mismatch_fails_before_spawning(tmp_path: Path):
