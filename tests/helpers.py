@@ -3,6 +3,7 @@ torchrun, in subprocesses; read what a run left behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +20,10 @@ TINY = ["model.name=vit_test4", "model.img_size=16", "model.num_classes=4", "dat
 def cli_env() -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    # DeepSpeed JIT-builds its CPU comm op into ~/.cache/torch_extensions at start-up; two virtual
+    # environments sharing that folder rebuild it in turn (about 20 s a launch): one folder each
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"venv-{venv}"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
