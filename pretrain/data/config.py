@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.core.errors import require
+from pretrain.data.stream import Retry
 
 DECODERS = ("cpu", "gpu")
 
@@ -29,6 +30,11 @@ class DataConfig:
     eval_crop_pct: float = 1.0
     max_bad_frac: float = 0.01
     decode: str = "cpu"  # "cpu": workers decode (libjpeg-turbo); "gpu": nvJPEG in the rank process
+    label_key: str | None = None  # the .json field holding the label (None: "label", or "labels" if multi-label)
+    retries: int = 8  # reconnects in a row of a remote shard read before its rest counts as lost
+    retry_max_s: float = 30.0  # longest wait between two reconnects (waits double from 0.5 s)
+    read_timeout_s: float = 60.0  # longest wait for a remote connect or read
+    stall_timeout_s: float = 600.0  # a rank that gets no batch for this long stops the job
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
@@ -43,6 +49,12 @@ class DataConfig:
         require(0.0 <= self.max_bad_frac <= 1.0, "data.max_bad_frac", self.max_bad_frac, "use [0, 1]")
         require(self.decode in DECODERS, "data.decode", self.decode, f"use one of {', '.join(DECODERS)}")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        require(self.label_key is None or bool(str(self.label_key).strip()), "data.label_key", self.label_key,
+                "name the .json field holding the label, or null")
+        require(self.retries >= 0, "data.retries", self.retries, "must be >= 0 (0: no retry)")
+        require(self.retry_max_s > 0, "data.retry_max_s", self.retry_max_s, "must be > 0 seconds")
+        require(self.read_timeout_s > 0, "data.read_timeout_s", self.read_timeout_s, "must be > 0 seconds")
+        require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be > 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -94,3 +106,8 @@ class LoaderSpec:
     def workers(self) -> int:
         """Dataloader workers per rank; 0 means one reader inside the training process."""
         return self.data.workers
+
+    @property
+    def retry(self) -> Retry:
+        d = self.data
+        return Retry(d.retries, d.retry_max_s, d.read_timeout_s)
