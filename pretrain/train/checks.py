@@ -26,7 +26,7 @@ import torch
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.loader import check_labels, check_layout
-from pretrain.data.shard_sets import check_same_classes, resolve_shards
+from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
@@ -85,6 +85,7 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
         try:
             shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
             check_labels(shards, spec, key)
+            probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
             if split == "train":
                 check_layout(shards, world_size, max(1, cfg.data.workers))
                 train = shards
