@@ -8,9 +8,9 @@ either way. Every connect and every read waits at most ``timeout_s`` seconds.
 
 Failures are :class:`RemoteError` with a ``reason`` for the lost-sample counts:
 ``missing_shard`` (404 / 410: the name is wrong), ``unreachable`` (refused, reset, timed out,
-DNS, 5xx / 429: the storage is down or busy, worth retrying) and ``truncated_shard`` (the body
-ended before the length the server announced). Retries themselves are the reader's business
-(:func:`pretrain.data.stream.read_shard`).
+DNS, 5xx / 429, a body cut before the length the server announced: the storage is down or busy,
+worth retrying) and ``truncated_shard`` (the bytes that did arrive are not a whole tar).
+Retries themselves are the reader's business (:func:`pretrain.data.stream.read_shard`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def classify(err: BaseException) -> str:
         return err.reason
     if isinstance(err, urllib.error.HTTPError):
         return "missing_shard" if err.code in (404, 410) else "unreachable"
-    if isinstance(err, http.client.IncompleteRead):
-        return "truncated_shard"
+    if isinstance(err, http.client.IncompleteRead):  # fewer bytes than announced: the connection was cut
+        return "unreachable"
     if isinstance(err, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
                         http.client.HTTPException, OSError)):
         return "unreachable"

@@ -226,7 +226,10 @@ def iter_tar_samples(url: str | Path, check_end: bool = False, offset: int = 0,
     except FileNotFoundError as err:
         raise ShardReadError(f"{name} does not exist", missing=True) from err
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardReadError(f"{name}: {err}", reason=getattr(err, "reason", None)) from err
+        reason = getattr(err, "reason", None)
+        if not isinstance(reason, str):  # a pipe: command that failed (curl's exit status) may be retried
+            reason = "unreachable" if remote and isinstance(err, OSError) and not isinstance(err, EOFError) else None
+        raise ShardReadError(f"{name}: {err}", reason=reason) from err
     if check_end and not is_remote(url):  # before the last sample: without the end blocks it may be cut short
         with open(url, "rb") as f:
             f.seek(end)
