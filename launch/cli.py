@@ -30,6 +30,7 @@ from launch import accelerate_cfg, hostfile, slurm
 from pretrain.core.errors import UserError
 from pretrain.train.config import Config
 from pretrain.train.config_file import load_config, save_config
+from pretrain.train.recipes import CONFIG_HELP
 
 COMMANDS = ("pretrain", "finetune")
 
@@ -64,7 +65,7 @@ def resolve_run(args: argparse.Namespace, world_size: int) -> tuple[Config, Path
 
 def _parser(name: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"vitscale launch {name}", description=description)
-    ap.add_argument("--config", required=True, help="run recipe YAML")
+    ap.add_argument("--config", required=True, help=CONFIG_HELP)
     ap.add_argument("--command", choices=COMMANDS, default="pretrain", help="what each rank runs")
     ap.add_argument("overrides", nargs="*", help="section.key=value, baked into RUN_DIR/config.yaml")
     ap.add_argument("--no-checks", action="store_true",
