@@ -156,11 +156,15 @@ def accelerate_main(argv: list[str]) -> int:
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--output", help="accelerate YAML path (default RUN_DIR/accelerate.yaml)")
     ap.add_argument("--master-addr", help="rendezvous host (node 0); else given at launch time")
-    ap.add_argument("--master-port", type=int, default=29500)
+    ap.add_argument("--master-port", type=int, default=29500,
+                    help="rendezvous port; 0 (one node only): accelerate picks a free port at launch")
     ap.add_argument("--dry-run", action="store_true", help="print the files and command, write nothing")
     args = ap.parse_intermixed_args(argv)
     _positive(args.nodes, "--nodes")
     _positive(args.gpus_per_node, "--gpus-per-node")
+    if not 0 <= args.master_port <= 65535 or (args.master_port == 0 and args.nodes > 1):
+        raise UserError(f"--master-port {args.master_port}: give a TCP port in 1..65535 that every node "
+                        f"reaches (0, a free port picked at launch, works for one node only)")
     world = args.nodes * args.gpus_per_node
     cfg, run_dir, config_path = resolve_run(args, world)
     acc_path = Path(args.output).absolute() if args.output else run_dir / "accelerate.yaml"
