@@ -175,6 +175,11 @@ def test_every_help_exits_0_in_plain_text(argv, capsys):
     assert not re.search(r":(mod|func|class|meth|attr|pep):|``", out), out
 
 
+def test_bench_without_a_kind_is_usage_and_exit_2(capsys):
+    assert cli.main(["bench"]) == 2 and cli.main(["bench", "fast"]) == 2
+    assert "usage: vitscale bench {loader,train,fewshot}" in capsys.readouterr().err
+
+
 def test_plain_strips_rest_markup():
     text = ("``vitscale evaluate``: see :mod:`pretrain.data.shards`, :func:`~pretrain.formats.read_weights`, "
             ":class:`the loader <pretrain.data.loader.ShardEval>` and **this**.\n\nSecond paragraph.")
