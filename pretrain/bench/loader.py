@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from pretrain.bench import fidelity
 from pretrain.bench.loader_paths import CPU_PATHS, HANDOVER_SLOTS, PREFETCH, RANDAUG, MixedBatches
 from pretrain.core.errors import UserError
+from pretrain.core.help_text import doc_help
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
 from pretrain.data.device_decode import decode_packed
@@ -260,7 +261,7 @@ def format_result(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``vitscale bench loader --shards OUT [--workers W] [--img-size S] [--batches N] [--json]``."""
-    parser = argparse.ArgumentParser(prog="vitscale bench loader", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="vitscale bench loader", description=doc_help(__doc__.split("\n")[0]))
     parser.add_argument("--shards", type=Path, required=True, help="a `vitscale shards write` output folder")
     parser.add_argument("--workers", type=int, default=available_cpus(), metavar="W")
     parser.add_argument("--img-size", type=int, default=224)

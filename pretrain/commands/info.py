@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from pretrain.core.help_text import doc_help
 from pretrain.model.costs import model_costs
 from pretrain.model.vit import variant_names
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vitscale info", description=__doc__)
+    p = argparse.ArgumentParser(prog="vitscale info", description=doc_help(__doc__))
     p.add_argument("--model", required=True, help=f"variant name, e.g. {', '.join(variant_names()[:4])} ...")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
