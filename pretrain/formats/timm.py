@@ -124,6 +124,16 @@ def is_timm_hub_dir(p: Path) -> bool:
     return p.is_dir() and hub_config(p) is not None and any((p / f).is_file() for f in _HUB_WEIGHTS)
 
 
+def timm_weights(path: str | Path) -> tuple[Path, dict | None]:
+    """(weights file, timm's Hub config.json or None) of a timm state-dict file or Hub folder."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    if hub is not None and path.is_dir():
+        path = next((folder / f for f in _HUB_WEIGHTS if (folder / f).is_file()), path)
+    return path, hub
+
+
 def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
     """(our state dict, spec, meta) of a timm ViT state-dict file or timm Hub folder.
 
@@ -131,15 +141,11 @@ def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, Vi
     (heads: ``heads``, a Hub folder's ``model_args.num_heads``, or the known-variant table; None
     when none of them knows).
     """
-    path = Path(path)
     meta: dict = {}
-    folder = path if path.is_dir() else path.parent
-    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    path, hub = timm_weights(path)
     if hub is not None:
         meta["timm_architecture"] = hub["architecture"]
         heads = heads or (hub.get("model_args") or {}).get("num_heads")
-        if path.is_dir():
-            path = next(folder / f for f in _HUB_WEIGHTS if (folder / f).is_file())
     raw, file_meta = load_tensors(path)
     sd = from_timm(raw, str(path))
     if "model_spec" in file_meta:
