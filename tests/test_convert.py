@@ -319,10 +319,10 @@ def test_hf_eps_1e12_round_trips_exactly(tmp_path, capsys):
     hf, src, x = _hf_default_eps_classifier(tmp_path)
     with torch.no_grad():
         expected = hf(pixel_values=x).logits
-    sd, spec, meta = read_weights(src)
-    assert spec.norm_eps == 1e-12 and not meta.get("warnings")
     with torch.no_grad():
         assert (pretrain.load_model(src)(x) - expected).abs().max().item() <= 1e-6
+    sd, spec, meta = read_weights(src)
+    assert spec.norm_eps == 1e-12 and not meta.get("warnings")
 
     ours = tmp_path / "ours.safetensors"
     assert convert.main([str(src), str(ours), "--to", "safetensors", "--verify"]) == 0
@@ -335,6 +335,15 @@ def test_hf_eps_1e12_round_trips_exactly(tmp_path, capsys):
     with torch.no_grad():
         assert (again(pixel_values=x).logits - expected).abs().max().item() <= 1e-6
     assert_same_weights(sd, read_weights(tmp_path / "hf_dst")[0])
+
+
+def test_files_written_before_norm_eps_read_as_1e6(tmp_path):
+    """Our safetensors files and DeepSpeed checkpoints of earlier versions store a model_spec
+    without norm_eps: they are the 1e-6 models they always were."""
+    sd = random_model(PLAIN).state_dict()
+    spec = {k: v for k, v in PLAIN.to_dict().items() if k != "norm_eps"}
+    save_file(sd, tmp_path / "old.safetensors", {"format": "vitscale", "model_spec": json.dumps(spec)})
+    assert load_safetensors(tmp_path / "old.safetensors")[1].norm_eps == 1e-6
 
 
 def test_verify_names_transformers_as_the_oracle_of_a_hf_source(tmp_path, capsys):
@@ -357,9 +366,9 @@ def test_a_failed_verify_writes_nothing(tmp_path, capsys):
     _, src, _ = _hf_default_eps_classifier(tmp_path)
     dst = tmp_path / "out.npz"
     assert convert.main([str(src), str(dst), "--to", "npz", "--verify", "--atol", "1e-9"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_src"]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("verify: FAILED: max |diff| ") and "> tolerance 1e-09" in last
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_src"]
 
 
 # ---------------------------------------------------------------- verify, wrong inputs, inspect
@@ -381,11 +390,11 @@ def test_verify_fails_on_a_broken_writer(tmp_path, monkeypatch, capsys):
     before = good.read_bytes()
     monkeypatch.setitem(convert.ADAPTERS, "npz", replace(convert.ADAPTERS["npz"], write=broken))
     assert convert.main([str(src), str(tmp_path / "bad.npz"), "--to", "npz", "--verify"]) == 1
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "FAILED: max |diff|" in last and "tolerance 0.0001" in last
     assert convert.main([str(src), str(good), "--to", "npz", "--verify", "--force"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz", "ours.safetensors"]
     assert good.read_bytes() == before
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "FAILED: max |diff|" in last and "tolerance 0.0001" in last
 
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path):

@@ -76,7 +76,7 @@ def _summary(sd: StateDict, spec: ViTSpec) -> str:
     dtypes = ", ".join(sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}))
     return (f"{len(sd)} tensors, {n:,} parameters, {dtypes}; width {spec.width}, depth {spec.depth}, heads "
             f"{spec.heads}, patch {spec.patch_size}, image {spec.img_size}, pool {spec.pool}, pre-logits "
-            f"{spec.representation_size or '-'}, classes {spec.num_classes}")
+            f"{spec.representation_size or '-'}, classes {spec.num_classes}, LayerNorm eps {spec.norm_eps:g}")
 
 
 def _print_meta_notes(meta: dict) -> None:

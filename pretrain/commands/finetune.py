@@ -6,7 +6,11 @@ The model of the config (new ``model.num_classes``, new ``model.img_size``, norm
 zero-initialised Linear head, position embeddings resampled to the new grid. SOURCE is anything
 :func:`pretrain.formats.read_weights` reads: a vitscale run or checkpoint directory (any ZeRO stage),
 a consolidated safetensors file, a Google vit_jax / big_vision ``.npz``, a timm state dict or a
-HuggingFace ViT directory. Optimizer state is never carried over. Training then runs through the
+HuggingFace ViT directory, as it is. What the weights fix and the config leaves open comes from
+SOURCE: without ``model.name`` the architecture (patch, width, depth, MLP, heads, pooling; keys the
+config sets win), without ``model.norm_eps`` the LayerNorm epsilon. These are added to the
+overrides the ranks get, so they are recorded in the run's config and a relaunch derives the same.
+Optimizer state is never carried over. Training then runs through the
 same engine, loop, logging and resume as pretraining (relaunching resumes the fine-tune run; the
 surgery result is then overwritten by the checkpoint).
 """
@@ -82,6 +86,7 @@ def main(argv: list[str]) -> int:
         raise UserError("finetune needs weights to start from: pass --init SOURCE (a run dir, checkpoint, "
                         ".safetensors, .npz, timm file or HF directory)")
     from pretrain.formats import detect_format
+    from pretrain.model.vit import DEFAULT_NORM_EPS
     from pretrain.train.spawn import in_launched_job
 
     fmt = detect_format(cfg.finetune.init)
@@ -93,8 +98,9 @@ def main(argv: list[str]) -> int:
     if derived:
         cfg = load_config(args.config, overrides + derived)
         argv = list(argv) + derived  # the ranks get them as given: nothing to read again
-        if not in_launched_job():
-            print(f"model from {cfg.finetune.init} ({fmt}): {' '.join(derived)}")
+        shown = [d for d in derived if d != f"model.norm_eps={DEFAULT_NORM_EPS!r}"]
+        if shown and not in_launched_job():
+            print(f"model from {cfg.finetune.init} ({fmt}): {' '.join(shown)}")
     if src is not None and not in_launched_job():
         _precheck(cfg, src)
 
