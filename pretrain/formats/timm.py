@@ -23,6 +23,11 @@ A timm Hub folder (what ``timm``'s ``push_to_hf_hub`` / ``save_for_hf`` write, t
 ``model.safetensors`` or ``pytorch_model.bin``) is read from its weights file, with the head count
 from ``model_args.num_heads`` when given.
 
+LayerNorm epsilon: timm builds its ViTs with 1e-6 and a state dict does not record it, so a timm
+file reads as ``norm_eps`` 1e-6 (ours with ``model_spec`` metadata: as recorded there). A model
+with another epsilon (HF's 1e-12) written for timm computes slightly differently in timm, which
+``vitscale convert`` warns about and ``--verify`` measures.
+
 Writing: current timm ViTs have no pre-logits layer, so a model with ``pre_logits`` is refused
 (:class:`UserError`); ``vitscale convert --drop-head`` writes its backbone instead. A
 ``.safetensors`` output carries ``model_spec`` in its metadata (heads are then exact on reading
