@@ -24,12 +24,13 @@ def main(argv: list[str]) -> int:
                      representation_size="auto" if args.pre_logits else None)
     spec = mc.spec()
     info = {"model": args.model, "img_size": args.img_size, "patch_size": spec.patch_size, "width": spec.width,
-            "depth": spec.depth, "heads": spec.heads, "num_classes": args.num_classes, **model_costs(spec)}
+            "depth": spec.depth, "heads": spec.heads, "norm_eps": spec.norm_eps, "num_classes": args.num_classes,
+            **model_costs(spec)}
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"{args.model} @ {args.img_size}px: width {spec.width}, depth {spec.depth}, heads {spec.heads}, "
-          f"patch {spec.patch_size}")
+          f"patch {spec.patch_size}, LayerNorm eps {spec.norm_eps:g}")
     print(f"  params            {info['params'] / 1e6:.1f}M (backbone {info['params_backbone'] / 1e6:.1f}M)")
     print(f"  forward           {info['gmacs_fwd']:.1f} GMACs / image")
     print(f"  training          {info['train_tflops_per_image']:.3f} TFLOPs / image (6 x forward MACs)")

@@ -30,11 +30,13 @@ a pooler. Our models therefore map to:
 - no pre-logits, no classes: ``ViTModel`` without pooler weights (load it with
   ``add_pooling_layer=False``; ``last_hidden_state`` == our ``forward_features``)
 
-Global-average-pooled models have no HF ViT equivalent and are refused. We write
-``layer_norm_eps`` 1e-6 (HF's default is 1e-12), ``hidden_act`` "gelu" (exact), and our spec
-under ``"vitscale"`` in config.json (for reference; everything it holds HF also names).
-Reading a model whose eps is not 1e-6, whose activation is not exact GELU or whose pooler is
-not tanh warns: our ViT computes with 1e-6 / GELU / tanh.
+Global-average-pooled models have no HF ViT equivalent and are refused. ``layer_norm_eps`` is
+the spec's ``norm_eps`` both ways (read with HF's default 1e-12 when config.json leaves it out,
+as ``save_pretrained`` does for a default value; written as the spec has it, 1e-6 for our own
+models), so HF -> vitscale -> HF keeps it and our logits equal transformers'. We write
+``hidden_act`` "gelu" (exact) and our spec under ``"vitscale"`` in config.json (for reference;
+everything it holds HF also names). Reading a model whose activation is not exact GELU or whose
+pooler is not tanh warns: our ViT computes with GELU / tanh.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from pretrain.formats.timm import load_torch_state_dict
 from pretrain.model.vit import ViTSpec
 
 HEAD_FILE = "vitscale_head.safetensors"
-_EPS = 1e-6
+HF_DEFAULT_EPS = 1e-12  # ViTConfig's layer_norm_eps, which save_pretrained leaves out of config.json
 
 _LAYER = {
     "layernorm_before": "norm1", "layernorm_after": "norm2",
@@ -159,15 +161,10 @@ def read_hf(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
         raise UserError(f"{d} holds a {cfg.get('model_type')!r} model; only HF 'vit' models convert")
     if int(cfg.get("num_channels", 3)) != 3:
         raise UserError(f"{d}: num_channels {cfg['num_channels']} in config.json; only RGB (3) is supported")
-    meta: dict = {"hf_architectures": cfg.get("architectures"),
-                  "layer_norm_eps": cfg.get("layer_norm_eps", 1e-12)}
+    meta: dict = {"hf_architectures": cfg.get("architectures")}
     sd = from_hf(_load_hf_tensors(d), str(d), meta)
     if (d / HEAD_FILE).is_file() and "head.weight" not in sd:
         sd.update(load_file(str(d / HEAD_FILE)))
-    eps = float(meta["layer_norm_eps"])
-    if abs(eps - _EPS) > 1e-12:
-        warn(meta, f"{d}: layer_norm_eps is {eps:g} but vitscale's ViT uses 1e-6; outputs will differ "
-                   f"slightly from the HF model")
     if cfg.get("hidden_act", "gelu") != "gelu":
         warn(meta, f"{d}: hidden_act is {cfg['hidden_act']!r}, vitscale's ViT uses exact GELU")
     if "pre_logits.weight" in sd and cfg.get("pooler_act", "tanh") != "tanh":
@@ -178,7 +175,7 @@ def read_hf(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
                    mlp_dim=int(cfg.get("intermediate_size", 3072)),
                    heads=int(cfg.get("num_attention_heads", 12)),
                    num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
-                   representation_size=rep)
+                   representation_size=rep, norm_eps=float(cfg.get("layer_norm_eps", HF_DEFAULT_EPS)))
     return sd, spec, meta
 
 
@@ -197,7 +194,7 @@ def hf_config(spec: ViTSpec, dtype: torch.dtype) -> dict:
         "architectures": [arch], "model_type": "vit", "hidden_size": spec.width,
         "num_hidden_layers": spec.depth, "num_attention_heads": spec.heads, "intermediate_size": spec.mlp_dim,
         "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": _EPS,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": spec.norm_eps,
         "image_size": spec.img_size, "patch_size": spec.patch_size, "num_channels": 3, "qkv_bias": True,
         "encoder_stride": spec.patch_size, "pooler_output_size": spec.representation_size or spec.width,
         "pooler_act": "tanh", "dtype": str(dtype).removeprefix("torch."), "vitscale": spec.to_dict(),

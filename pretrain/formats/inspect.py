@@ -72,7 +72,7 @@ def _loaded(path: Path, fmt: str, heads: int | None) -> dict:
         sd, spec, meta = read_weights(path, fmt, heads=heads)
     out = {"spec": spec.to_dict() if spec else None, "tensors": len(sd), "dtype": meta["dtype"],
            "parameters": sum(v.numel() for v in sd.values())}
-    for key in ("layout", "prefix", "scanned", "hf_architectures", "layer_norm_eps", "warnings", "unmapped"):
+    for key in ("layout", "prefix", "scanned", "hf_architectures", "warnings", "unmapped"):
         if key in meta:
             out[key] = meta[key]
     if spec is None:

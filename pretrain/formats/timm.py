@@ -23,6 +23,11 @@ A timm Hub folder (what ``timm``'s ``push_to_hf_hub`` / ``save_for_hf`` write, t
 ``model.safetensors`` or ``pytorch_model.bin``) is read from its weights file, with the head count
 from ``model_args.num_heads`` when given.
 
+LayerNorm epsilon: timm builds its ViTs with 1e-6 and a state dict does not record it, so a timm
+file reads as ``norm_eps`` 1e-6 (ours with ``model_spec`` metadata: as recorded there). A model
+with another epsilon (HF's 1e-12) written for timm computes slightly differently in timm, which
+``vitscale convert`` warns about and ``--verify`` measures.
+
 Writing: current timm ViTs have no pre-logits layer, so a model with ``pre_logits`` is refused
 (:class:`UserError`); ``vitscale convert --drop-head`` writes its backbone instead. A
 ``.safetensors`` output carries ``model_spec`` in its metadata (heads are then exact on reading
@@ -124,6 +129,16 @@ def is_timm_hub_dir(p: Path) -> bool:
     return p.is_dir() and hub_config(p) is not None and any((p / f).is_file() for f in _HUB_WEIGHTS)
 
 
+def timm_weights(path: str | Path) -> tuple[Path, dict | None]:
+    """(weights file, timm's Hub config.json or None) of a timm state-dict file or Hub folder."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    if hub is not None and path.is_dir():
+        path = next((folder / f for f in _HUB_WEIGHTS if (folder / f).is_file()), path)
+    return path, hub
+
+
 def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
     """(our state dict, spec, meta) of a timm ViT state-dict file or timm Hub folder.
 
@@ -131,15 +146,11 @@ def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, Vi
     (heads: ``heads``, a Hub folder's ``model_args.num_heads``, or the known-variant table; None
     when none of them knows).
     """
-    path = Path(path)
     meta: dict = {}
-    folder = path if path.is_dir() else path.parent
-    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    path, hub = timm_weights(path)
     if hub is not None:
         meta["timm_architecture"] = hub["architecture"]
         heads = heads or (hub.get("model_args") or {}).get("num_heads")
-        if path.is_dir():
-            path = next(folder / f for f in _HUB_WEIGHTS if (folder / f).is_file())
     raw, file_meta = load_tensors(path)
     sd = from_timm(raw, str(path))
     if "model_spec" in file_meta:

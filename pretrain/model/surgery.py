@@ -19,7 +19,7 @@ import torch
 
 from pretrain.core.errors import UserError
 from pretrain.model.pos_embed import RESAMPLE_MODES, resample_pos_embed
-from pretrain.model.vit import VisionTransformer, ViTSpec, build_model
+from pretrain.model.vit import VisionTransformer, ViTSpec, build_model, variant_of
 
 _HEAD = "head."
 _PRE_LOGITS = "pre_logits."
@@ -90,10 +90,16 @@ def _arch_hint(source: dict[str, torch.Tensor], target: ViTSpec) -> str:
     """"source width 192 vs target 64, ...: choose model.name matching the checkpoint", or ""."""
     want = {"width": target.width, "depth": target.depth, "mlp_dim": target.mlp_dim,
             "patch": target.patch_size}
-    diffs = [f"source {k} {v} vs target {want[k]}" for k, v in _source_arch(source).items() if v != want[k]]
+    arch = _source_arch(source)
+    diffs = [f"source {k} {v} vs target {want[k]}" for k, v in arch.items() if v != want[k]]
     if not diffs:
         return ""
-    return f" Likely cause: {', '.join(diffs)}: choose model.name (or model.* sizes) matching the checkpoint."
+    name = variant_of(arch["width"], arch["depth"], arch["mlp_dim"], arch["patch"]) if len(arch) == 4 else None
+    keys = {"width": "width", "depth": "depth", "mlp_dim": "mlp_dim", "patch": "patch_size"}
+    fix = (f"set model.name={name}" if name else
+           "set " + " ".join(f"model.{keys[k]}={v}" for k, v in arch.items()) + " (and model.heads)")
+    return (f" Likely cause: {', '.join(diffs)}: {fix} to match the checkpoint, or leave model.name out of the "
+            f"config to take the architecture from the weights.")
 
 
 def _grid_tokens_error(n: int, target: ViTSpec) -> UserError:
@@ -120,8 +126,10 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
             parts.append(f"missing {len(missing)} key(s) the target expects: {_first(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) the target lacks: {_first(unexpected)}")
-        hint = _pool_hint(full_source, target) or (_arch_hint(full_source, target) + " A checkpoint in "
-                                                    "another layout (timm, HF, .npz) must be converted first.")
+        hint = _pool_hint(full_source, target) or _arch_hint(full_source, target)
+        if "patch_embed.proj.weight" not in full_source:
+            hint += (" The keys are not vitscale's: read a checkpoint of another layout with "
+                     "pretrain.formats.read_weights first (vitscale finetune --init does).")
         raise UserError(f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}.{hint}")
 
     out: dict[str, torch.Tensor] = {}

@@ -34,9 +34,16 @@ _SIZES = {
 }
 
 
+DEFAULT_NORM_EPS = 1e-6  # LayerNorm epsilon of vit_jax, big_vision and timm
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """The architecture: every number that fixes a ViT's parameters and compute, nothing else.
+
+    ``norm_eps`` fixes no parameter but belongs to the weights: a model trained with LayerNorm
+    epsilon 1e-12 (HF transformers' default) computes other outputs with 1e-6, so it is carried
+    from the weights a model is built from, through every format that can record it.
 
     How a model trains (dropout, initial head bias, activation checkpointing, compilation) is
     chosen when it is built or run (``VisionTransformer(spec, dropout=...)``,
@@ -51,6 +58,7 @@ class ViTSpec:
     num_classes: int = 1000
     representation_size: int | None = None
     pool: str = "cls"  # "cls" (class token) or "gap" (global average pool, no class token)
+    norm_eps: float = DEFAULT_NORM_EPS  # every LayerNorm's epsilon (HF transformers' default is 1e-12)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -99,6 +107,15 @@ def spec_for(name: str, **overrides) -> ViTSpec:
     if overrides.get("representation_size") == "auto":
         overrides["representation_size"] = overrides.get("width", width)
     return replace(spec, **overrides)
+
+
+def variant_of(width: int, depth: int, mlp_dim: int, patch_size: int, heads: int | None = None) -> str | None:
+    """The name :func:`spec_for` knows for these dimensions (``vit_s16``), or None when no variant
+    has them (``heads`` None: not compared)."""
+    for size, (w, d, m, h) in _SIZES.items():
+        if (w, d, m) == (width, depth, mlp_dim) and heads in (None, h):
+            return f"vit_{size}{patch_size}"
+    return None
 
 
 class PatchEmbed(nn.Module):
@@ -176,9 +193,9 @@ class Block(nn.Module):
 
     def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm1 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self.attn = Attention(spec.width, spec.heads, attn_dropout)
-        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm2 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self.mlp = Mlp(spec.width, spec.mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)
         self.drop_path = drop_path
@@ -216,7 +233,7 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path, spec.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout, rate) for rate in rates)
         self.checkpointed = [False] * spec.depth
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self._build_head(spec.num_classes, spec.representation_size)
         self.init_weights()
 

@@ -54,7 +54,7 @@ def gib(n: float) -> str:
 def describe_config(cfg: Config) -> Check:
     spec = cfg.model.spec()
     return Check("config", PASS,
-                 f"{cfg.model.name} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
+                 f"{cfg.model.label()} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
                  f"tokens, head_dim {spec.head_dim}; ZeRO-{cfg.zero.stage}, {cfg.optim.name}, "
                  f"{'bf16' if cfg.train.bf16 else 'fp32'}")
 

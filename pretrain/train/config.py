@@ -53,6 +53,7 @@ class ModelConfig:
     num_classes: int = 1000
     representation_size: int | str | None = "auto"  # "auto" = width (pre-logits); None = linear head
     pool: str = "cls"
+    norm_eps: float | None = None  # LayerNorm epsilon; None: 1e-6, or in fine-tuning that of finetune.init
     # how it runs
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -77,6 +78,8 @@ class ModelConfig:
                f"must divide the width {spec.width}")
         _check(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0")
         _check(self.pool in ("cls", "gap"), "model.pool", self.pool, "use 'cls' or 'gap'")
+        _check(self.norm_eps is None or 0.0 < self.norm_eps < 1.0, "model.norm_eps", self.norm_eps,
+               "must be a small positive number (1e-6 as vit_jax / timm, 1e-12 as HF), or null for 1e-6")
         rep = self.representation_size
         _check(rep is None or rep == "auto" or (isinstance(rep, int) and rep > 0),
                "model.representation_size", rep, "use 'auto' (= width), a positive int, or null")
@@ -90,6 +93,14 @@ class ModelConfig:
 
     def spec(self) -> ViTSpec:
         return spec_for(self.name, **{f.name: getattr(self, f.name) for f in fields(ViTSpec)})
+
+    def label(self) -> str:
+        """``vit_b16``; the dimensions instead when overrides make the model another than ``name``'s."""
+        spec, named = self.spec(), spec_for(self.name)
+        dims = ("width", "depth", "mlp_dim", "heads", "patch_size")
+        if all(getattr(spec, k) == getattr(named, k) for k in dims):
+            return self.name
+        return f"ViT (width {spec.width}, depth {spec.depth}, heads {spec.heads}, patch {spec.patch_size})"
 
     def runtime(self) -> dict:
         """Keywords of ``build_model`` besides the spec."""

@@ -169,7 +169,7 @@ class Trainer:
                 count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
                 log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
-        log.console(f"{self.mode}: {cfg.model.name} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
+        log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
                     f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
         t0 = time.perf_counter()
