@@ -8,11 +8,18 @@ State-dict keys are the contract that conversion and fine-tuning rely on::
     norm.{weight,bias}             final LayerNorm
     pre_logits.{weight,bias}       Linear(D, R) + tanh, only when representation_size is set
     head.{weight,bias}             Linear(R or D, num_classes), absent when num_classes == 0
+
+Randomness: in training, dropout, attention dropout (inside SDPA), drop path and patch dropout draw
+from torch's default generators (the CPU's and the input device's), the only ones SDPA's dropout
+and ``nn.Dropout`` can use. :func:`seeded_noise` makes those draws a pure function of a seed; the
+training loop runs every micro batch's forward inside it (see :mod:`pretrain.train.loop`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -185,6 +192,23 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     keep = 1.0 - rate
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
     return x * mask.div_(keep)
+
+
+@contextlib.contextmanager
+def seeded_noise(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Inside: the default generators of the CPU and of ``device`` (a CUDA device) start from
+    ``seed``, so every random draw of a forward (dropout, attention dropout, drop path, patch
+    dropout) is a pure function of ``seed`` and the inputs. On exit both generators are back where
+    they were: the draws neither depend on nor disturb what else uses them. Activation
+    checkpointing recomputes a block with the generator state it stashed in the forward, i.e. this
+    one, so a recomputed block draws the same masks."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 class Block(nn.Module):

@@ -141,10 +141,15 @@ class Ema:
         self.updates = int(old_states[0]["updates"])
 
     def reset(self) -> None:
-        """Start the average at the current master weights (a checkpoint without an EMA)."""
+        """Start the average at the current master weights."""
         self.updates = 0
         for ema, master in zip(self.flats, self.masters.flats, strict=True):
             ema.copy_(master.detach())
+
+    def load_default(self) -> str:
+        """A checkpoint without an EMA (its run had ``ema.decay=0``): start at the restored weights."""
+        self.reset()
+        return "the EMA starts at the restored weights"
 
     def swap_in(self) -> None:
         """The model's bf16 weights become the EMA's (for evaluation); :meth:`swap_out` undoes it."""

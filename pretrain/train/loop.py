@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.core.seeds import derive_seed
 from pretrain.data.batch import Batch
+from pretrain.model.vit import seeded_noise
 from pretrain.train.config import Config
 from pretrain.train.engine import Engine, all_reduce_
 from pretrain.train.losses import classification_loss, correct_counts
@@ -77,7 +79,11 @@ def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classe
     """Forward/backward over the micro batches and one optimizer step, with one host sync.
 
     Images cross to the device and are normalised there; ``mixer`` (Mixup / CutMix) then mixes
-    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``). A micro batch whose
+    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``), and the model's own
+    noise (dropout, attention dropout, drop path, patch dropout) is drawn inside
+    :func:`~pretrain.model.vit.seeded_noise` with a seed derived from the same four: a resumed run
+    draws exactly what the uninterrupted one drew, whatever else used torch's global generator in
+    between (a DataLoader starting draws its base seed from it). A micro batch whose
     loss is not finite contributes an exact zero (its gradients stay finite). Before the optimizer
     step one all-reduce agrees, over all ranks, on whether any rank saw such a loss and on the
     caller's ``flags`` (stop request, bad data; returned maxed in ``flags``), and one host sync
@@ -94,7 +100,8 @@ def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classe
         targets = _targets(batch, cfg, num_classes).to(images.device)
         if mixer is not None:
             images, targets = mixer(images, targets, step, rank, i)
-        logits = engine.model_forward(images)
+        with seeded_noise(derive_seed("noise", cfg.run.seed, step, rank, i), images.device):
+            logits = engine.model_forward(images)
         loss = classification_loss(logits, targets, cfg.train.loss, cfg.train.label_smoothing)
         if fault is not None:
             loss = fault(loss)

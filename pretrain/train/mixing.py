@@ -13,7 +13,6 @@ step after a resume mixes exactly as before, independently of timing.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pretrain.core.seeds import derive_seed
 from pretrain.data.config import AugmentConfig
 
 
@@ -31,11 +31,6 @@ def dense_targets(targets: torch.Tensor, num_classes: int, loss: str, smoothing:
     if smoothing:
         rows = rows * (1.0 - smoothing) + smoothing / num_classes
     return rows
-
-
-def _rng(*parts) -> random.Random:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def cutmix_box(height: int, width: int, lam: float, rng: random.Random) -> tuple[int, int, int, int]:
@@ -60,7 +55,7 @@ class Mixer:
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, rank: int,
                  micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = dense_targets(targets, self.num_classes, self.loss, self.smoothing if self.loss == "softmax" else 0.0)
-        rng = _rng("mix", self.seed, step, rank, micro)
+        rng = random.Random(derive_seed("mix", self.seed, step, rank, micro))
         if rng.random() >= self.aug.mix_prob:
             return images, rows
         a = self.aug

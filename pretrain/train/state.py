@@ -5,17 +5,25 @@ The trainer registers every stateful piece under a name (``loop`` counters, the 
 position, the ``rng`` states, and any later addition such as EMA weights); the checkpoint layer
 saves ``{name: component.state_dict()}`` in each rank's file and gives each component its part
 back on resume. Adding a component is one ``Components.register`` call.
+
+Missing state is never silent: a checkpoint without a registered component's part is refused
+(:class:`UserError` naming the component and the checkpoint), unless the component declares a
+default with ``load_default()``, which puts it in that default and returns the sentence the
+trainer prints (the EMA starts at the restored weights; the RNG streams are re-seeded).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from pretrain.core.errors import UserError
 
 
 class Stateful(Protocol):
@@ -46,9 +54,15 @@ class LoopState:
 
 
 class RngState:
-    """This process's Python, NumPy and torch (CPU and CUDA) generators."""
+    """This process's Python, NumPy and torch (CPU and CUDA) generators. Nothing that shapes
+    training draws from them any more (the model's noise, Mixup / CutMix and the data are seeded
+    per step, see :mod:`pretrain.core.seeds`); they are kept so that anything else that does
+    continues as it would have. ``step`` gives the restored step for the default."""
 
     per_rank = True  # meaningless on another world size: re-seeded there instead
+
+    def __init__(self, seed: int = 0, rank: int = 0, step: Callable[[], int] = lambda: 0):
+        self.seed, self.rank, self.step = seed, rank, step
 
     def state_dict(self) -> dict:
         state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -62,6 +76,11 @@ class RngState:
         torch.set_rng_state(state["torch"])
         if torch.cuda.is_available() and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"])
+
+    def load_default(self) -> str:
+        step = self.step()
+        reseed_rank(self.seed, self.rank, step)
+        return f"the RNG streams are re-seeded from (run.seed, rank, step {step})"
 
 
 def reseed_rank(seed: int, rank: int, step: int) -> None:
@@ -86,16 +105,28 @@ class Components:
     def state_dict(self) -> dict:
         return {name: c.state_dict() for name, c in self._items.items()}
 
-    def load_state_dict(self, state: dict, same_world: bool = True) -> list[str]:
-        """Give every component its saved part; components marked ``per_rank`` are skipped when
-        the world size changed. Returns the names that had no saved part (a checkpoint written
-        before they existed), which keep their fresh state."""
-        missing = []
+    def load_state_dict(self, state: dict, where: str, same_world: bool = True) -> list[str]:
+        """Give every component its saved part of ``state`` (read from checkpoint ``where``);
+        components marked ``per_rank`` are skipped when the world size changed. A component
+        without a saved part takes its declared default (``load_default()``); the sentences
+        saying so are returned for the console. One without a default is a :class:`UserError`."""
+        defaults = []
         for name, c in self._items.items():
             if getattr(c, "per_rank", False) and not same_world:
                 continue
             if name in state:
                 c.load_state_dict(state[name])
             else:
-                missing.append(name)
-        return missing
+                defaults.append(f"{where} holds no {name!r} state: {self.load_default(name, where)}")
+        return defaults
+
+    def load_default(self, name: str, where: str) -> str:
+        """Put component ``name`` in its declared default (a checkpoint ``where`` lacks its part);
+        returns what that default is, or raises :class:`UserError` when it declares none."""
+        default = getattr(self._items[name], "load_default", None)
+        if default is None:
+            raise UserError(f"checkpoint {where} holds no state for the {name!r} component of this run, and "
+                            f"{name!r} has no default to start from: resume from a checkpoint written by this "
+                            f"version of vitscale with the same config, or start afresh (--no-resume with a new "
+                            f"run.dir)")
+        return default()

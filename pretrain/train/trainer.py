@@ -111,7 +111,7 @@ class Trainer:
         self.fewshot = build_fewshot(cfg, self.rank, self.world, self.spec, self.log)  # labels scanned here
         self.components.register("loop", self.state)
         self.components.register("data", self.train_data)
-        self.components.register("rng", RngState())
+        self.components.register("rng", RngState(cfg.run.seed, self.rank, lambda: self.state.step))
         self.ema = Ema(self.engine, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay else None
         if self.ema is not None:
             self.components.register("ema", self.ema)
@@ -121,7 +121,8 @@ class Trainer:
         self.keys_log = SampleKeysLog(self.run_dir, self.rank) if cfg.log.sample_keys else None
 
     def _restore(self, source: ResumeSource) -> int:
-        """Engine state, then every component's part of the rank file; returns the step."""
+        """Engine state, then every component's part of the rank file; returns the step. A part
+        the checkpoint lacks is the component's declared default (printed) or an error."""
         same_world = source.universal is None
         if same_world:
             self.engine.load(source.tag_dir.parent, source.tag_dir.name)
@@ -129,19 +130,18 @@ class Trainer:
         else:
             self.engine.load_universal(source.universal)
             rank_state = self.ckpt.load_rank_state(source.tag_dir, rank=0)
-        if rank_state is None:
-            self.log.console(f"warning: {source.tag_dir} holds no loader state (rank_*.pt): the data stream starts "
-                             f"again from its beginning")
-        else:
-            self.components.load_state_dict(rank_state, same_world)
-            if self.ema is not None and not same_world and "ema" in rank_state:
+        rank_state = rank_state or {}
+        tag = str(source.tag_dir)
+        notes = self.components.load_state_dict(rank_state, tag, same_world)
+        if not same_world:
+            if self.ema is not None and "ema" in rank_state:
                 old = [self.ckpt.load_rank_state(source.tag_dir, r)["ema"] for r in range(source.meta["world_size"])]
                 self.ema.load_resharded(old)
-        if self.ema is not None and (rank_state is None or "ema" not in rank_state):
-            self.ema.reset()
-            self.log.console(f"the EMA starts at the weights of step {source.step} ({source.tag_dir.name} holds none)")
-        if not same_world or rank_state is None:
+            elif self.ema is not None:
+                notes.append(f"{tag} holds no 'ema' state: {self.components.load_default('ema', tag)}")
             reseed_rank(self.cfg.run.seed, self.rank, source.step)
+        for note in notes:
+            self.log.console(note)
         self.state.step = source.step
         where = source.tag_dir if same_world else f"{source.tag_dir} (via {source.universal})"
         self.log.console(f"resumed from {where} at step {self.state.step}")
