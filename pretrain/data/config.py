@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.core.errors import require
+from pretrain.data.ops import PixelStep, TrainPipeline, parse_pipeline
 from pretrain.data.stream import Retry
 
 DECODERS = ("cpu", "gpu")
@@ -61,13 +62,17 @@ class DataConfig:
 class AugmentConfig:
     """The ``augment`` section (AugReg / DeiT augmentations; everything off by default).
 
-    RandAugment runs in the loader workers on the cropped uint8 image, seeded per sample like the
-    crop. ``randaug_magnitude`` is on the TF / big_vision level scale, where 10 is each
+    ``ops`` spells the whole training transform as registered image operations
+    (:mod:`pretrain.data.ops`: ``"inception_crop(0.08)|flip|three_augment(0.3)"``); without it the
+    pipeline is an Inception crop (``data.crop_scale_min``), a flip (``data.hflip``) and RandAugment
+    when ``randaug_layers`` > 0. RandAugment runs in the loader workers on the cropped uint8 image,
+    seeded per sample like the crop. ``randaug_magnitude`` is on the TF / big_vision level scale, where 10 is each
     operation's nominal maximum (shear 0.3, rotate 30 degrees, translate 150/331 of the side,
     enhance +-0.9, ...); torchvision's operations stop at those maxima, so big_vision's
     ``randaug(2,15)`` and ``randaug(2,20)`` act here as magnitude 10. Mixup / CutMix run on the
     device, per micro batch (see :mod:`pretrain.train.mixing`)."""
 
+    ops: str | tuple[str, ...] | None = None  # the training pipeline (pretrain.data.ops); None: the keys below
     randaug_layers: int = 0  # 0: off
     randaug_magnitude: float = 10.0
     mixup_alpha: float = 0.0  # 0: off; Beta(alpha, alpha) mixing ratio
@@ -76,6 +81,10 @@ class AugmentConfig:
     switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup
 
     def __post_init__(self):
+        if self.ops is not None:
+            parse_pipeline(self.ops)  # a mistake is one line naming augment.ops and the item
+            require(not self.randaug_layers, "augment.randaug_layers", self.randaug_layers,
+                    "augment.ops spells the pipeline: write randaug(L,M) there instead, or drop augment.ops")
         require(self.randaug_layers >= 0, "augment.randaug_layers", self.randaug_layers, "must be >= 0 (0 = off)")
         require(0.0 <= self.randaug_magnitude <= 30.0, "augment.randaug_magnitude", self.randaug_magnitude,
                 "use [0, 30] on the TF level scale (10 = the operations' maxima)")
@@ -106,6 +115,15 @@ class LoaderSpec:
     def workers(self) -> int:
         """Dataloader workers per rank; 0 means one reader inside the training process."""
         return self.data.workers
+
+    @property
+    def pipeline(self) -> TrainPipeline:
+        """The training transform: ``augment.ops``, else the one the shorthand keys spell."""
+        a, d = self.augment, self.data
+        if a.ops is not None:
+            return parse_pipeline(a.ops)
+        pixel = (PixelStep("randaug", (a.randaug_layers, a.randaug_magnitude)),) if a.randaug_layers else ()
+        return TrainPipeline((d.crop_scale_min, 1.0), 0.5 if d.hflip else 0.0, pixel)
 
     @property
     def retry(self) -> Retry:

@@ -18,7 +18,8 @@ changes; the loader then resumes at the same number of samples into the current 
 slot skips its share), so no more than the batches in flight are repeated or skipped in count,
 but which samples fill the rest of that epoch differs.
 
-Augmentation (crop, flip, RandAugment) is seeded per sample by (seed, epoch, sample key): the same
+Augmentation (the pipeline of :mod:`pretrain.data.ops`: crop, flip, then pixel operations such
+as RandAugment) is seeded per sample by (seed, epoch, sample key): the same
 sample gets the same pixels whatever the number of ranks and workers, before or after a resume.
 Workers resize each image straight into a batch buffer the rank process shares with them
 (:mod:`pretrain.data.handover`), so a batch reaches it without another copy, without fresh pages
@@ -58,7 +59,7 @@ from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes, shard_label
 from pretrain.data.stream import read_shard, seeded, slot_shards, slot_stream
-from pretrain.data.transforms import eval_transform, prepare_rand_augment, rand_augment, train_transform
+from pretrain.data.transforms import eval_transform, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 _PREFETCH = 4  # batches in flight per worker
@@ -139,10 +140,10 @@ class _TrainSlots(IterableDataset):
 
     def _batches(self, row: int, w: int) -> Iterator[dict]:
         torch.set_num_threads(1)
-        spec, d, randaug = self.spec, self.spec.data, self.spec.augment
+        spec, d, pipeline = self.spec, self.spec.data, self.spec.pipeline
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
         gpu, buffers = d.decode == "gpu", self.buffers
-        crop = {"scale": (d.crop_scale_min, 1.0), "hflip": 0.5 if d.hflip else 0.0}
+        crop = {"scale": pipeline.crop_scale, "hflip": pipeline.hflip}
         bad: dict = {}
         images, targets, keys, shards = [], [], [], []
         epoch, usable, example = None, 0, ""
@@ -160,9 +161,7 @@ class _TrainSlots(IterableDataset):
                     img = plan_train(data, spec.img_size, rng, **crop)
                 else:
                     img = train_transform(data, spec.img_size, rng, **crop, out=buffers.current(row)[len(images)])
-                    if randaug.randaug_layers:
-                        img.copy_(rand_augment(img, randaug.randaug_layers, randaug.randaug_magnitude,
-                                               rng.getrandbits(63)))
+                    pipeline.apply_pixel(img, rng)
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1
@@ -233,7 +232,7 @@ class ShardTrain:
         n = self.spec.workers
         if self.device is None:  # CPU decoding: batch buffers the workers fill in place
             self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
-        prepare_rand_augment(self.spec.augment.randaug_layers, self.spec.augment.randaug_magnitude)
+        self.spec.pipeline.prepare()  # imports (torchvision) before the workers fork
         ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
                          self.batches % self.workers, self._buffers)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),

@@ -308,9 +308,17 @@ class Config:
         if self.ema.decay and self.zero.stage == 0:
             _fail("ema.decay", self.ema.decay, "the EMA is sharded like DeepSpeed's master weights: use zero.stage "
                   "1, 2 or 3")
-        if self.augment.randaug_layers and self.data.decode == "gpu":
-            _fail("data.decode", "gpu", "RandAugment runs in the loader workers on decoded images: use "
-                  "data.decode=cpu with augment.randaug_layers, or augment.randaug_layers=0")
+        pipeline = self.loader().pipeline
+        d = self.data
+        if self.augment.ops is not None and (
+                d.crop_scale_min not in (DataConfig.crop_scale_min, pipeline.crop_scale[0])
+                or (not d.hflip and pipeline.hflip)):
+            _fail("augment.ops", self.augment.ops, f"it spells the crop and the flip, which disagree with "
+                  f"data.crop_scale_min={d.crop_scale_min} / data.hflip={d.hflip}: drop those keys, or augment.ops")
+        pixel = pipeline.pixel
+        if pixel and self.data.decode == "gpu":
+            _fail("data.decode", "gpu", f"{', '.join(map(str, pixel))} run in the loader workers on decoded images: "
+                  f"use data.decode=cpu, or leave them out of the pipeline")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
