@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import random
 import re
 from collections.abc import Callable
@@ -177,4 +178,37 @@ def randaug(layers: int = 2, magnitude: float = 10) -> PixelFn:
 
     def apply(img: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return rand_augment(img, int(layers), magnitude, rng.getrandbits(63)) if layers else img
+    return apply
+
+
+def _prepare_torchvision(*args) -> None:
+    import torchvision.transforms.v2.functional  # noqa: F401 - imported before the workers fork
+
+
+@pixel_op("three_augment", "three_augment([jitter])", prepare=_prepare_torchvision)
+def three_augment(jitter: float = 0.3) -> PixelFn:
+    """DeiT III's 3-Augment (Touvron et al. 2022, `new_data_aug_generator`): one of grayscale,
+    solarization (threshold 128) or Gaussian blur (sigma uniform in [0.1, 2]), chosen uniformly,
+    then colour jitter of brightness, contrast and saturation by factors uniform in
+    [1 - jitter, 1 + jitter], in a random order (0 leaves the jitter out)."""
+    if not 0 <= jitter < 1:
+        raise ValueError("jitter must be in [0, 1)")
+
+    def apply(img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        choice = rng.randrange(3)
+        if choice == 0:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        elif choice == 1:
+            img = F.solarize(img, threshold=128)
+        else:
+            sigma = rng.uniform(0.1, 2.0)
+            img = F.gaussian_blur(img, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+        if jitter:
+            adjust = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation]
+            rng.shuffle(adjust)
+            for fn in adjust:
+                img = fn(img, rng.uniform(1 - jitter, 1 + jitter))
+        return img
     return apply
