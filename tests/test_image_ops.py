@@ -96,3 +96,18 @@ def test_every_registered_pixel_op_is_a_pure_function_of_the_sample_generator():
         a, b = fn(img.clone(), random.Random(7)), fn(img.clone(), random.Random(7))
         assert a.dtype == torch.uint8 and a.shape == img.shape and torch.equal(a, b), name
         assert op.usage.startswith(name)
+
+
+def test_three_augment_applies_one_of_its_three_ops_then_jitter(shards):
+    img = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    gray = PixelStep("three_augment", (0.0,)).fn
+    outs = {}
+    for seed in range(12):
+        rng = random.Random(seed)
+        choice = random.Random(seed).randrange(3)
+        outs.setdefault(choice, gray(img.clone(), rng))
+    assert set(outs) == {0, 1, 2}
+    assert torch.equal(outs[0][0], outs[0][1]) and torch.equal(outs[0][1], outs[0][2])  # grayscale
+    assert torch.equal(outs[1], torch.where(img >= 128, 255 - img, img))  # solarize at 128
+    batches = _keys_and_pixels(shards, AugmentConfig(ops="inception_crop(0.3)|flip|three_augment(0.3)"), {})
+    assert all(b.dtype == torch.uint8 for _, b in batches)
