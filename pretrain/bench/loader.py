@@ -244,7 +244,7 @@ def _total(rounds: list[dict], key: str) -> float:
 
 
 def _per_core(rounds: list[dict]) -> float:
-    return _total(rounds, "rows") / _total(rounds, "cpu")
+    return _total(rounds, "rows") / max(_total(rounds, "cpu"), 1e-6)  # tiny runs may find no CPU in a window
 
 
 def summarise(path: TimedPath, workers: int, record: dict | None = None) -> dict:
@@ -252,7 +252,7 @@ def summarise(path: TimedPath, workers: int, record: dict | None = None) -> dict
     rs = path.rounds
     images, wall = _total(rs, "rows"), _total(rs, "wall")
     out = {"images": images, "batches": _total(rs, "batches"), "rounds": len(rs),
-           "worker_cpu_seconds": round(_total(rs, "cpu"), 3),
+           "worker_processes": len(path.procs), "worker_cpu_seconds": round(_total(rs, "cpu"), 6),
            "images_per_s": round(images / wall, 1), "images_per_s_per_core": round(_per_core(rs), 1),
            "images_per_s_per_worker": round(images / wall / workers, 1),
            "rank_cpu_us_per_image": round(1e6 * _total(rs, "rank") / images, 1),
