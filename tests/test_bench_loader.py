@@ -90,7 +90,7 @@ def test_bench_prints_the_json_contract(shards: Path, capsys) -> None:
     assert _no_stopped_children()
 
 
-@pytest.mark.parametrize("flags", [["--workers", "0"], ["--randaug", "2"], ["--randaug", "2,40"]])
+@pytest.mark.parametrize("flags", [["--workers", "0"], ["--workers", "4"], ["--randaug", "2"], ["--randaug", "2,40"]])
 def test_bad_flags_are_user_errors(shards: Path, flags: list[str]) -> None:
     with pytest.raises(UserError):
         bench_loader.main(["--shards", str(shards), *flags])

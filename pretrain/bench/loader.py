@@ -329,6 +329,10 @@ def run_benchmark(source: str | Path, workers: int, img_size: int, batch_size: i
     if not files:
         raise UserError(f"--shards {source}: no non-empty train shards; write some with "
                         "`vitscale shards write SRC OUT`.")
+    if len(shards.urls) < workers:  # ShardTrain would say so in terms of data.workers
+        raise UserError(f"--shards {source} has {len(shards.urls)} shards but --workers {workers} need at least "
+                        f"{workers} (each worker of the training loader reads shards of its own): use --workers "
+                        f"{len(shards.urls)}, or rewrite them with more shards (a smaller --samples-per-shard)")
     device = gpu_device or ("cuda" if torch.cuda.is_available() else None)
     spec = loader_spec(source, shards, workers, img_size, batch_size)
     records: dict[str, dict] = {"ours": {}}
