@@ -9,6 +9,9 @@ mis-shaped key) and infers the spec from the tensors when a format does not stor
 - pool: ``cls`` when ``cls_token`` exists, else ``gap``; image size: ``sqrt(grid tokens) * patch``
   where grid tokens = pos-embed tokens minus the class slot
 - representation size: ``pre_logits.weight.shape[0]``; classes: ``head.weight.shape[0]`` (0 if absent)
+- CLIP-tower parts: ``pre_norm`` when ``norm_pre.weight`` exists, ``patch_bias`` when
+  ``patch_embed.proj.bias`` does, ``proj_dim``: ``proj.weight.shape[0]`` (None if absent); the
+  activation and the LayerNorm epsilon are not in the tensors (the reader sets them)
 - heads: given by the caller (a file that stores them, or ``--heads``), else the known-variant
   table by width (192->3, 384->6, 768->12, 1024/1280/1408->16, and the tiny test sizes)
 """
@@ -95,9 +98,11 @@ def infer_spec(sd: StateDict, heads: int | None = None, where: str = "the weight
         return None
     rep = int(sd["pre_logits.weight"].shape[0]) if "pre_logits.weight" in sd else None
     num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
+    proj_dim = int(sd["proj.weight"].shape[0]) if "proj.weight" in sd else None
     return ViTSpec(img_size=side * patch, patch_size=patch, width=width, depth=block_count(sd),
                    mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]), heads=heads, num_classes=num_classes,
-                   representation_size=rep, pool=pool)
+                   representation_size=rep, pool=pool, pre_norm="norm_pre.weight" in sd,
+                   patch_bias="patch_embed.proj.bias" in sd, proj_dim=proj_dim)
 
 
 def require_spec(spec: ViTSpec | None, sd: StateDict, where: str) -> ViTSpec:
