@@ -94,12 +94,12 @@ def main(argv: list[str]) -> int:
     if not cfg.finetune.init:
         raise UserError("finetune needs weights to start from: pass --init SOURCE (a run dir, checkpoint, "
                         ".safetensors, .npz, timm file or HF directory)")
-    from pretrain.formats import detect_format
+    from pretrain.formats.registry import detect_format, weights_format
     from pretrain.model.vit import DEFAULT_NORM_EPS
     from pretrain.train.spawn import in_launched_job
 
     fmt = detect_format(cfg.finetune.init)
-    if cfg.finetune.init_weights == "ema" and fmt != "deepspeed":
+    if cfg.finetune.init_weights == "ema" and weights_format(fmt).read_ema is None:
         raise UserError(f"finetune.init_weights=ema needs a vitscale training checkpoint as --init; "
                         f"{cfg.finetune.init} is {fmt!r}, which holds one set of weights: drop finetune.init_weights")
     given = set(apply_overrides(read_yaml(args.config) if args.config else {}, overrides).get("model") or {})

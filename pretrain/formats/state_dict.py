@@ -169,3 +169,33 @@ def cast(sd: StateDict, dtype: torch.dtype) -> StateDict:
 
 def dtype_names(sd: StateDict) -> list[str]:
     return sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+
+
+def parameter_count(spec: ViTSpec) -> int:
+    """Number of parameters of ``VisionTransformer(spec)`` (nothing allocated)."""
+    return sum(math.prod(s) for s in expected_shapes(spec).values())
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in fp32; infinity when the shapes differ (a verification then fails)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.float() - b.float()).abs().max().item()
+
+
+def clip_parts(spec: ViTSpec) -> list[str]:
+    """The CLIP-tower parts ``spec`` has (pre-norm, bias-free patch embedding, QuickGELU,
+    projection), in words; [] for the ViT paper's model."""
+    parts = ["a LayerNorm before the blocks (pre_norm)"] if spec.pre_norm else []
+    parts += [] if spec.patch_bias else ["a patch embedding without bias"]
+    parts += [] if spec.act == "gelu" else [f"the {spec.act} activation"]
+    parts += [f"an output projection (proj_dim {spec.proj_dim})"] if spec.proj_dim else []
+    return parts
+
+
+def refuse_clip_parts(spec: ViTSpec, target: str) -> None:
+    """:class:`UserError` when ``spec`` has CLIP-tower parts the plain ViT of ``target`` lacks."""
+    parts = clip_parts(spec)
+    if parts:
+        raise UserError(f"{target} has no place for {', '.join(parts)}, which this model has; convert it "
+                        f"--to safetensors, or back to the format it came from")
