@@ -11,6 +11,7 @@ safetensors            ours: one file, spec in its metadata       :mod:`pretrain
 deepspeed              our ZeRO training checkpoint (run/tag)     :mod:`.deepspeed_ckpt`
 deepspeed-universal    DeepSpeed universal checkpoint             :mod:`.deepspeed_ckpt`
 npz                    Google vit_jax / big_vision .npz           :mod:`.npz`
+openclip               OpenCLIP ViT image tower                   :mod:`.openclip`
 hf                     HF transformers ViT directory              :mod:`.hf`
 timm                   timm VisionTransformer state dict          :mod:`.timm`
 =====================  =========================================  ================================

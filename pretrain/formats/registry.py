@@ -17,6 +17,8 @@ deepspeed              a tag directory, or a checkpoints / run directory whose f
 deepspeed-universal    ``zero/`` + ``*model_states.pt``, or a directory whose first pointer is
                        ``latest_universal`` naming one
 npz                    ``*.npz``
+openclip               an OpenCLIP Hub folder (``open_clip_config.json``), or a weights file with a
+                       CLIP model's ``visual.*`` keys or an OpenCLIP image tower's
 hf                     a folder whose config.json names a ``model_type``, or its
                        ``model*.safetensors`` / ``pytorch_model.bin``
 timm                   a timm Hub folder, and every other ``.safetensors`` / ``.pth`` / ``.pt`` /
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pretrain.core.errors import UserError
-from pretrain.formats import deepspeed_ckpt, hf, npz, ours, timm
+from pretrain.formats import deepspeed_ckpt, hf, npz, openclip, ours, timm
 from pretrain.formats.state_dict import StateDict, check_state_dict, dtype_names, infer_spec
 from pretrain.model.vit import VisionTransformer, ViTSpec
 
@@ -110,6 +112,10 @@ REGISTRY: dict[str, WeightsFormat] = {f.name: f for f in (
         "npz", "Google vit_jax / big_vision .npz (written as vit_jax)",
         detect=npz.is_npz, read=npz.read_npz, write=npz.write_vit_jax_npz, suffixes=(".npz",),
         replaceable=Path.is_file, unrecorded_eps=("vit_jax and big_vision build", 1e-6)),
+    WeightsFormat(
+        "openclip", "OpenCLIP ViT image tower: a CLIP state dict (visual.*) or an open_clip Hub folder",
+        detect=openclip.is_openclip, read=openclip.read_openclip, write=openclip.write_openclip,
+        suffixes=(".safetensors",), oracle=Oracle("open_clip", openclip.openclip_oracle), replaceable=Path.is_file),
     WeightsFormat(
         "hf", "HF transformers ViT directory",
         detect=hf.is_hf, read=lambda p, heads: hf.read_hf(p), write=hf.write_hf, directory=True,
