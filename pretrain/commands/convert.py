@@ -6,6 +6,7 @@
     vitscale convert weights.safetensors hf_dir --to hf --verify
     vitscale convert weights.safetensors vit.pth --to timm --drop-head
     vitscale convert RUN_DIR ema.safetensors --to safetensors --ema         # the run's EMA weights
+    vitscale convert epoch_32.pt clip_tower.safetensors --to safetensors --verify   # OpenCLIP image tower
 
 The formats, their detection, readers, writers and oracles are the entries of
 :data:`pretrain.formats.registry.REGISTRY`. The source format is detected
@@ -20,8 +21,9 @@ temporary name and renamed into place.
 ``--verify`` checks the output under its temporary name before it is moved into place, on a
 fixed seeded batch, against every oracle at hand (:func:`pretrain.formats.convert.verify`): DST
 read back by vitscale (every missing / extra / mis-shaped key listed), the output library's own
-model (transformers for ``hf``, timm for ``timm``) and the source library's own model (transformers
-for a HF folder, timm for a timm file or Hub folder), each named with its version in the output.
+model (the registry entry's oracle: transformers for ``hf``, timm for ``timm``, open_clip for
+``openclip``) and the source library's own model (transformers for a HF folder, timm for a timm
+file or Hub folder, open_clip for an OpenCLIP file or Hub folder), each named with its version.
 When a max |diff| exceeds ``--atol`` (1e-4) or a key does not map, nothing is written (an
 existing DST is untouched), the last line says the max |diff| and the tolerance, and the exit
 status is 1.
