@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from pretrain import cli
 from pretrain.commands import convert
 from pretrain.core.errors import UserError
-from pretrain.formats import detect_format, load_safetensors, read_weights, save_safetensors
+from pretrain.formats import REGISTRY, detect_format, load_safetensors, read_weights, save_safetensors
 from pretrain.formats.inspect import inspect
 from pretrain.formats.npz import write_vit_jax_npz
 from pretrain.model.vit import VisionTransformer, build_model, spec_for
@@ -375,7 +375,7 @@ def test_a_failed_verify_writes_nothing(tmp_path, capsys):
 
 
 def test_verify_fails_on_a_broken_writer(tmp_path, monkeypatch, capsys):
-    """The writer (a test hook in the adapter table) corrupts one weight: verify fails before the
+    """The writer (a test hook in the format registry) corrupts one weight: verify fails before the
     output is moved into place, so nothing is written and an existing DST stays as it was."""
     src, _ = write_ours(tmp_path, PLAIN)
 
@@ -388,7 +388,7 @@ def test_verify_fails_on_a_broken_writer(tmp_path, monkeypatch, capsys):
     good = tmp_path / "good.npz"
     assert convert.main([str(src), str(good), "--to", "npz"]) == 0
     before = good.read_bytes()
-    monkeypatch.setitem(convert.ADAPTERS, "npz", replace(convert.ADAPTERS["npz"], write=broken))
+    monkeypatch.setitem(REGISTRY, "npz", replace(REGISTRY["npz"], write=broken))
     assert convert.main([str(src), str(tmp_path / "bad.npz"), "--to", "npz", "--verify"]) == 1
     assert convert.main([str(src), str(good), "--to", "npz", "--verify", "--force"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.npz", "ours.safetensors"]

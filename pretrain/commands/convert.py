@@ -6,10 +6,13 @@
     vitscale convert weights.safetensors hf_dir --to hf --verify
     vitscale convert weights.safetensors vit.pth --to timm --drop-head
     vitscale convert RUN_DIR ema.safetensors --to safetensors --ema         # the run's EMA weights
+    vitscale convert epoch_32.pt clip_tower.safetensors --to safetensors --verify   # OpenCLIP image tower
 
-The source format is detected (:func:`pretrain.formats.detect_format`) or given with ``--from``;
-the conversion itself is :mod:`pretrain.formats.convert`. ``deepspeed-universal`` needs a ZeRO
-checkpoint as source and wraps DeepSpeed's ``ds_to_universal``.
+The formats, their detection, readers, writers and oracles are the entries of
+:data:`pretrain.formats.registry.REGISTRY`. The source format is detected
+(:func:`pretrain.formats.detect_format`) or given with ``--from``; the conversion itself is
+:mod:`pretrain.formats.convert`. ``deepspeed-universal`` needs a ZeRO checkpoint as source and
+wraps DeepSpeed's ``ds_to_universal``.
 
 Safety: an existing DST is never replaced without ``--force``; with it, a DST directory is only
 replaced when it is itself a checkpoint of the target format. Outputs are written under a
@@ -18,8 +21,9 @@ temporary name and renamed into place.
 ``--verify`` checks the output under its temporary name before it is moved into place, on a
 fixed seeded batch, against every oracle at hand (:func:`pretrain.formats.convert.verify`): DST
 read back by vitscale (every missing / extra / mis-shaped key listed), the output library's own
-model (transformers for ``hf``, timm for ``timm``) and the source library's own model (transformers
-for a HF folder, timm for a timm file or Hub folder), each named with its version in the output.
+model (the registry entry's oracle: transformers for ``hf``, timm for ``timm``, open_clip for
+``openclip``) and the source library's own model (transformers for a HF folder, timm for a timm
+file or Hub folder, open_clip for an OpenCLIP file or Hub folder), each named with its version.
 When a max |diff| exceeds ``--atol`` (1e-4) or a key does not map, nothing is written (an
 existing DST is untouched), the last line says the max |diff| and the tolerance, and the exit
 status is 1.
@@ -33,9 +37,7 @@ from pathlib import Path
 
 from pretrain.checkpoint.universal import to_universal
 from pretrain.core.errors import UserError
-from pretrain.formats import FORMATS, detect_format, read_weights
 from pretrain.formats.convert import (
-    ADAPTERS,
     Source,
     check_dst,
     remove,
@@ -45,9 +47,9 @@ from pretrain.formats.convert import (
     write_converted,
 )
 from pretrain.formats.deepspeed_ckpt import consolidate_deepspeed, resolve_deepspeed_checkpoint
-from pretrain.formats.hf import hf_architecture
+from pretrain.formats.registry import detect_format, format_names, read_weights, weights_format, writable_names
 from pretrain.formats.state_dict import DTYPES, StateDict, cast, drop_head, require_spec
-from pretrain.model.vit import DEFAULT_NORM_EPS, ViTSpec
+from pretrain.model.vit import ViTSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="examples:\n" + examples)
     p.add_argument("src", type=Path, help="source checkpoint (file or directory)")
     p.add_argument("dst", type=Path, help="output file or directory")
-    p.add_argument("--to", required=True, choices=list(ADAPTERS), help="output format")
-    p.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (detected by default)")
+    p.add_argument("--to", required=True, choices=writable_names(), help="output format")
+    p.add_argument("--from", dest="src_format", choices=format_names(), help="source format (detected by default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="output dtype (npz is always fp32)")
     p.add_argument("--heads", type=int, help="attention heads, for sources that do not store them (.pth)")
     p.add_argument("--drop-head", action="store_true", help="write the backbone only (no pre_logits / head)")
@@ -88,7 +90,7 @@ def _print_meta_notes(meta: dict) -> None:
 
 def _convert_universal(args: argparse.Namespace) -> int:
     fmt = args.src_format or detect_format(args.src)
-    if fmt != "deepspeed":
+    if fmt != weights_format(args.to).written_from:
         raise UserError(f"--to deepspeed-universal needs a DeepSpeed ZeRO checkpoint as SRC; {args.src} "
                         f"is {fmt!r}")
     if args.dst.name.startswith("step_") and (args.dst.parent / "latest").is_file():
@@ -129,7 +131,8 @@ def main(argv: list[str]) -> int:
     if not args.src.exists():
         raise UserError(f"{args.src} does not exist")
     check_dst(args.src, args.dst, args.to, args.force)
-    if args.to == "deepspeed-universal":
+    target = weights_format(args.to)
+    if target.write is None:
         return _convert_universal(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,9 +146,9 @@ def main(argv: list[str]) -> int:
     sd = cast(sd, DTYPES[args.dtype])
     if args.to == "npz" and args.dtype != "fp32":
         print("note: .npz is written in float32 (numpy has no bfloat16), holding the bf16-rounded values")
-    if spec.norm_eps != DEFAULT_NORM_EPS and args.to in ("npz", "timm"):
-        readers = "timm builds" if args.to == "timm" else "vit_jax and big_vision build"
-        print(f"warning: {args.to} files do not record the LayerNorm epsilon and {readers} the ViT with 1e-6; "
+    if target.unrecorded_eps is not None and spec.norm_eps != target.unrecorded_eps[1]:
+        readers, eps = target.unrecorded_eps
+        print(f"warning: {args.to} files do not record the LayerNorm epsilon and {readers} the ViT with {eps:g}; "
               f"this model uses {spec.norm_eps:g}, so its outputs there differ slightly (--verify measures by "
               f"how much). --to safetensors and --to hf keep it")
 
@@ -156,6 +159,6 @@ def main(argv: list[str]) -> int:
 
     if not write_converted(sd, spec, args.dst, args.to, meta, check if args.verify else None):
         return 1
-    kind = f"{args.to}, {hf_architecture(spec)}" if args.to == "hf" else args.to
+    kind = target.output_kind(spec) if target.output_kind else args.to
     print(f"wrote {args.dst} ({kind}): {_summary(sd, spec)}")
     return 0

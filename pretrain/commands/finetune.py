@@ -8,7 +8,8 @@ zero-initialised Linear head, position embeddings resampled to the new grid. SOU
 a consolidated safetensors file, a Google vit_jax / big_vision ``.npz``, a timm state dict or a
 HuggingFace ViT directory, as it is. What the weights fix and the config leaves open comes from
 SOURCE: without ``model.name`` the architecture (patch, width, depth, MLP, heads, pooling; keys the
-config sets win), without ``model.norm_eps`` the LayerNorm epsilon. These are added to the
+config sets win), and whatever of the LayerNorm epsilon and the CLIP-tower parts (``pre_norm``,
+``patch_bias``, ``act``, ``proj_dim``: an OpenCLIP source) the config does not set. These are added to the
 overrides the ranks get, so they are recorded in the run's config and a relaunch derives the same.
 Optimizer state is never carried over. Training then runs through the
 same engine, loop, logging and resume as pretraining (relaunching resumes the fine-tune run; the
@@ -26,6 +27,8 @@ from pretrain.train.config_file import apply_overrides, load_config, read_yaml
 # the fields of the architecture the weights fix (img_size, num_classes, representation_size are the
 # fine-tune's own choice)
 _ARCH = ("patch_size", "width", "depth", "mlp_dim", "heads", "pool")
+# what only the weights know (no variant name fixes them): from finetune.init unless the config sets them
+_FROM_WEIGHTS = ("norm_eps", "pre_norm", "patch_bias", "act", "proj_dim")
 
 
 def _source_spec(cfg, fmt: str, heads: int | None):
@@ -41,11 +44,14 @@ def _source_spec(cfg, fmt: str, heads: int | None):
 def _from_init(cfg, given: set[str], fmt: str) -> tuple[list[str], object]:
     """(overrides that give the model what the init weights fix and the config leaves open, the
     init's spec or None). Without ``model.name`` the architecture (``_ARCH``, each key the config
-    does not set) is the weights'; without ``model.norm_eps`` the LayerNorm epsilon is."""
-    from pretrain.model.vit import variant_of
+    does not set) is the weights'; so is each of ``_FROM_WEIGHTS`` the config does not set (the
+    LayerNorm epsilon always, the CLIP-tower fields where they are not their defaults)."""
+    import json
+
+    from pretrain.model.vit import ViTSpec, variant_of
 
     need_arch = "name" not in given and any(k not in given for k in _ARCH)
-    if not need_arch and "norm_eps" in given:
+    if not need_arch and all(k in given for k in _FROM_WEIGHTS):
         return [], None
     src = _source_spec(cfg, fmt, cfg.model.heads if "heads" in given else None)
     if src is None:
@@ -62,6 +68,9 @@ def _from_init(cfg, given: set[str], fmt: str) -> tuple[list[str], object]:
         out += [f"model.{k}={getattr(src, k)}" for k in _ARCH if k not in given]
     if "norm_eps" not in given:
         out.append(f"model.norm_eps={src.norm_eps!r}")
+    default = ViTSpec()
+    out += [f"model.{k}={json.dumps(getattr(src, k))}" for k in _FROM_WEIGHTS[1:]
+            if k not in given and getattr(src, k) != getattr(default, k)]
     return out, src
 
 
@@ -85,12 +94,12 @@ def main(argv: list[str]) -> int:
     if not cfg.finetune.init:
         raise UserError("finetune needs weights to start from: pass --init SOURCE (a run dir, checkpoint, "
                         ".safetensors, .npz, timm file or HF directory)")
-    from pretrain.formats import detect_format
+    from pretrain.formats.registry import detect_format, weights_format
     from pretrain.model.vit import DEFAULT_NORM_EPS
     from pretrain.train.spawn import in_launched_job
 
     fmt = detect_format(cfg.finetune.init)
-    if cfg.finetune.init_weights == "ema" and fmt != "deepspeed":
+    if cfg.finetune.init_weights == "ema" and weights_format(fmt).read_ema is None:
         raise UserError(f"finetune.init_weights=ema needs a vitscale training checkpoint as --init; "
                         f"{cfg.finetune.init} is {fmt!r}, which holds one set of weights: drop finetune.init_weights")
     given = set(apply_overrides(read_yaml(args.config) if args.config else {}, overrides).get("model") or {})

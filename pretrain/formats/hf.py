@@ -51,9 +51,9 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
-from pretrain.formats.state_dict import StateDict, first_keys, warn
-from pretrain.formats.timm import load_torch_state_dict
-from pretrain.model.vit import ViTSpec
+from pretrain.formats.state_dict import StateDict, first_keys, max_abs_diff, refuse_clip_parts, warn
+from pretrain.formats.timm import hub_config, load_torch_state_dict
+from pretrain.model.vit import VisionTransformer, ViTSpec
 
 HEAD_FILE = "vitscale_head.safetensors"
 HF_DEFAULT_EPS = 1e-12  # ViTConfig's layer_norm_eps, which save_pretrained leaves out of config.json
@@ -86,6 +86,23 @@ def is_hf_dir(p: Path) -> bool:
         return "model_type" in json.loads((p / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
         return False
+
+
+def is_hf(p: Path) -> bool:
+    """A HF folder (:func:`is_hf_dir`), or its weights file beside its config.json: ``model*.safetensors``
+    or ``pytorch_model.bin`` (not a timm Hub folder's). A lone ``.safetensors`` with HF key names is a
+    :class:`UserError`: the config.json is needed."""
+    if p.is_dir():
+        return is_hf_dir(p)
+    suffix = p.suffix.lower()
+    beside = (p.parent / "config.json").is_file() and hub_config(p.parent) is None
+    if suffix == ".safetensors":
+        if p.name.startswith("model") and beside:
+            return True
+        if any(".encoder.layer." in k or k.startswith("encoder.layer.") for k in read_header(p)[1]):
+            raise UserError(f"{p} holds HF transformers ViT weights; pass the directory with its config.json")
+        return False
+    return p.name == "pytorch_model.bin" and beside
 
 
 def _load_hf_tensors(d: Path) -> StateDict:
@@ -189,6 +206,7 @@ def hf_config(spec: ViTSpec, dtype: torch.dtype) -> dict:
     if spec.pool != "cls":
         raise UserError("HF transformers' ViT always pools the class token; a global-average-pooled model "
                         "(pool 'gap') has no HF equivalent. Convert --to timm / npz / safetensors instead")
+    refuse_clip_parts(spec, "HF transformers' ViT")
     arch = hf_architecture(spec)
     cfg = {
         "architectures": [arch], "model_type": "vit", "hidden_size": spec.width,
@@ -234,8 +252,9 @@ def to_hf(sd: StateDict, spec: ViTSpec) -> tuple[StateDict, StateDict]:
     return hf, head
 
 
-def write_hf(sd: StateDict, spec: ViTSpec, out_dir: str | Path) -> None:
-    """Write config.json + model.safetensors (+ the head file) into ``out_dir`` (created)."""
+def write_hf(sd: StateDict, spec: ViTSpec, out_dir: str | Path, meta: dict | None = None) -> None:
+    """Write config.json + model.safetensors (+ the head file) into ``out_dir`` (created); ``meta``
+    (what a conversion read with the source) is not recorded."""
     out_dir = Path(out_dir)
     dtype = next(iter(sd.values())).dtype
     cfg = hf_config(spec, dtype)
@@ -262,3 +281,20 @@ def load_hf_model(path: str | Path):
     pooler = "pooler.dense.weight" in read_header(weights)[1] if weights.is_file() else True
     model = transformers.ViTModel.from_pretrained(str(path), add_pooling_layer=pooler, dtype=torch.float32)
     return model.eval()
+
+
+def hf_oracle(path: Path, spec: ViTSpec, ours: VisionTransformer, x: torch.Tensor) -> tuple[str, float]:
+    """transformers' own model loaded from the HF folder ``path``, against ``ours``."""
+    import transformers
+
+    hf = load_hf_model(path)
+    name = f"transformers {transformers.__version__} {type(hf).__name__}"
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        feats = ours.forward_features(x)
+        if type(hf).__name__ == "ViTForImageClassification":
+            return f"{name} logits", max_abs_diff(out.logits, ours.forward_head(feats))
+        if spec.representation_size:
+            return (f"{name} pooler_output (our pre-logits)",
+                    max_abs_diff(out.pooler_output, ours.forward_head(feats, pre_logits=True)))
+        return f"{name} last_hidden_state", max_abs_diff(out.last_hidden_state, feats)

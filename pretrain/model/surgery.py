@@ -2,9 +2,14 @@
 
 The ViT paper fine-tunes by dropping the pretraining head (``pre_logits`` Linear+tanh and
 ``head``), putting one zero-initialised Linear in its place and interpolating ``pos_embed`` to the
-new patch grid. Everything else must match the target model exactly; anything that does not is a
-user mistake (wrong ``model.name`` for the checkpoint, a checkpoint in another key layout) and is
-raised as :class:`~pretrain.core.errors.UserError` naming the keys, the shapes and the likely cause.
+new patch grid. A CLIP image tower's output projection (``proj``, :class:`ViTSpec` ``proj_dim``) is
+part of the backbone: it is kept, and the new head reads the image embedding, when the target has
+``proj_dim``; a target without one (``model.proj_dim=null``) drops it and reads the normed class
+token, as timm's fine-tuned CLIP models do.
+
+Everything else must match the target model exactly; anything that does not is a user mistake
+(wrong ``model.name`` for the checkpoint, a checkpoint in another key layout) and is raised as
+:class:`~pretrain.core.errors.UserError` naming the keys, the shapes and the likely cause.
 
 Input is a state dict in the layout of :mod:`pretrain.model.vit` (other formats are converted before
 they get here). Optimizer state is never involved.
@@ -23,6 +28,7 @@ from pretrain.model.vit import VisionTransformer, ViTSpec, build_model, variant_
 
 _HEAD = "head."
 _PRE_LOGITS = "pre_logits."
+_PROJ = "proj."
 _SHOWN = 5
 
 
@@ -181,7 +187,8 @@ def finetune_state_dict(
 ) -> tuple[dict[str, torch.Tensor], SurgeryReport]:
     """Fine-tune weights for ``VisionTransformer(target)`` from a pretrained state dict.
 
-    Drops every ``head.*`` key and, unless ``keep_pre_logits``, every ``pre_logits.*`` key;
+    Drops every ``head.*`` key, unless ``keep_pre_logits`` every ``pre_logits.*`` key, and the
+    projection ``proj.*`` when ``target.proj_dim`` is None (see the module docstring);
     resamples ``pos_embed`` from the source grid (square, inferred from the token count and
     ``target.num_prefix_tokens``, or ``source_grid`` for a non-square one) to ``target.grid``
     with ``mode`` (see :mod:`pretrain.model.pos_embed`); adds a new head of ``target.num_classes``
@@ -205,12 +212,13 @@ def finetune_state_dict(
             f"Linear, so set model.representation_size to null, or set keep_pre_logits to keep the layer."
         )
     drop = (_HEAD,) if keep_pre_logits else (_HEAD, _PRE_LOGITS)
+    drop += () if target.proj_dim else (_PROJ,)
     report = SurgeryReport(dropped=[k for k in source if k.startswith(drop)])
     kept = {k: v for k, v in source.items() if not k.startswith(drop)}
     report.new = [f"{_HEAD}weight", f"{_HEAD}bias"] if target.num_classes > 0 else []
     out = _transfer(kept, source, target, report.new, mode, source_grid, report)
     if target.num_classes > 0:
-        d = target.representation_size or target.width
+        d = target.representation_size or target.feature_dim
         dtype = source["pos_embed"].dtype
         out[f"{_HEAD}weight"] = torch.zeros(target.num_classes, d, dtype=dtype)
         out[f"{_HEAD}bias"] = torch.full((target.num_classes,), head_bias_init, dtype=dtype)

@@ -19,7 +19,7 @@ from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
 from pretrain.core.errors import require as _check
 from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
-from pretrain.model.vit import ViTSpec, spec_for
+from pretrain.model.vit import ACTIVATIONS, ViTSpec, spec_for
 from pretrain.train.fewshot_config import FewshotConfig
 
 
@@ -54,6 +54,11 @@ class ModelConfig:
     representation_size: int | str | None = "auto"  # "auto" = width (pre-logits); None = linear head
     pool: str = "cls"
     norm_eps: float | None = None  # LayerNorm epsilon; None: 1e-6, or in fine-tuning that of finetune.init
+    # CLIP image towers (OpenCLIP weights); in fine-tuning taken from finetune.init unless set here
+    pre_norm: bool = False  # LayerNorm before the blocks (ln_pre)
+    patch_bias: bool = True  # the patch embedding has a bias
+    act: str = "gelu"  # MLP activation: "gelu" or "quick_gelu"
+    proj_dim: int | None = None  # bias-free projection of the pooled token (CLIP's proj); null: none
     # how it runs
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -80,6 +85,9 @@ class ModelConfig:
         _check(self.pool in ("cls", "gap"), "model.pool", self.pool, "use 'cls' or 'gap'")
         _check(self.norm_eps is None or 0.0 < self.norm_eps < 1.0, "model.norm_eps", self.norm_eps,
                "must be a small positive number (1e-6 as vit_jax / timm, 1e-12 as HF), or null for 1e-6")
+        _check(self.act in ACTIVATIONS, "model.act", self.act, f"use one of {', '.join(ACTIVATIONS)}")
+        _check(self.proj_dim is None or self.proj_dim > 0, "model.proj_dim", self.proj_dim,
+               "must be a positive integer (CLIP's embedding width), or null for no projection")
         rep = self.representation_size
         _check(rep is None or rep == "auto" or (isinstance(rep, int) and rep > 0),
                "model.representation_size", rep, "use 'auto' (= width), a positive int, or null")
