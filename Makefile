@@ -2,7 +2,7 @@
 # Both set up their own environment first (scripts/setup_env.sh).
 PY := $(if $(VIRTUAL_ENV),python,.venv/bin/python)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint wheel-check
 setup:
 	@bash scripts/setup_env.sh
 
@@ -14,3 +14,6 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+wheel-check: setup
+	@bash scripts/check_wheel.sh

@@ -1,4 +1,4 @@
-"""``vitscale shards {write,verify,stats,synth}``: offline work on WebDataset shard folders.
+"""``vitscale shards {write,index,verify,stats,synth}``: offline work on WebDataset shard sets.
 
 ``main(argv) -> int`` is called by the top-level ``vitscale`` dispatcher, which turns a
 :class:`~pretrain.core.errors.UserError` into a one-paragraph message and exit status 2.
@@ -18,7 +18,7 @@ from pretrain.data.shards import SKIPPED_FILE
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitscale shards",
                                      description="write, verify and describe WebDataset shard folders")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,verify,stats,synth}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,index,verify,stats,synth}")
 
     write = sub.add_parser("write", help="write an ImageFolder tree or CSV/JSONL manifest as shards")
     write.add_argument("src", type=Path, help="ImageFolder directory, or manifest .csv / .jsonl")
@@ -45,13 +45,25 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--seed", type=int, default=0, help="seed for the split and the sample order")
     write.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    verify = sub.add_parser("verify", help="decode every sample and check it against index.json")
-    verify.add_argument("out", type=Path)
+    index = sub.add_parser("index", help="write index.json for shards you already have (the shards are not changed)")
+    index.add_argument("out", metavar="SET", help="folder, brace pattern or glob of local .tar shards")
+    index.add_argument("--split", default="train", metavar="NAME",
+                       help="split the shards form (default train; run again with --split val for a val set)")
+    index.add_argument("--label-key", default=None, metavar="FIELD", help="the .json field holding the label")
+    index.add_argument("--force", action="store_true", help="re-index a split the index already has")
+    index.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    index.add_argument("--no-progress", action="store_true")
+
+    set_help = "shard folder (indexed or not), brace pattern, glob, URLs or a comma list of them"
+    verify = sub.add_parser("verify", help="decode every sample and check it (against index.json when there is one)")
+    verify.add_argument("out", metavar="SET", help=set_help)
+    verify.add_argument("--label-key", default=None, metavar="FIELD", help="the .json field holding the label")
     verify.add_argument("--workers", type=int, default=default_workers(), metavar="W")
     verify.add_argument("--no-progress", action="store_true")
 
     stats = sub.add_parser("stats", help="samples, class histogram, image sizes")
-    stats.add_argument("out", type=Path)
+    stats.add_argument("out", metavar="SET", help=set_help)
+    stats.add_argument("--label-key", default=None, metavar="FIELD", help="the .json field holding the label")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--workers", type=int, default=default_workers(), metavar="W")
     stats.add_argument("--no-progress", action="store_true")
@@ -93,18 +105,33 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from data_tools.catalog import format_index, write_index
+
+    t0 = time.perf_counter()
+    index = write_index(args.out, args.split, args.label_key, args.workers, args.force, not args.no_progress)
+    folder = Path(args.out) if Path(args.out).is_dir() else Path(args.out).parent
+    print(format_index(index, args.split, folder, time.perf_counter() - t0))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
+    from data_tools.catalog import open_catalog
     from data_tools.verify import format_reports, verify
 
-    reports, good = verify(args.out, workers=args.workers, progress=not args.no_progress)
-    print(format_reports(reports, good))
+    catalog = open_catalog(args.out, args.label_key)
+    reports, good = verify(args.out, workers=args.workers, progress=not args.no_progress, label_key=args.label_key,
+                           catalog=catalog)
+    print(format_reports(reports, good, catalog))
     return 1 if any(r.problems for r in reports) else 0
 
 
 def _stats(args: argparse.Namespace) -> int:
     from data_tools.stats import collect_stats, format_stats
 
-    stats = collect_stats(args.out, workers=args.workers, progress=not args.no_progress)
+    stats = collect_stats(args.out, workers=args.workers, progress=not args.no_progress, label_key=args.label_key)
     print(json.dumps(stats) if args.json else format_stats(stats))
     return 0
 
@@ -112,4 +139,4 @@ def _stats(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (without the leading ``shards``) and run the subcommand; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"write": _write, "verify": _verify, "stats": _stats, "synth": _synth}[args.command](args)
+    return {"write": _write, "index": _index, "verify": _verify, "stats": _stats, "synth": _synth}[args.command](args)

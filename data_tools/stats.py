@@ -15,16 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_tools.catalog import Catalog, open_catalog
 from data_tools.parallel import default_workers, map_with_progress
-from pretrain.data.shards import (
-    SampleError,
-    ShardReadError,
-    decode_label,
-    index_entries,
-    iter_tar_samples,
-    load_classes,
-    load_index,
-)
+from pretrain.data.shards import SampleError, ShardReadError, decode_label, iter_tar_samples
 
 _TOP = 10
 
@@ -41,22 +34,23 @@ class ShardStats:
     unreadable: int = 0
 
 
-def _labels(files: dict[str, bytes], multi_label: bool, num_classes: int) -> list[int] | None:
+def _labels(files: dict[str, bytes], multi_label: bool, num_classes: int,
+            label_key: str | None = None) -> list[int] | None:
     try:
-        value = decode_label(files, num_classes, multi_label)
+        value = decode_label(files, num_classes, multi_label, label_key)
     except SampleError:
         return None
     return value if multi_label else [value]
 
 
-def shard_stats(args: tuple[str, bool, int]) -> ShardStats:
+def shard_stats(args: tuple[str, bool, int, str | None]) -> ShardStats:
     """Tally one shard (runs in a worker); damaged samples count as unreadable."""
-    path, multi_label, num_classes = args
+    path, multi_label, num_classes, label_key = args
     stats = ShardStats()
     try:
         for sample in iter_tar_samples(path):
             stats.samples += 1
-            labels = _labels(sample.files, multi_label, num_classes)
+            labels = _labels(sample.files, multi_label, num_classes, label_key)
             image = sample.image()
             try:
                 if image is None or labels is None:
@@ -81,20 +75,22 @@ def _spread(values: list[int]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def collect_stats(out: Path, workers: int | None = None, progress: bool = True) -> dict:
-    """Statistics of every split of ``out`` as one JSON-able dict."""
-    index = load_index(out)
-    classes = load_classes(out)
-    multi_label = bool(index["multi_label"])
+def collect_stats(out: Path | str, workers: int | None = None, progress: bool = True, label_key: str | None = None,
+                  catalog: Catalog | None = None) -> dict:
+    """Statistics of every split of the set ``out`` (indexed or not, see :mod:`data_tools.catalog`)
+    as one JSON-able dict."""
+    catalog = catalog or open_catalog(out, label_key)
+    classes = catalog.classes or []
+    multi_label = catalog.multi_label
     jobs, weights, split_of = [], [], []
-    for split, entry in index_entries(index):
-        jobs.append((str(out / entry["file"]), multi_label, int(index["num_classes"])))
+    for split, entry in catalog.entries:
+        jobs.append((entry["url"], multi_label, catalog.label_bound, label_key))
         weights.append(int(entry.get("samples", 1)))
         split_of.append(split)
     total = ShardStats()
     per_split: Counter = Counter()
     results = map_with_progress(_indexed_stats, list(enumerate(jobs)), workers or default_workers(), weights,
-                                desc=f"reading {out.name}", show=progress)
+                                desc=f"reading {catalog.name}", show=progress)
     for i, stats in results:
         per_split[split_of[i]] += stats.samples
         total.samples += stats.samples
@@ -103,7 +99,8 @@ def collect_stats(out: Path, workers: int | None = None, progress: bool = True) 
         total.widths += stats.widths
         total.heights += stats.heights
         total.labels_per_image += stats.labels_per_image
-    name = {i: (classes[i] if i < len(classes) else str(i)) for i in range(int(index["num_classes"]))}
+    num_classes = catalog.num_classes if catalog.num_classes is not None else max(total.label_counts, default=-1) + 1
+    name = {i: (classes[i] if i < len(classes) else str(i)) for i in range(num_classes)}
     ranked = sorted(name, key=lambda i: (-total.label_counts[i], i))
 
     def row(i: int) -> dict:
@@ -111,9 +108,11 @@ def collect_stats(out: Path, workers: int | None = None, progress: bool = True) 
 
     result = {
         "samples": total.samples,
-        "splits": {s: {"samples": per_split[s], "shards": len(info.get("shards", [])),
-                       "bytes": info.get("bytes")} for s, info in index["splits"].items()},
-        "num_classes": int(index["num_classes"]),
+        "splits": {s: {"samples": per_split[s], "shards": split_of.count(s),
+                       "bytes": catalog.splits.get(s, {}).get("bytes")} for s in dict.fromkeys(split_of)},
+        "num_classes": num_classes,
+        "indexed": catalog.indexed,
+        "notes": catalog.notes,
         "multi_label": multi_label,
         "classes_without_samples": sum(1 for i in name if total.label_counts[i] == 0),
         "top_classes": [row(i) for i in ranked[:_TOP]],
@@ -134,12 +133,13 @@ def _indexed_stats(item: tuple[int, tuple[str, bool, int]]) -> tuple[int, ShardS
 
 def format_stats(stats: dict) -> str:
     """The human-readable report of :func:`collect_stats`."""
-    lines = [f"samples: {stats['samples']}"]
+    lines = [*stats.get("notes", []), f"samples: {stats['samples']}"]
     for split, info in stats["splits"].items():
         size = f", {info['bytes'] / 1e6:.1f} MB" if info.get("bytes") is not None else ""
         lines.append(f"  {split}: {info['samples']} samples in {info['shards']} shards{size}")
     kind = "multi-label" if stats["multi_label"] else "single-label"
-    lines.append(f"classes: {stats['num_classes']} ({kind}), "
+    counted = "" if stats.get("indexed", True) else ", counted from the labels found (no index)"
+    lines.append(f"classes: {stats['num_classes']} ({kind}{counted}), "
                  f"{stats['classes_without_samples']} without samples")
     for title, key in (("most frequent", "top_classes"), ("least frequent", "bottom_classes")):
         lines.append(f"{title}:")

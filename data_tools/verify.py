@@ -1,9 +1,13 @@
-"""``vitscale shards verify OUT``: prove that every sample of a shard folder can be trained on.
+"""``vitscale shards verify SET``: prove that every sample of a shard set can be trained on.
 
-For every shard named in ``index.json``: the file exists, its size and SHA-256 match the index,
-the tar reads to the end, every sample has exactly one decodable image and a valid label
-(``.cls`` in range for single-label; ``.json`` with a ``labels`` list of in-range integers for
-multi-label), no key repeats (within or across shards), and the sample count matches the index.
+``SET`` is anything ``data.train`` takes (:mod:`data_tools.catalog`): a folder written by
+``shards write`` or indexed by ``shards index``, a folder of third-party tars, a brace pattern,
+a glob, URLs. For every shard: the file exists, its size and SHA-256 match the index (when there
+is one), the tar reads to the end, every sample has exactly one decodable image and a valid
+label (``.cls`` / integer ``.txt`` / ``.json`` ``label`` in range for single-label; a ``.json``
+``labels`` list of in-range integers for multi-label; see :func:`pretrain.data.shards.decode_label`),
+no key repeats (within or across shards), and the sample count matches the index. Without an
+index the class count is unknown: labels must be non-negative and the report gives their range.
 Images are decoded in full (JPEGs at 1/8 DCT scale, which still reads the whole bitstream).
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_tools.catalog import Catalog, open_catalog
 from data_tools.encode import SkipSample, decode_image
 from data_tools.parallel import default_workers, map_with_progress
 from pretrain.core.files import sha256_file
@@ -21,9 +26,8 @@ from pretrain.data.shards import (
     TarSample,
     decode_label,
     image_bytes,
-    index_entries,
+    is_remote,
     iter_tar_samples,
-    load_index,
 )
 
 
@@ -31,11 +35,12 @@ from pretrain.data.shards import (
 class ShardCheck:
     """What a worker needs to check one shard."""
 
-    out_dir: str
+    url: str
     split: str
     entry: dict
     multi_label: bool
     num_classes: int
+    label_key: str | None = None
 
 
 @dataclass
@@ -49,19 +54,21 @@ class ShardReport:
     good: int = 0
     problems: list[str] = field(default_factory=list)
     keys: list[tuple[str, bool]] = field(default_factory=list)
+    max_label: int = -1
 
 
-def _sample_problem(sample: TarSample, check: ShardCheck) -> str | None:
+def _sample_problem(sample: TarSample, check: ShardCheck, report: ShardReport) -> str | None:
     if sample.duplicate_members:
         return f"duplicate members {', '.join(sample.duplicate_members)}"
     try:
         data = image_bytes(sample)
         decode_image(data, draft_to=lambda w, h: (max(1, w // 8), max(1, h // 8)))
-        decode_label(sample.files, check.num_classes, check.multi_label)
+        label = decode_label(sample.files, check.num_classes, check.multi_label, check.label_key)
     except SkipSample as err:
         return f"undecodable image: {err}"
     except SampleError as err:
         return str(err)
+    report.max_label = max(report.max_label, *(label if isinstance(label, list) else [label]))
     return None
 
 
@@ -69,20 +76,21 @@ def verify_shard(check: ShardCheck) -> ShardReport:
     """Check one shard (runs in a worker); never raises for damaged data."""
     entry = check.entry
     report = ShardReport(file=entry.get("file", "?"), split=check.split)
-    path = Path(check.out_dir) / report.file
-    if not path.is_file():
-        report.problems.append("missing shard file")
-        return report
-    size = path.stat().st_size
-    if "bytes" in entry and size != entry["bytes"]:
-        report.problems.append(f"size {size} bytes, index.json says {entry['bytes']}")
-    if "sha256" in entry and sha256_file(path) != entry["sha256"]:
-        report.problems.append("checksum mismatch (sha256 differs from index.json)")
+    path = check.url
+    if not is_remote(path):
+        if not Path(path).is_file():
+            report.problems.append("missing shard file")
+            return report
+        size = Path(path).stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            report.problems.append(f"size {size} bytes, index.json says {entry['bytes']}")
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            report.problems.append("checksum mismatch (sha256 differs from index.json)")
     seen: set[str] = set()
     try:
         for sample in iter_tar_samples(path, check_end=True):
             report.samples += 1
-            problem = _sample_problem(sample, check)
+            problem = _sample_problem(sample, check, report)
             if sample.key in seen:
                 problem = "duplicate key within the shard"
             seen.add(sample.key)
@@ -99,17 +107,18 @@ def verify_shard(check: ShardCheck) -> ShardReport:
     return report
 
 
-def verify(out: Path, workers: int | None = None, progress: bool = True) -> tuple[list[ShardReport], int]:
-    """Check every shard in ``out/index.json``; return the reports and the number of good samples.
+def verify(out: Path | str, workers: int | None = None, progress: bool = True, label_key: str | None = None,
+           catalog: Catalog | None = None) -> tuple[list[ShardReport], int]:
+    """Check every shard of the set ``out``; return the reports and the number of good samples.
 
     A key repeated across shards is reported on the later shard and not counted as good there.
     """
-    index = load_index(out)
-    checks = [ShardCheck(str(out), split, entry, bool(index["multi_label"]), int(index["num_classes"]))
-              for split, entry in index_entries(index)]
+    catalog = catalog or open_catalog(out, label_key)
+    checks = [ShardCheck(entry["url"], split, entry, catalog.multi_label, catalog.label_bound, label_key)
+              for split, entry in catalog.entries]
     weights = [int(c.entry.get("samples", 1)) for c in checks]
     reports = list(map_with_progress(verify_shard, checks, default_workers() if workers is None else workers,
-                                     weights, desc=f"verifying {out.name}", show=progress))
+                                     weights, desc=f"verifying {catalog.name}", show=progress))
     order = {(c.split, c.entry.get("file")): i for i, c in enumerate(checks)}
     reports.sort(key=lambda r: order[(r.split, r.file)])
     owner: dict[str, str] = {}
@@ -122,9 +131,10 @@ def verify(out: Path, workers: int | None = None, progress: bool = True) -> tupl
     return reports, sum(r.good for r in reports)
 
 
-def format_reports(reports: list[ShardReport], good: int) -> str:
-    """Human summary: every bad shard with its problems, the good samples of each split, then the totals."""
-    lines = []
+def format_reports(reports: list[ShardReport], good: int, catalog: Catalog | None = None) -> str:
+    """Human summary: every bad shard with its problems, the good samples of each split, then the
+    totals (and, for a set without an index, the label range found)."""
+    lines = list(catalog.notes) if catalog is not None else []
     for report in reports:
         if report.problems:
             lines.append(f"BAD {report.file} ({report.split}):")
@@ -135,6 +145,11 @@ def format_reports(reports: list[ShardReport], good: int) -> str:
                      f"in {len(mine)} shards")
     total = sum(r.samples for r in reports)
     bad = sum(1 for r in reports if r.problems)
+    if catalog is not None and catalog.num_classes is None:
+        top = max((r.max_label for r in reports), default=-1)
+        kind = "multi-label" if catalog.multi_label else "single-label"
+        lines.append(f"labels ({kind}): 0..{top}, so model.num_classes must be at least {top + 1}" if top >= 0
+                     else "labels: none readable")
     lines.append(f"{good} good samples of {total} read in {len(reports)} shards; "
                  + (f"{bad} shard(s) with problems" if bad else "all shards OK"))
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from launch import accelerate_cfg, hostfile, slurm
 from pretrain.core.errors import UserError
 from pretrain.train.config import Config
 from pretrain.train.config_file import load_config, save_config
+from pretrain.train.recipes import CONFIG_HELP
 
 COMMANDS = ("pretrain", "finetune")
 
@@ -64,7 +65,7 @@ def resolve_run(args: argparse.Namespace, world_size: int) -> tuple[Config, Path
 
 def _parser(name: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"vitscale launch {name}", description=description)
-    ap.add_argument("--config", required=True, help="run recipe YAML")
+    ap.add_argument("--config", required=True, help=CONFIG_HELP)
     ap.add_argument("--command", choices=COMMANDS, default="pretrain", help="what each rank runs")
     ap.add_argument("overrides", nargs="*", help="section.key=value, baked into RUN_DIR/config.yaml")
     ap.add_argument("--no-checks", action="store_true",
@@ -155,11 +156,15 @@ def accelerate_main(argv: list[str]) -> int:
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--output", help="accelerate YAML path (default RUN_DIR/accelerate.yaml)")
     ap.add_argument("--master-addr", help="rendezvous host (node 0); else given at launch time")
-    ap.add_argument("--master-port", type=int, default=29500)
+    ap.add_argument("--master-port", type=int, default=29500,
+                    help="rendezvous port; 0 (one node only): accelerate picks a free port at launch")
     ap.add_argument("--dry-run", action="store_true", help="print the files and command, write nothing")
     args = ap.parse_intermixed_args(argv)
     _positive(args.nodes, "--nodes")
     _positive(args.gpus_per_node, "--gpus-per-node")
+    if not 0 <= args.master_port <= 65535 or (args.master_port == 0 and args.nodes > 1):
+        raise UserError(f"--master-port {args.master_port}: give a TCP port in 1..65535 that every node "
+                        f"reaches (0, a free port picked at launch, works for one node only)")
     world = args.nodes * args.gpus_per_node
     cfg, run_dir, config_path = resolve_run(args, world)
     acc_path = Path(args.output).absolute() if args.output else run_dir / "accelerate.yaml"

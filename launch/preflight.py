@@ -39,6 +39,7 @@ import torch
 
 from launch.memory import GIB, estimate_memory
 from pretrain.core.errors import UserError
+from pretrain.core.help_text import doc_help
 from pretrain.train.checks import (
     FAIL,
     PASS,
@@ -52,6 +53,7 @@ from pretrain.train.checks import (
 )
 from pretrain.train.config import Config
 from pretrain.train.config_file import load_config
+from pretrain.train.recipes import CONFIG_HELP
 
 HEADROOM = 0.9  # fraction of GPU memory the estimate may use before WARN
 DEFAULT_GPU_MEM_GIB = 80.0
@@ -175,8 +177,8 @@ def run_all(config: str | Path | None, overrides: list[str], nodes: int, gpus_pe
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vitscale preflight", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="run recipe YAML")
+    ap = argparse.ArgumentParser(prog="vitscale preflight", description=doc_help(__doc__))
+    ap.add_argument("--config", required=True, help=CONFIG_HELP)
     ap.add_argument("--nodes", type=int, default=None, help="nodes (default 1, or from WORLD_SIZE in a job)")
     ap.add_argument("--gpus-per-node", type=int, default=None,
                     help="GPUs per node (default: the local count, or 1)")

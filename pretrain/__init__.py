@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pretrain.core.version import __version__
-
 __all__ = ["__version__", "load_model"]
 
 
@@ -19,3 +17,11 @@ def load_model(path, device: str = "cpu", ema: bool = False):
     from pretrain.formats.load import load_model as load
 
     return load(path, device, ema)
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # read from the package metadata on first use (pretrain.core.version)
+        from pretrain.core.version import package_version
+
+        return package_version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,12 +20,13 @@ from pretrain.core.errors import UserError
 # subcommand -> (module, help line); modules are imported only when their command runs.
 COMMANDS = {
     "info": ("pretrain.commands.info", "parameters, GMACs, TFLOPs per image of a model variant"),
+    "recipes": ("pretrain.commands.recipes", "the run recipes shipped with vitscale (--config takes their names)"),
     "pretrain": ("pretrain.commands.pretrain", "pretrain a ViT (spawns or joins the distributed job)"),
     "finetune": ("pretrain.commands.finetune", "fine-tune from a checkpoint at a new resolution"),
     "evaluate": ("pretrain.commands.evaluate", "top-1/top-5 of a checkpoint on a shard set"),
     "convert": ("pretrain.commands.convert", "convert checkpoints between formats, verified by logits"),
     "inspect": ("pretrain.commands.inspect", "what a checkpoint or weights file holds"),
-    "shards": ("data_tools.cli", "write / verify / stats of WebDataset shards"),
+    "shards": ("data_tools.cli", "write / index / verify / stats of WebDataset shards"),
     "launch": ("launch.cli", "generate cluster launches: slurm, deepspeed hostfile, accelerate"),
     "preflight": ("launch.preflight", "check a config against a cluster before spending GPU hours"),
     "bench": ("pretrain.commands.bench", "benchmarks: loader, train"),
@@ -33,7 +34,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: vitscale COMMAND [args]  (vitscale COMMAND --help for its options)", ""]
+    lines = ["usage: vitscale COMMAND [args]  (vitscale COMMAND --help for its options; vitscale --version)", ""]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from pretrain.core.version import package_version
+
+        print(f"vitscale {package_version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -5,7 +5,7 @@
 #   environment already imports both (a cluster's own build is kept). Pinning both keeps pip from
 #   pulling another torch build for torchvision or timm; on this project's CPU machines pip takes
 #   the pair from local disk (a CUDA build that runs on the CPU);
-# - then the project itself with its dev extra (pytest, ruff, scipy, transformers, timm), once per
+# - then the project itself with its dev extra (pytest, ruff, scipy, transformers, timm, open_clip), once per
 #   change of pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."

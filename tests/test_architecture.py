@@ -79,8 +79,10 @@ def test_no_import_cycles_even_through_lazy_imports():
     assert not cycles, "\n".join(cycles)
 
 
-def test_modules_stay_small():
-    big = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 420}
+def test_no_module_grows_past_the_guard():
+    """Cohesion decides a module's size (STYLE.md); this only guards against a module that
+    swallows several responsibilities."""
+    big = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 800}
     assert not big, big
 
 

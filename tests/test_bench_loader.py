@@ -1,35 +1,62 @@
-"""`vitscale bench loader` on a few generated shards: the JSON contract and the worker split."""
+"""`vitscale bench loader` on shards written by `vitscale shards synth` + `write`: it times the
+training loader itself (the keys it delivered are a real ShardTrain's), and its JSON contract."""
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
+import psutil
 import pytest
-from PIL import Image
 
 import pretrain.bench.loader as bench_loader
-import pretrain.bench.loader_paths as loader_paths
-from data_tools.shard_writer import WriteOptions, write_shards
+from data_tools.cli import main as shards_main
+from pretrain.core.errors import UserError
+from pretrain.data.config import DataConfig, LoaderSpec
+from pretrain.data.loader import ShardTrain
 
 
-def _shards(root: Path, images: int, per_shard: int) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(images):
-        path = root / "src" / f"c{i:02d}" / "img.jpg"
-        path.parent.mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
-    options = WriteOptions(samples_per_shard=per_shard, workers=1, progress=False)
-    write_shards(root / "src", root / "out", options)
-    return root / "out"
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """24 JPEGs of 4 classes in 3 train shards of 8."""
+    root = tmp_path_factory.mktemp("bench-loader")
+    assert shards_main(["synth", str(root / "img"), "--classes", "4", "--per-class", "6", "--img-size", "48"]) == 0
+    assert shards_main(["write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "8", "--workers", "1",
+                        "--no-progress"]) == 0
+    return root / "sh"
 
 
-def test_bench_prints_the_json_contract(tmp_path: Path, capsys) -> None:
-    out = _shards(tmp_path, images=12, per_shard=4)
-    argv = ["--shards", str(out), "--workers", "1", "--img-size", "32", "--batch-size", "4", "--batches", "2",
+def _no_stopped_children() -> bool:
+    return all(p.status() != psutil.STATUS_STOPPED for p in psutil.Process().children())
+
+
+def test_bench_draws_the_training_loaders_own_batches(shards: Path, capsys) -> None:
+    """The ``ours`` path is a ShardTrain: every key it delivered, in order, is what a ShardTrain
+    built from the same settings delivers (2 workers: two slots, the shuffle buffer, the hand-over)."""
+    argv = ["--shards", str(shards), "--workers", "2", "--img-size", "32", "--batch-size", "4", "--batches", "4",
+            "--randaug", "0", "--json"]
+    assert bench_loader.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    ours = result["runs"]["ours"]
+    assert result["loader"] == ours["loader"] == "pretrain.data.loader.ShardTrain"
+    assert ours["batches_drawn"] == 2 * 2 + ours["batches"]  # warm-up (2 per worker) + timed
+    spec = LoaderSpec(DataConfig(train=str(shards), val=None, workers=2), micro_batch=4, img_size=32, num_classes=4,
+                      seed=0)
+    source, digest = ShardTrain(spec, rank=0, world=1), hashlib.sha256()
+    try:
+        for _ in range(ours["batches_drawn"]):
+            digest.update("".join(f"{key}\n" for key in source.next_batch().keys).encode())
+    finally:
+        source.close()
+    assert ours["keys_sha256"] == digest.hexdigest()
+    assert set(result["runs"]) == {"ours", "transform", "pil", "webdataset"}
+    assert all(run["worker_processes"] == 2 for run in result["runs"].values())  # each path's own workers
+    assert _no_stopped_children()
+
+
+def test_bench_prints_the_json_contract(shards: Path, capsys) -> None:
+    argv = ["--shards", str(shards), "--workers", "1", "--img-size", "32", "--batch-size", "4", "--batches", "2",
             "--gpu-device", "cpu", "--json"]
     assert bench_loader.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
@@ -37,34 +64,33 @@ def test_bench_prints_the_json_contract(tmp_path: Path, capsys) -> None:
                 "baseline_images_per_s_per_core", "webdataset_images_per_s", "webdataset_images_per_s_per_core",
                 "speedup_vs_baseline", "speedup_per_core_vs_baseline", "speedup_per_core_vs_webdataset"):
         assert result[key] > 0
-    assert (result["workers"], result["img_size"], result["shards"]) == (1, 32, 3)
-    assert set(result["runs"]) == {"ours", "randaug", "pil", "webdataset", "overhead", "gpu"}
+    assert (result["workers"], result["img_size"], result["batch_size"], result["shards"], result["samples"]) == \
+        (1, 32, 4, 3, 24)
+    assert result["command"] == "vitscale bench loader " + " ".join(argv)
+    runs = result["runs"]
+    assert set(runs) == {"ours", "randaug", "transform", "pil", "webdataset", "gpu"}
+    assert {runs[name]["loader"] for name in ("ours", "randaug", "gpu")} == {"pretrain.data.loader.ShardTrain"}
+    assert all(run["images"] == 4 * run["batches"] and run["batches"] >= 2 and run["worker_processes"] == 1
+               and run["rank_wait_ms_per_batch"] > 0 for run in runs.values())
     assert (result["randaug"]["layers"], result["randaug"]["magnitude"]) == (2, 15)
     assert result["randaug"]["images_per_s_per_core"] > 0 and "RandAugment(2, 15)" in bench_loader.format_result(result)
-    assert all(run["images"] == 8 and run["batches"] == 2 for run in result["runs"].values())
     overhead = result["overhead"]
-    assert overhead["us_per_image"] > 0 and overhead["ours_cpu_us_per_image"] > 0 and overhead["share"] > 0
+    assert overhead["transform_us_per_image"] == runs["transform"]["transform_cpu_us_per_image"] > 0
+    assert overhead["us_per_image"] == pytest.approx(
+        overhead["ours_cpu_us_per_image"] - overhead["transform_us_per_image"], abs=0.2)
+    assert len(overhead["window_us_per_image"]) == len(result["window_speedups_per_core_vs_baseline"]) >= 1
     fidelity = result["fidelity"]
-    assert fidelity["ours"]["images"] == 12 and fidelity["gpu_path"]["images"] == 12
+    assert fidelity["ours"]["images"] == 24 and fidelity["gpu_path"]["images"] == 24
     assert "within_bound" in fidelity["ours"] and fidelity["gpu_path"]["device"] == "cpu"  # noise: no bound
-    assert {"cpu", "cpu_count", "torch", "simplejpeg"} <= set(result["machine"])
+    assert {"cpu", "cpu_count", "torch", "simplejpeg", "load_avg_start", "load_avg_end"} <= set(result["machine"])
     assert result["decoder"].startswith("simplejpeg")
     assert all(v >= 1 for v in result["cores_needed"].values())
-    assert "plain PIL path" in bench_loader.format_result(result)
+    text = bench_loader.format_result(result)
+    assert "plain PIL path" in text and "pretrain.data.loader.ShardTrain" in text and "load average" in text
+    assert _no_stopped_children()
 
 
-@pytest.mark.parametrize("images,per_shard,per_worker", [(12, 4, (8, 4)), (6, 6, (3, 3))])
-def test_workers_read_disjoint_samples_covering_the_data(tmp_path: Path, monkeypatch, images: int,
-                                                         per_shard: int, per_worker: tuple[int, int]) -> None:
-    """3 shards over 2 workers split by shard; 1 shard over 2 workers splits by sample."""
-    out = _shards(tmp_path, images=images, per_shard=per_shard)
-    index = json.loads((out / "index.json").read_text())
-    files = [str(out / s["file"]) for s in index["splits"]["train"]["shards"]]
-    dataset = loader_paths.ShardImages(files, "ours", img_size=16)
-    seen = []
-    for worker, count in enumerate(per_worker):
-        fake_info = SimpleNamespace(id=worker, num_workers=2)
-        monkeypatch.setattr(loader_paths, "get_worker_info", lambda info=fake_info: info)
-        seen.append([item[1] for item in itertools.islice(dataset.samples(), count)])
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(images))
+@pytest.mark.parametrize("flags", [["--workers", "0"], ["--workers", "4"], ["--randaug", "2"], ["--randaug", "2,40"]])
+def test_bad_flags_are_user_errors(shards: Path, flags: list[str]) -> None:
+    with pytest.raises(UserError):
+        bench_loader.main(["--shards", str(shards), *flags])

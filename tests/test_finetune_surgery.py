@@ -263,3 +263,84 @@ def test_resampling_preserves_what_was_learned(one_thread):
     _train(tuned, 60, new_classes, new_seed)
     acc_after = _accuracy(tuned, new_classes, new_seed)
     assert acc_after >= 0.9 and acc_after > acc_before + 0.5, (acc_before, acc_after)
+
+
+# ---------------------------------------------------------------- vitscale finetune --init from foreign files
+
+_RECIPE_WITHOUT_MODEL_NAME = """\
+run: {seed: 0}
+model: {img_size: 48, num_classes: 3, representation_size: null}
+data: {train: synthetic, val: synthetic, workers: 0, hflip: false, synthetic_classes: 3, val_samples: 16}
+train: {steps: 2, micro_batch: 8, grad_accum: 1, log_every: 1, eval_every: 0}
+optim: {name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0, warmup_steps: 1, decay: cosine}
+zero: {stage: 2}
+checkpoint: {every: 0, keep: 1}
+"""
+
+
+def _timm_file(path, embed_dim: int, num_heads: int) -> None:
+    """What timm writes: its own VisionTransformer's state dict, saved with safetensors."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    model = TimmViT(img_size=32, patch_size=8, embed_dim=embed_dim, depth=2, num_heads=num_heads, mlp_ratio=2.0,
+                    num_classes=10)
+    save_file(model.state_dict(), str(path))
+
+
+def test_finetune_takes_the_architecture_of_a_timm_file(tmp_path):
+    """The README's promise: --init takes a timm state dict as it is. Without model.name the
+    architecture comes from the file (here vit_micro8: width 32, depth 2, MLP 64, patch 8)."""
+    import yaml
+
+    from tests.helpers import read_metrics, vitscale
+
+    pytest.importorskip("timm")
+    _timm_file(tmp_path / "micro.safetensors", embed_dim=32, num_heads=2)
+    (tmp_path / "ft.yaml").write_text(_RECIPE_WITHOUT_MODEL_NAME)
+    run = tmp_path / "run"
+    proc = vitscale("finetune", "--config", str(tmp_path / "ft.yaml"), "--init", str(tmp_path / "micro.safetensors"),
+                    "--nproc-per-node", "1", f"run.dir={run}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "model.name=vit_micro8" in proc.stdout and "pos_embed [1, 17, 32] -> [1, 37, 32]" in proc.stdout
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (model["name"], model["width"], model["heads"], model["patch_size"], model["img_size"]) == (
+        "vit_micro8", 32, 2, 8, 48)
+    event = [r for r in read_metrics(run, "event") if r.get("event") == "finetune_init"][0]
+    assert event["format"] == "timm" and sorted(event["new"]) == ["head.bias", "head.weight"]
+
+
+def test_finetune_names_the_key_a_timm_file_cannot_tell(tmp_path):
+    """Width 48 is no known variant and a timm state dict does not store the head count: the
+    message names model.heads, before any process starts."""
+    from tests.helpers import vitscale
+
+    pytest.importorskip("timm")
+    _timm_file(tmp_path / "w48.safetensors", embed_dim=48, num_heads=3)
+    (tmp_path / "ft.yaml").write_text(_RECIPE_WITHOUT_MODEL_NAME)
+    proc = vitscale("finetune", "--config", str(tmp_path / "ft.yaml"), "--init", str(tmp_path / "w48.safetensors"),
+                    "--nproc-per-node", "1", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "set model.heads=N" in proc.stderr and "Traceback" not in proc.stderr
+    assert "converted first" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_from_hf_keeps_its_layer_norm_eps(tmp_path):
+    """A HF model (eps 1e-12, transformers' default) fine-tuned with a recipe that names the
+    variant: the model trains with the weights' epsilon, recorded in the run's config."""
+    import yaml
+
+    from tests.helpers import vitscale
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=16, patch_size=4, num_labels=10)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(tmp_path / "hf"),
+                    "--nproc-per-node", "1", f"run.dir={run}", "train.steps=1", "train.micro_batch=8",
+                    "data.val_samples=16", "data.workers=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "model.norm_eps=1e-12" in proc.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["norm_eps"] == 1e-12

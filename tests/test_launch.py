@@ -19,6 +19,7 @@ import yaml
 from launch import cli, hostfile, slurm
 from pretrain.core.errors import UserError
 from pretrain.train.config_file import load_config
+from pretrain.train.spawn import free_port
 
 VENV_BIN = Path(sys.executable).parent
 HOSTS = ["gpu-a17", "gpu-a18", "gpu-b01", "gpu-b02"]
@@ -243,7 +244,11 @@ def test_deepspeed_launcher_runs_one_process_per_slot(tmp_path, recipe, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "vitscale_command", lambda: [str(fake)])
     run_dir = tmp_path / "run"
-    rc = cli.main(["deepspeed", "--config", str(recipe), "--hostfile", str(hosts), "--master-port", "29617",
+    # The DeepSpeed launcher takes the port number up front (it has no "pick one" value), so it comes
+    # from free_port(): another process could take it between that check and the use, an acceptable
+    # race here since the recording script binds nothing and a fixed port would be shared by every run.
+    port = str(free_port())
+    rc = cli.main(["deepspeed", "--config", str(recipe), "--hostfile", str(hosts), "--master-port", port,
                    f"run.dir={run_dir}"])
     assert rc == 0
     for rank in (0, 1):
@@ -271,19 +276,29 @@ def test_accelerate_config_is_valid_for_accelerate(tmp_path, recipe, monkeypatch
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_vitscale_on_every_rank(tmp_path, recipe, monkeypatch):
-    """`accelerate launch` with the generated config and command starts both ranks."""
+    """`accelerate launch` with the generated config and command starts both ranks, meeting at
+    the port accelerate picked (--master-port 0: no fixed port that two test runs could share)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
     fake = _write_exe(tmp_path / "vitscale",
-                      '#!/bin/bash\necho "$RANK $WORLD_SIZE $*" > "$(dirname "$0")/r$RANK"\n')
+                      '#!/bin/bash\necho "$MASTER_PORT $RANK $WORLD_SIZE $*" > "$(dirname "$0")/r$RANK"\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "vitscale_command", lambda: [str(fake)])
     run_dir = tmp_path / "run"
     assert cli.main(["accelerate", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "2",
-                     "--master-port", "29618", f"run.dir={run_dir}"]) == 0
+                     "--master-port", "0", f"run.dir={run_dir}"]) == 0  # accelerate picks a free port
+    assert ClusterConfig.from_yaml_file(run_dir / "accelerate.yaml").main_process_port == 0
     cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(run_dir / "accelerate.yaml"),
            "--no_python", str(fake), "pretrain", "--config", str(run_dir / "config.yaml")]
     if not Path(cmd[0]).is_file():
         cmd[0] = shutil.which("accelerate") or pytest.skip("accelerate CLI not installed")
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    ports = set()
     for rank in (0, 1):
-        got = (tmp_path / f"r{rank}").read_text().split()
+        port, *got = (tmp_path / f"r{rank}").read_text().split()
         assert got == [str(rank), "2", "pretrain", "--config", str(run_dir / "config.yaml")]
+        ports.add(int(port))
+    assert len(ports) == 1 and 0 < ports.pop() < 65536
+    with pytest.raises(UserError, match="--master-port 0: .*one node only"):
+        cli.main(["accelerate", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "2",
+                  "--master-port", "0", "--master-addr", "n1", "--dry-run", f"run.dir={run_dir}"])

@@ -152,6 +152,10 @@ def many_shards(tmp_path_factory) -> dict[str, Path]:
     assert shards_main(["write", str(root / "m.jsonl"), str(root / "multi"), "--samples-per-shard", "1", "--workers",
                         "2", "--no-progress"]) == 0
     out["multi"] = root / "multi"
+    assert shards_main(["synth", str(root / "fs"), "--classes", "4", "--per-class", "8", "--img-size", "4"]) == 0
+    assert shards_main(["write", str(root / "fs"), str(root / "fewshot"), "--samples-per-shard", "4", "--val-fraction",
+                        "0.5", "--workers", "1", "--no-progress"]) == 0
+    out["fewshot"] = root / "fewshot"  # train and val splits: a few-shot set must not score on its own shots
     return out
 
 
@@ -163,7 +167,7 @@ def test_every_pretraining_recipe_passes_on_1_4_and_8_nodes_of_8_gpus(name, node
     from launch.cli import main as launch_main
 
     data = many_shards["multi" if "jft" in name else "single"]
-    fewshot = [{"name": d["name"], "train": str(many_shards["single"]), "val": str(many_shards["single"])}
+    fewshot = [{"name": d["name"], "train": str(many_shards["fewshot"]), "val": str(many_shards["fewshot"])}
                for d in load_config(f"configs/{name}.yaml").to_dict()["fewshot"]["datasets"]]
     over = [f"data.train={data}", f"data.val={data}", f"run.dir={tmp_path / 'run'}",
             "fewshot.datasets=" + json.dumps(fewshot)]

@@ -199,10 +199,15 @@ def test_resume_is_exact_after_lost_samples(damaged, stop):
 
 def test_training_logs_lost_samples_summed_over_ranks_and_evaluate_reports_a_shortfall(damaged, tmp_path):
     run = tmp_path / "run"
-    vitscale("pretrain", *TINY, "model.img_size=8", "model.num_classes=3", f"data.train={damaged['shards']}",
-             "data.val=null", "data.workers=1", "data.max_bad_frac=0.5", "train.steps=24", "train.log_every=24",
-             "checkpoint.every=0", f"run.dir={run}", check=True)
+    proc = vitscale("pretrain", *TINY, "model.img_size=8", "model.num_classes=3", f"data.train={damaged['shards']}",
+                    "data.val=null", "data.workers=1", "data.max_bad_frac=0.5", "train.steps=24", "train.log_every=24",
+                    "checkpoint.every=0", f"run.dir={run}", check=True)
     rec = [r for r in read_metrics(run) if "loss" in r][-1]
+    # nothing lost silently: on the console at the log line, and in summary.json
+    assert f"data: {rec['bad_samples']} samples lost since the last line" in proc.stdout, proc.stdout[-2000:]
+    assert f"lost samples   {rec['bad_samples']}" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bad_samples"] == rec["bad_samples"] and summary["bad_by_reason"] == rec["bad_by_reason"]
     # 384 samples drawn over ~55 readable ones per epoch: every pass over a damaged shard (on
     # either rank) counts exactly what the index says it lost
     by_shard = rec["bad_by_shard"]

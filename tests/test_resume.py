@@ -284,8 +284,8 @@ def test_launch_time_checks_refuse_what_cannot_resume(tmp_path):
     cfg = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}"])
     mgr, engine = _manager(tmp_path), _FakeEngine()
     engine.value = 1
-    meta = {"model_spec": cfg.model.spec().to_dict(), "zero_stage": 2, "world_size": 2, "mode": "pretrain",
-            "config": cfg.to_dict()}
+    spec = {k: v for k, v in cfg.model.spec().to_dict().items() if k != "norm_eps"}  # written before norm_eps
+    meta = {"model_spec": spec, "zero_stage": 2, "world_size": 2, "mode": "pretrain", "config": cfg.to_dict()}
     mgr.save(engine, 4, meta, {"data": {}, "loop": {}})
     check_before_launch(cfg, "pretrain", None, False, hash_files=True)
     other = load_config(None, [*RUN_TINY, f"run.dir={tmp_path}", "model.depth=3"])

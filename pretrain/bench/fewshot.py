@@ -11,7 +11,7 @@ Two measurements, each printed with the machine it ran on:
   ``--grid G`` every seed also scores G l2 values on ``--holdout`` held-out images per class.
   The median of ``--repeat`` runs is reported.
 * **twin** (``--twin``): the whole evaluator on the CPU twin: the model of ``--config``
-  (default ``configs/demo_cpu.yaml``, random weights) on a synthetic few-shot set written to a
+  (default the ``demo_cpu`` recipe, random weights) on a synthetic few-shot set written to a
   temporary folder by ``vitscale shards synth`` + ``write``: label scan, shot selection, image
   decode + eval transform, forward, float64 solve (:func:`pretrain.train.fewshot.evaluate_model`,
   one process; inside a training run the features are also summed over ranks).
@@ -33,6 +33,7 @@ import torch
 
 from pretrain.bench.records import machine_info
 from pretrain.core.errors import UserError
+from pretrain.core.help_text import doc_help
 from pretrain.core.system import available_cpus
 from pretrain.train import least_squares as lsq
 
@@ -123,7 +124,7 @@ def format_result(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vitscale bench fewshot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vitscale bench fewshot", description=doc_help(__doc__))
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--dim", type=int, default=1280, help="feature width (1280: ViT-H)")
     p.add_argument("--shots", type=int, default=10)
@@ -133,7 +134,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--holdout", type=int, default=10, help="held-out images per class for --grid")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--twin", action="store_true", help="also time the whole evaluator on the CPU twin")
-    p.add_argument("--config", default="configs/demo_cpu.yaml", help="the twin's recipe")
+    p.add_argument("--config", default="demo_cpu", help="the twin's recipe (name or YAML file)")
     p.add_argument("--twin-classes", type=int, default=10)
     p.add_argument("--twin-per-class", type=int, default=60)
     p.add_argument("--workers", type=int, default=0, help="decode processes for the twin (0: in process)")

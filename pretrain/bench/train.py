@@ -50,6 +50,7 @@ from pretrain.bench.records import (
     write_records,
 )
 from pretrain.core.errors import UserError
+from pretrain.core.help_text import doc_help
 from pretrain.model.costs import mfu, model_costs, peak_flops_for
 from pretrain.model.vit import spec_for
 
@@ -99,7 +100,7 @@ def run_child(job: dict, kill_at: float | None) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vitscale bench train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="vitscale bench train", description=doc_help(__doc__.split("\n")[0]),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated variants (grid; '' for none)")
     p.add_argument("--img-sizes", default="224", help="comma-separated image sizes (grid)")

@@ -47,7 +47,7 @@ config), and restoring the state into the engine and the components is the train
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from pretrain.checkpoint.layout import (
@@ -59,6 +59,7 @@ from pretrain.checkpoint.layout import (
 )
 from pretrain.checkpoint.universal import universal_for
 from pretrain.core.errors import UserError
+from pretrain.model.vit import ViTSpec
 
 _UNWATCHED = {"run.dir", "run.timeout_s", "train.grad_accum", "train.log_every", "train.eval_every",
               "train.eval_batches", "data.workers", "data.val", "data.val_samples"}
@@ -149,7 +150,8 @@ def _refuse_universal(tag_dir: Path, given: str) -> None:
 
 def check_compatible(meta: dict, identity: dict, tag_dir: Path) -> None:
     """Refuse a checkpoint that cannot be loaded into this run without silent changes."""
-    spec, saved = identity["model_spec"], meta.get("model_spec", {})
+    defaults = {f.name: f.default for f in fields(ViTSpec) if f.default is not MISSING}
+    spec, saved = identity["model_spec"], {**defaults, **meta.get("model_spec", {})}  # older files lack norm_eps
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in spec.items() if saved.get(k) != v]
     if diff:
         raise UserError(f"checkpoint {tag_dir} does not match the config's model ({'; '.join(diff)}): use "

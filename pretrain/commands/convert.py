@@ -6,35 +6,48 @@
     vitscale convert weights.safetensors hf_dir --to hf --verify
     vitscale convert weights.safetensors vit.pth --to timm --drop-head
     vitscale convert RUN_DIR ema.safetensors --to safetensors --ema         # the run's EMA weights
+    vitscale convert epoch_32.pt clip_tower.safetensors --to safetensors --verify   # OpenCLIP image tower
 
-The source format is detected (:func:`pretrain.formats.detect_format`) or given with ``--from``;
-the conversion itself is :mod:`pretrain.formats.convert`. ``deepspeed-universal`` needs a ZeRO
-checkpoint as source and wraps DeepSpeed's ``ds_to_universal``.
+The formats, their detection, readers, writers and oracles are the entries of
+:data:`pretrain.formats.registry.REGISTRY`. The source format is detected
+(:func:`pretrain.formats.detect_format`) or given with ``--from``; the conversion itself is
+:mod:`pretrain.formats.convert`. ``deepspeed-universal`` needs a ZeRO checkpoint as source and
+wraps DeepSpeed's ``ds_to_universal``.
 
 Safety: an existing DST is never replaced without ``--force``; with it, a DST directory is only
 replaced when it is itself a checkpoint of the target format. Outputs are written under a
 temporary name and renamed into place.
 
-``--verify`` builds our model from the source weights (cast to ``--dtype``) and compares, on a
-fixed seeded batch: (1) DST read back by vitscale, with every missing / extra / mis-shaped key
-listed; (2) the other library's own model loaded from DST when it is installed (transformers
-for ``hf``, timm for ``timm``), and the source HF model when the source is HF. Exit status 1 when
-a max |diff| exceeds ``--atol`` (1e-4) or a key does not map.
+``--verify`` checks the output under its temporary name before it is moved into place, on a
+fixed seeded batch, against every oracle at hand (:func:`pretrain.formats.convert.verify`): DST
+read back by vitscale (every missing / extra / mis-shaped key listed), the output library's own
+model (the registry entry's oracle: transformers for ``hf``, timm for ``timm``, open_clip for
+``openclip``) and the source library's own model (transformers for a HF folder, timm for a timm
+file or Hub folder, open_clip for an OpenCLIP file or Hub folder), each named with its version.
+When a max |diff| exceeds ``--atol`` (1e-4) or a key does not map, nothing is written (an
+existing DST is untouched), the last line says the max |diff| and the tolerance, and the exit
+status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import warnings
 from pathlib import Path
 
 from pretrain.checkpoint.universal import to_universal
 from pretrain.core.errors import UserError
-from pretrain.formats import FORMATS, detect_format, read_weights
-from pretrain.formats.convert import ADAPTERS, Source, check_dst, replace_dir, tmp_path_for, verify, write_converted
+from pretrain.formats.convert import (
+    Source,
+    check_dst,
+    remove,
+    replace_dir,
+    tmp_path_for,
+    verify,
+    write_converted,
+)
 from pretrain.formats.deepspeed_ckpt import consolidate_deepspeed, resolve_deepspeed_checkpoint
-from pretrain.formats.hf import hf_architecture
+from pretrain.formats.registry import detect_format, format_names, read_weights, weights_format, writable_names
 from pretrain.formats.state_dict import DTYPES, StateDict, cast, drop_head, require_spec
 from pretrain.model.vit import ViTSpec
 
@@ -47,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="examples:\n" + examples)
     p.add_argument("src", type=Path, help="source checkpoint (file or directory)")
     p.add_argument("dst", type=Path, help="output file or directory")
-    p.add_argument("--to", required=True, choices=list(ADAPTERS), help="output format")
-    p.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (detected by default)")
+    p.add_argument("--to", required=True, choices=writable_names(), help="output format")
+    p.add_argument("--from", dest="src_format", choices=format_names(), help="source format (detected by default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="output dtype (npz is always fp32)")
     p.add_argument("--heads", type=int, help="attention heads, for sources that do not store them (.pth)")
     p.add_argument("--drop-head", action="store_true", help="write the backbone only (no pre_logits / head)")
@@ -65,7 +78,7 @@ def _summary(sd: StateDict, spec: ViTSpec) -> str:
     dtypes = ", ".join(sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}))
     return (f"{len(sd)} tensors, {n:,} parameters, {dtypes}; width {spec.width}, depth {spec.depth}, heads "
             f"{spec.heads}, patch {spec.patch_size}, image {spec.img_size}, pool {spec.pool}, pre-logits "
-            f"{spec.representation_size or '-'}, classes {spec.num_classes}")
+            f"{spec.representation_size or '-'}, classes {spec.num_classes}, LayerNorm eps {spec.norm_eps:g}")
 
 
 def _print_meta_notes(meta: dict) -> None:
@@ -77,7 +90,7 @@ def _print_meta_notes(meta: dict) -> None:
 
 def _convert_universal(args: argparse.Namespace) -> int:
     fmt = args.src_format or detect_format(args.src)
-    if fmt != "deepspeed":
+    if fmt != weights_format(args.to).written_from:
         raise UserError(f"--to deepspeed-universal needs a DeepSpeed ZeRO checkpoint as SRC; {args.src} "
                         f"is {fmt!r}")
     if args.dst.name.startswith("step_") and (args.dst.parent / "latest").is_file():
@@ -87,35 +100,39 @@ def _convert_universal(args: argparse.Namespace) -> int:
         raise UserError("--drop-head and --dtype do not apply to --to deepspeed-universal: a universal "
                         "checkpoint holds the fp32 master weights and optimizer state of the whole model, "
                         "for resuming")
+    if args.verify:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd, spec, _ = consolidate_deepspeed(args.src)
+        spec = require_spec(spec, sd, str(args.src))
     tmp = tmp_path_for(args.dst)
     try:
         ckdir, tag = resolve_deepspeed_checkpoint(args.src)
         to_universal(ckdir / tag, tmp)
+        if args.verify:
+            report = verify(sd, spec, tmp, "deepspeed-universal", heads=args.heads, atol=args.atol)
+            print("\n".join(report.lines() + [report.verdict(args.dst)]))
+            if not report.ok:
+                return 1
         replace_dir(tmp, args.dst)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove(tmp)
     (args.dst.parent / "latest_universal").write_text(args.dst.name)
     print(f"wrote {args.dst} (DeepSpeed universal checkpoint); to resume with any world size set DeepSpeed "
           f"\"checkpoint\": {{\"load_universal\": true}} and load from {args.dst.parent} "
           f"(its latest_universal names {args.dst.name})")
-    if not args.verify:
-        return 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sd, spec, _ = consolidate_deepspeed(args.src)
-    report = verify(sd, require_spec(spec, sd, str(args.src)), args.dst, "deepspeed-universal",
-                    heads=args.heads, atol=args.atol)
-    print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if not args.atol >= 0:
+        raise UserError(f"--atol {args.atol}: the tolerance must be a number >= 0 (default 1e-4)")
     if not args.src.exists():
         raise UserError(f"{args.src} does not exist")
     check_dst(args.src, args.dst, args.to, args.force)
-    if args.to == "deepspeed-universal":
+    target = weights_format(args.to)
+    if target.write is None:
         return _convert_universal(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,11 +146,19 @@ def main(argv: list[str]) -> int:
     sd = cast(sd, DTYPES[args.dtype])
     if args.to == "npz" and args.dtype != "fp32":
         print("note: .npz is written in float32 (numpy has no bfloat16), holding the bf16-rounded values")
-    write_converted(sd, spec, args.dst, args.to, meta)
-    kind = f"{args.to}, {hf_architecture(spec)}" if args.to == "hf" else args.to
+    if target.unrecorded_eps is not None and spec.norm_eps != target.unrecorded_eps[1]:
+        readers, eps = target.unrecorded_eps
+        print(f"warning: {args.to} files do not record the LayerNorm epsilon and {readers} the ViT with {eps:g}; "
+              f"this model uses {spec.norm_eps:g}, so its outputs there differ slightly (--verify measures by "
+              f"how much). --to safetensors and --to hf keep it")
+
+    def check(tmp: Path) -> bool:
+        report = verify(sd, spec, tmp, args.to, source=source, heads=args.heads, atol=args.atol)
+        print("\n".join(report.lines() + [report.verdict(args.dst)]))
+        return report.ok
+
+    if not write_converted(sd, spec, args.dst, args.to, meta, check if args.verify else None):
+        return 1
+    kind = target.output_kind(spec) if target.output_kind else args.to
     print(f"wrote {args.dst} ({kind}): {_summary(sd, spec)}")
-    if not args.verify:
-        return 0
-    report = verify(sd, spec, args.dst, args.to, source=source, heads=args.heads, atol=args.atol)
-    print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+    return 0

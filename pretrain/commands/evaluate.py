@@ -22,6 +22,7 @@ import torch
 
 from pretrain.commands.evaluate_fewshot import add_fewshot_args, fewshot_config, fewshot_main
 from pretrain.core.errors import UserError
+from pretrain.core.help_text import doc_help
 from pretrain.data.config import DataConfig, LoaderSpec
 from pretrain.data.loader import ShardEval
 from pretrain.data.transforms import normalize
@@ -60,7 +61,7 @@ def evaluate_model(model, data: str, img_size: int, split: str = "val", batch_si
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vitscale evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vitscale evaluate", description=doc_help(__doc__))
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, .safetensors, ...")
     p.add_argument("--data", help="shard folder, pattern, glob or comma list")
     p.add_argument("--fewshot", nargs=2, metavar=("TRAIN_SHARDS", "VAL_SHARDS"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from pretrain.core.help_text import doc_help
 from pretrain.model.costs import model_costs
 from pretrain.model.vit import variant_names
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vitscale info", description=__doc__)
+    p = argparse.ArgumentParser(prog="vitscale info", description=doc_help(__doc__))
     p.add_argument("--model", required=True, help=f"variant name, e.g. {', '.join(variant_names()[:4])} ...")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -23,12 +24,13 @@ def main(argv: list[str]) -> int:
                      representation_size="auto" if args.pre_logits else None)
     spec = mc.spec()
     info = {"model": args.model, "img_size": args.img_size, "patch_size": spec.patch_size, "width": spec.width,
-            "depth": spec.depth, "heads": spec.heads, "num_classes": args.num_classes, **model_costs(spec)}
+            "depth": spec.depth, "heads": spec.heads, "norm_eps": spec.norm_eps, "num_classes": args.num_classes,
+            **model_costs(spec)}
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"{args.model} @ {args.img_size}px: width {spec.width}, depth {spec.depth}, heads {spec.heads}, "
-          f"patch {spec.patch_size}")
+          f"patch {spec.patch_size}, LayerNorm eps {spec.norm_eps:g}")
     print(f"  params            {info['params'] / 1e6:.1f}M (backbone {info['params_backbone'] / 1e6:.1f}M)")
     print(f"  forward           {info['gmacs_fwd']:.1f} GMACs / image")
     print(f"  training          {info['train_tflops_per_image']:.3f} TFLOPs / image (6 x forward MACs)")

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pretrain.formats import FORMATS
+from pretrain.formats import format_names
 from pretrain.formats.inspect import inspect
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
                                 description="What a checkpoint or weights file holds: format, model "
                                             "dimensions, dtype, parameters, step, world size, ZeRO stage.")
     p.add_argument("path", type=Path, help="checkpoint file or directory")
-    p.add_argument("--from", dest="fmt", choices=FORMATS, help="format (detected by default)")
+    p.add_argument("--from", dest="fmt", choices=format_names(), help="format (detected by default)")
     p.add_argument("--heads", type=int, help="attention heads, for formats that do not store them")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``vitscale pretrain --config FILE [key=value ...]``: check, then spawn or join the job."""
+"""``vitscale pretrain --config RECIPE [key=value ...]``: check, then spawn or join the job."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pretrain.train.config import Config, identity
 from pretrain.train.config_file import load_config
+from pretrain.train.recipes import CONFIG_HELP
 from pretrain.train.spawn import (
     add_launch_args,
     bind_to_launcher,
@@ -24,7 +25,7 @@ from pretrain.train.spawn import (
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="YAML recipe (see configs/); defaults apply to missing keys")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: run.dir's latest)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start if run.dir has checkpoints")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.core.errors import require
+from pretrain.data.ops import PixelStep, TrainPipeline, parse_pipeline
+from pretrain.data.stream import Retry
 
 DECODERS = ("cpu", "gpu")
 
@@ -29,6 +31,11 @@ class DataConfig:
     eval_crop_pct: float = 1.0
     max_bad_frac: float = 0.01
     decode: str = "cpu"  # "cpu": workers decode (libjpeg-turbo); "gpu": nvJPEG in the rank process
+    label_key: str | None = None  # the .json field holding the label (None: "label", or "labels" if multi-label)
+    retries: int = 8  # reconnects in a row of a remote shard read before its rest counts as lost
+    retry_max_s: float = 30.0  # longest wait between two reconnects (waits double from 0.5 s)
+    read_timeout_s: float = 60.0  # longest wait for a remote connect or read
+    stall_timeout_s: float = 600.0  # a rank that gets no batch for this long stops the job
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
@@ -43,19 +50,29 @@ class DataConfig:
         require(0.0 <= self.max_bad_frac <= 1.0, "data.max_bad_frac", self.max_bad_frac, "use [0, 1]")
         require(self.decode in DECODERS, "data.decode", self.decode, f"use one of {', '.join(DECODERS)}")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        require(self.label_key is None or bool(str(self.label_key).strip()), "data.label_key", self.label_key,
+                "name the .json field holding the label, or null")
+        require(self.retries >= 0, "data.retries", self.retries, "must be >= 0 (0: no retry)")
+        require(self.retry_max_s > 0, "data.retry_max_s", self.retry_max_s, "must be > 0 seconds")
+        require(self.read_timeout_s > 0, "data.read_timeout_s", self.read_timeout_s, "must be > 0 seconds")
+        require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be > 0 seconds")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """The ``augment`` section (AugReg / DeiT augmentations; everything off by default).
 
-    RandAugment runs in the loader workers on the cropped uint8 image, seeded per sample like the
-    crop. ``randaug_magnitude`` is on the TF / big_vision level scale, where 10 is each
+    ``ops`` spells the whole training transform as registered image operations
+    (:mod:`pretrain.data.ops`: ``"inception_crop(0.08)|flip|three_augment(0.3)"``); without it the
+    pipeline is an Inception crop (``data.crop_scale_min``), a flip (``data.hflip``) and RandAugment
+    when ``randaug_layers`` > 0. RandAugment runs in the loader workers on the cropped uint8 image,
+    seeded per sample like the crop. ``randaug_magnitude`` is on the TF / big_vision level scale, where 10 is each
     operation's nominal maximum (shear 0.3, rotate 30 degrees, translate 150/331 of the side,
     enhance +-0.9, ...); torchvision's operations stop at those maxima, so big_vision's
     ``randaug(2,15)`` and ``randaug(2,20)`` act here as magnitude 10. Mixup / CutMix run on the
     device, per micro batch (see :mod:`pretrain.train.mixing`)."""
 
+    ops: str | tuple[str, ...] | None = None  # the training pipeline (pretrain.data.ops); None: the keys below
     randaug_layers: int = 0  # 0: off
     randaug_magnitude: float = 10.0
     mixup_alpha: float = 0.0  # 0: off; Beta(alpha, alpha) mixing ratio
@@ -64,6 +81,10 @@ class AugmentConfig:
     switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup
 
     def __post_init__(self):
+        if self.ops is not None:
+            parse_pipeline(self.ops)  # a mistake is one line naming augment.ops and the item
+            require(not self.randaug_layers, "augment.randaug_layers", self.randaug_layers,
+                    "augment.ops spells the pipeline: write randaug(L,M) there instead, or drop augment.ops")
         require(self.randaug_layers >= 0, "augment.randaug_layers", self.randaug_layers, "must be >= 0 (0 = off)")
         require(0.0 <= self.randaug_magnitude <= 30.0, "augment.randaug_magnitude", self.randaug_magnitude,
                 "use [0, 30] on the TF level scale (10 = the operations' maxima)")
@@ -127,3 +148,17 @@ class LoaderSpec:
     def workers(self) -> int:
         """Dataloader workers per rank; 0 means one reader inside the training process."""
         return self.data.workers
+
+    @property
+    def pipeline(self) -> TrainPipeline:
+        """The training transform: ``augment.ops``, else the one the shorthand keys spell."""
+        a, d = self.augment, self.data
+        if a.ops is not None:
+            return parse_pipeline(a.ops)
+        pixel = (PixelStep("randaug", (a.randaug_layers, a.randaug_magnitude)),) if a.randaug_layers else ()
+        return TrainPipeline((d.crop_scale_min, 1.0), 0.5 if d.hflip else 0.0, pixel)
+
+    @property
+    def retry(self) -> Retry:
+        d = self.data
+        return Retry(d.retries, d.retry_max_s, d.read_timeout_s)

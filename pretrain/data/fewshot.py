@@ -33,6 +33,7 @@ from pretrain.data.batch import Batch
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import (
     IMAGE_EXTS,
+    LABEL_EXTS,
     SampleError,
     ShardReadError,
     decode_label,
@@ -40,12 +41,12 @@ from pretrain.data.shards import (
     is_remote,
     iter_tar_samples,
     shard_label,
+    split_member_name,
 )
 from pretrain.data.stream import read_shard
 from pretrain.data.transforms import eval_transform
 
 _ANY_CLASS = 1 << 31  # the label range check happens against the set's class count afterwards
-_LABEL_EXTS = ("cls", "json")
 
 
 def resolve_fewshot_shards(source: str, split: str, key: str) -> ShardSet:
@@ -119,15 +120,15 @@ def _label_groups_local(path: str) -> Iterator[tuple[dict[str, bytes], bool]]:
             for member in tar:
                 if not member.isfile():
                     continue
-                name, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                name, ext = split_member_name(member.name)
                 if name != key:
                     if key is not None:
                         yield files, has_image
                     key, files, has_image = name, {}, False
-                ext = ext.lower()
-                if ext in _LABEL_EXTS:
+                kind = ext.rsplit(".", 1)[-1]
+                if kind in LABEL_EXTS:
                     files[ext] = tar.extractfile(member).read()
-                has_image = has_image or ext in IMAGE_EXTS
+                has_image = has_image or kind in IMAGE_EXTS
     except (tarfile.TarError, OSError) as err:
         raise ShardReadError(str(err)) from err
     if key is not None:
@@ -136,8 +137,8 @@ def _label_groups_local(path: str) -> Iterator[tuple[dict[str, bytes], bool]]:
 
 def _label_groups_stream(url: str) -> Iterator[tuple[dict[str, bytes], bool]]:
     for sample in iter_tar_samples(url):
-        yield ({k: v for k, v in sample.files.items() if k in _LABEL_EXTS},
-               any(ext in sample.files for ext in IMAGE_EXTS))
+        labels = {k: v for k, v in sample.files.items() if k.rsplit(".", 1)[-1] in LABEL_EXTS}
+        yield labels, sample.image() is not None
 
 
 def class_orders(labels: np.ndarray, num_classes: int, seed: int) -> list[np.ndarray]:

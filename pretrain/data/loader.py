@@ -18,7 +18,8 @@ changes; the loader then resumes at the same number of samples into the current 
 slot skips its share), so no more than the batches in flight are repeated or skipped in count,
 but which samples fill the rest of that epoch differs.
 
-Augmentation (crop, flip, RandAugment) is seeded per sample by (seed, epoch, sample key): the same
+Augmentation (the pipeline of :mod:`pretrain.data.ops`: crop, flip, then pixel operations such
+as RandAugment) is seeded per sample by (seed, epoch, sample key): the same
 sample gets the same pixels whatever the number of ranks and workers, before or after a resume.
 Workers resize each image straight into a batch buffer the rank process shares with them
 (:mod:`pretrain.data.handover`), so a batch reaches it without another copy, without fresh pages
@@ -40,7 +41,11 @@ loader state, so they add up over resumes. ``problem()`` reports when their shar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,17 +57,27 @@ from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
 from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shard_sets import ShardSet, resolve_shards
-from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes
-from pretrain.data.stream import read_shard, seeded, slot_stream
-from pretrain.data.transforms import eval_transform, prepare_rand_augment, rand_augment, train_transform
+from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes, shard_label
+from pretrain.data.stream import read_shard, seeded, slot_shards, slot_stream
+from pretrain.data.transforms import eval_transform, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 _PREFETCH = 4  # batches in flight per worker
+_POLL_S = 1.0  # how often a rank waiting for a batch looks at the stop flag and the stall clock
+_STOP_GRACE_S = 10.0  # a stop signal while no batch comes: how long the batch still may take
 
 
-def sample_target(sample: TarSample, num_classes: int, multi_label: bool) -> torch.Tensor:
+def die_with_parent(_worker_id: int = 0) -> None:
+    """``worker_init_fn``: the kernel kills a DataLoader worker when its rank dies (Linux), so a
+    ``kill -9`` of the job never leaves a worker behind reading shards."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def sample_target(sample: TarSample, num_classes: int, multi_label: bool,
+                  label_key: str | None = None) -> torch.Tensor:
     """Class index (int64 scalar), or a multi-hot float row for multi-label data."""
-    value = decode_label(sample.files, num_classes, multi_label)
+    value = decode_label(sample.files, num_classes, multi_label, label_key)
     if multi_label:
         return torch.zeros(num_classes).index_fill_(0, torch.tensor(value), 1.0)
     return torch.tensor(value)
@@ -118,29 +133,41 @@ class _TrainSlots(IterableDataset):
         info = get_worker_info()
         row = info.id if info is not None else 0
         w = (row + self.rotation) % self.workers
+        try:
+            yield from self._batches(row, w)
+        except UserError as err:  # handed to the rank as it is (a worker's exception would carry a traceback)
+            yield {"error": str(err), "worker": w}
+
+    def _batches(self, row: int, w: int) -> Iterator[dict]:
         torch.set_num_threads(1)
-        spec, d, randaug = self.spec, self.spec.data, self.spec.augment
+        spec, d, pipeline = self.spec, self.spec.data, self.spec.pipeline
         slot, nslots = self.rank * self.workers + w, self.world * self.workers
         gpu, buffers = d.decode == "gpu", self.buffers
-        crop = {"scale": (d.crop_scale_min, 1.0), "hflip": 0.5 if d.hflip else 0.0}
+        crop = {"scale": pipeline.crop_scale, "hflip": pipeline.hflip}
         bad: dict = {}
         images, targets, keys, shards = [], [], [], []
-        for item in slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad):
+        epoch, usable, example = None, 0, ""
+        stream = slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad, spec.retry)
+        for item in stream:
+            if item.epoch != epoch:
+                if epoch is not None and usable == 0:
+                    raise UserError(_no_usable_sample(self.shards, spec.seed, epoch, slot, nslots, bad, example))
+                epoch, usable = item.epoch, 0
             try:
-                target = sample_target(item.sample, spec.num_classes, d.multi_label)
+                target = sample_target(item.sample, spec.num_classes, d.multi_label, d.label_key)
                 rng = seeded("aug", spec.seed, item.epoch, item.sample.key)
                 data = image_bytes(item.sample)
                 if gpu:
                     img = plan_train(data, spec.img_size, rng, **crop)
                 else:
                     img = train_transform(data, spec.img_size, rng, **crop, out=buffers.current(row)[len(images)])
-                    if randaug.randaug_layers:
-                        img.copy_(rand_augment(img, randaug.randaug_layers, randaug.randaug_magnitude,
-                                               rng.getrandbits(63)))
+                    pipeline.apply_pixel(img, rng)
             except Exception as err:  # any unusable sample is skipped and counted, never fatal
                 key = (bad_reason(err), item.sample.shard)
                 bad[key] = bad.get(key, 0) + 1
+                example = example or f"{item.sample.key} in {item.sample.shard}: {err}"
                 continue
+            usable += 1
             images.append(img)
             targets.append(target)
             keys.append(item.sample.key)
@@ -155,8 +182,33 @@ class _TrainSlots(IterableDataset):
                 bad.clear()  # the stream adds to this very dict
 
 
+def _no_usable_sample(shards: ShardSet, seed: int, epoch: int, slot: int, nslots: int, bad: dict,
+                      example: str) -> str:
+    names = [shard_label(shards.urls[i]) for i in slot_shards(len(shards.urls), seed, epoch, slot, nslots)]
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(_by_reason(bad).items()))
+    return (f"data.train: reading slot {slot} found no usable sample in a whole epoch of its shards {listed} "
+            f"({why or 'no samples'}; e.g. {example or 'none'}); check them with `vitscale shards verify`, or "
+            f"set data.label_key if the label is in another .json field")
+
+
+def _by_reason(bad: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (reason, _), n in bad.items():
+        out[reason] = out.get(reason, 0) + n
+    return out
+
+
 class ShardTrain:
-    """The training source over WebDataset shards (see the module docstring for guarantees)."""
+    """The training source over WebDataset shards (see the module docstring for guarantees).
+
+    No wait is unbounded: a rank that gets no batch for ``data.stall_timeout_s`` stops with a
+    :class:`UserError` naming the slot, its shards and the last key it delivered; while a batch
+    is awaited the rank looks at ``interrupted()`` (set by the trainer to its stop flag) every
+    second, and a stop signal that finds it waiting more than ``_STOP_GRACE_S`` ends the wait
+    with a :class:`UserError` too (the latest checkpoint stays; nothing half-done is saved)."""
+
+    interrupted: Callable[[], bool] = staticmethod(lambda: False)
 
     def __init__(self, spec: LoaderSpec, rank: int, world: int):
         d = spec.data
@@ -171,6 +223,7 @@ class ShardTrain:
         self.epoch = 0
         self.bad: dict = {}
         self.seen = 0
+        self.last_keys: dict[int, str] = {}
         self._it = None
         self._buffers: SharedBatches | None = None
 
@@ -179,18 +232,58 @@ class ShardTrain:
         n = self.spec.workers
         if self.device is None:  # CPU decoding: batch buffers the workers fill in place
             self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
-        prepare_rand_augment(self.spec.augment.randaug_layers, self.spec.augment.randaug_magnitude)
+        self.spec.pipeline.prepare()  # imports (torchvision) before the workers fork
         ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
                          self.batches % self.workers, self._buffers)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=_PREFETCH if n else None, persistent_workers=False)
+                            prefetch_factor=_PREFETCH if n else None, persistent_workers=False,
+                            timeout=_POLL_S if n else 0, worker_init_fn=die_with_parent if n else None)
         self._it = iter(loader)
+
+    def _next(self) -> dict:
+        """The next worker batch, waiting in polls of ``_POLL_S`` (see the class docstring)."""
+        if self.spec.workers == 0:
+            return next(self._it)
+        t0, signalled, note_at = time.monotonic(), None, 60.0
+        while True:
+            try:
+                return next(self._it)
+            except RuntimeError as err:
+                if "timed out" not in str(err):
+                    raise
+            now = time.monotonic()
+            if signalled is None and self.interrupted():
+                signalled = now
+            if signalled is not None and now - signalled > _STOP_GRACE_S:
+                raise UserError(f"stop signal received while rank {self.rank} waited {now - t0:.0f} s for a batch "
+                                f"from {self._slot_line()}: exiting without a save (the latest checkpoint stays)")
+            if now - t0 > self.spec.data.stall_timeout_s:
+                raise UserError(f"rank {self.rank} got no batch for {now - t0:.0f} s (data.stall_timeout_s="
+                                f"{self.spec.data.stall_timeout_s:g}) from {self._slot_line()}; check that "
+                                f"storage, or raise data.stall_timeout_s")
+            if now - t0 > note_at:
+                note_at += 60.0
+                print(f"data: rank {self.rank} has waited {now - t0:.0f} s for a batch from {self._slot_line()}",
+                      file=sys.stderr, flush=True)
+
+    def _slot_line(self) -> str:
+        """The slot the next batch comes from, its shards this epoch and the last key it gave."""
+        w = self.batches % self.workers
+        slot, nslots = self.rank * self.workers + w, self.world * self.workers
+        names = [shard_label(self.shards.urls[i])
+                 for i in slot_shards(len(self.shards.urls), self.spec.seed, self.epoch, slot, nslots)]
+        listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return f"slot {slot} (shards {listed}; last key {self.last_keys.get(w, 'none yet')})"
 
     def next_batch(self) -> Batch:
         if self._it is None:
             self._start()
-        b = next(self._it)
+        b = self._next()
+        if "error" in b:
+            self.close()
+            raise UserError(b["error"])
         self.positions[b["worker"]] = b["pos"]
+        self.last_keys[b["worker"]] = b["keys"][-1]
         self.batches += 1
         self.epoch = b["epoch"]
         add_counts(self.bad, b["bad"])
@@ -287,9 +380,9 @@ class _EvalShards(IterableDataset):
         bad: dict = {}
         counts = self.shards.counts
         for i in self.mine[w::self.workers]:
-            for sample in read_shard(self.shards.urls[i], counts[i] if counts else None, bad):
+            for sample in read_shard(self.shards.urls[i], counts[i] if counts else None, bad, spec.retry):
                 try:
-                    target = sample_target(sample, spec.num_classes, spec.data.multi_label)
+                    target = sample_target(sample, spec.num_classes, spec.data.multi_label, spec.data.label_key)
                     img = transform(image_bytes(sample), spec.img_size, spec.data.eval_crop_pct)
                 except Exception as err:  # counted, and reported as missing from the eval set
                     key = (bad_reason(err), sample.shard)
@@ -355,7 +448,8 @@ class ShardEval:
             total = min(total, spec.eval_batches)
         mine = list(range(self.rank, len(shards.urls), self.world))
         loader = DataLoader(_EvalShards(shards, spec, mine, workers), batch_size=None,
-                            num_workers=workers if spec.workers else 0)
+                            num_workers=workers if spec.workers else 0,
+                            worker_init_fn=die_with_parent if spec.workers else None)
         produced = 0
         self.bad = {}
         for b in loader:

@@ -17,7 +17,9 @@ Accepted (:func:`resolve_shards`):
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +104,7 @@ def _resolve_part(part: str, split: str, key: str) -> ShardSet:
         if not tars:
             raise UserError(f"{key}={part!r}: the folder holds no {INDEX_FILE} and no .tar shards; write shards "
                             f"with `vitscale shards write SRC {part}`")
-        return ShardSet(tuple(tars), tuple(count_tar_samples(t) for t in tars))
+        return _counted(tuple(tars), part)
     if not is_remote(part) and not glob.has_magic(part) and "{" not in part and not p.exists():
         raise UserError(f"{key}={part!r} does not exist: give a shard folder written by `vitscale shards write`, "
                         f"a brace pattern, a glob, or URLs")
@@ -117,7 +119,17 @@ def _resolve_part(part: str, split: str, key: str) -> ShardSet:
                         f"{part!r}")
     if len(local) != len(urls):
         return ShardSet(tuple(urls), None)
-    return ShardSet(tuple(urls), tuple(count_tar_samples(u) for u in urls))
+    return _counted(tuple(urls), part)
+
+
+def _counted(tars: tuple[str, ...], part: str) -> ShardSet:
+    """A set of local tars without an index, counted from their headers (the note says how long
+    that took, and how to make it instant)."""
+    t0 = time.perf_counter()
+    counts = tuple(count_tar_samples(t) for t in tars)
+    note = (f"{part}: no {INDEX_FILE}, so {len(tars)} shards were counted from their tar headers in "
+            f"{time.perf_counter() - t0:.1f} s (`vitscale shards index {part}` writes one once)")
+    return ShardSet(tars, counts, notes=(note,))
 
 
 def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
@@ -167,3 +179,86 @@ def check_same_classes(ref: ShardSet, other: ShardSet, ref_key: str, other_key: 
     raise UserError(f"{other_key}: its class table differs from {ref_key}'s ({len(b)} vs {len(a)} classes; {first}), "
                     f"so its labels would score against the wrong classes; write it with the same table: "
                     f"`vitscale shards write SRC OUT --split val --classes <{ref_key} shard folder>`")
+
+
+_PROBE_SAMPLES = 16
+_PROBE_URLS = 4
+_PROBE_TIMEOUT_S = 10.0
+
+
+def probe_shards(shards: ShardSet, key: str, *, multi_label: bool, label_key: str | None,
+                 timeout_s: float = _PROBE_TIMEOUT_S) -> str:
+    """Open the set before any rank starts: a few URLs of a remote set answer (status and first
+    bytes), and the first samples of the first shard hold an image and a label this run can read.
+    Returns a note for the log; every problem is a :class:`UserError` naming ``key``, an example
+    key with the members found, and the fix. Costs one short read per probed URL."""
+    from pretrain.data.shards import LabelError, ShardReadError, decode_label, iter_tar_samples, shard_label
+
+    urls = shards.urls
+    remote = [u for u in urls if is_remote(u)]
+    picks = sorted({0, len(remote) - 1, *range(1, min(_PROBE_URLS - 1, len(remote)))}) if remote else []
+    for i in picks:
+        _probe_url(remote[i], key, timeout_s)
+    first = urls[0]
+    seen, example, problem = 0, None, None
+    samples = iter_tar_samples(first, timeout_s=timeout_s)
+    try:
+        for sample in samples:
+            seen += 1
+            example = example or sample
+            try:
+                if sample.image() is None:
+                    raise LabelError("missing_image", "no image member")
+                decode_label(sample.files, 1 << 31, multi_label, label_key)
+                return f"{key}: samples of {shard_label(first)} hold an image and a label"
+            except LabelError as err:
+                problem = problem or (sample, str(err))
+            if seen >= _PROBE_SAMPLES:
+                break
+    except ShardReadError as err:
+        if seen == 0:
+            raise UserError(f"{key}: its first shard cannot be read ({err}); check the path or URL, and the shard "
+                            f"with `vitscale shards verify`") from None
+    finally:
+        with contextlib.suppress(Exception):  # a pipe: command cut short may complain on close
+            samples.close()
+    if example is None:
+        raise UserError(f"{key}: its first shard {shard_label(first)} holds no sample; check it with "
+                        f"`vitscale shards verify`")
+    sample, why = problem
+    members = ", ".join(f".{ext}" for ext in sorted(sample.files)) or "none"
+    txt = sample.files.get("txt")
+    said = f" (its .txt reads {txt[:40].decode('utf-8', 'replace')!r})" if txt is not None else ""
+    want = ("a .json with an integer list 'labels' (multi-label)" if multi_label else
+            "an image (.jpg/.png/.webp) and a label: .cls, a .txt holding an integer, or an integer .json field")
+    raise UserError(f"{key}: none of the first {seen} samples of {shard_label(first)} can be trained on: e.g. "
+                    f"sample {sample.key} has members {members}{said}: {why}. vitscale needs {want}; set "
+                    f"data.label_key=FIELD if the class index is another .json field, or write labelled shards "
+                    f"with `vitscale shards write`")
+
+
+def _probe_url(url: str, key: str, timeout_s: float) -> None:
+    """The first bytes of ``url`` arrive within ``timeout_s``; a :class:`UserError` otherwise."""
+    import threading
+
+    from pretrain.data.shards import open_stream
+
+    outcome: dict = {}
+
+    def read() -> None:
+        try:
+            with open_stream(url, 0, timeout_s) as stream:
+                outcome["head"] = stream.read(512)
+        except Exception as err:  # classified below; the thread never raises
+            if len(outcome.get("head", b"")) < 512:  # closing a pipe: command early may fail; that is no error
+                outcome["error"] = err
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout_s + 5)
+    err = outcome.get("error")
+    if t.is_alive() or err is not None or len(outcome.get("head", b"")) < 512:
+        what = (f"no answer within {timeout_s:g} s" if t.is_alive() else
+                f"{type(err).__name__}: {err}" if err is not None else "fewer than 512 bytes")
+        raise UserError(f"{key}: shard {url} cannot be read ({what}); check the host, port and file names "
+                        f"(a test: `curl -sI {url}` for http)")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pretrain.core.errors import UserError
 from pretrain.data.shard_sets import ShardSet
-from pretrain.data.shards import ShardReadError, TarSample, iter_tar_samples, shard_label
+from pretrain.data.shards import ShardReadError, TarSample, is_remote, iter_tar_samples, shard_label
 
 
 def seeded(*parts) -> random.Random:
@@ -41,20 +43,59 @@ def slot_shards(n: int, seed: int, epoch: int, slot: int, nslots: int) -> list[i
     return epoch_order(n, seed, epoch)[slot::nslots]
 
 
-def read_shard(url: str, expected: int | None, lost: dict) -> Iterator[TarSample]:
-    """Samples of one shard. A shard that ends early adds the samples it lost to
-    ``lost[(reason, shard name)]``: ``missing_shard`` (its whole count), ``truncated_shard`` (its
-    index count minus those read; at least 1 when the count is unknown). A local tar must end with
-    its end-of-archive blocks, so a cut between two members is caught too."""
-    read = 0
-    try:
-        for sample in iter_tar_samples(url, check_end=True):
-            read += 1
-            yield sample
-    except ShardReadError as err:
-        key = ("missing_shard" if err.missing else "truncated_shard", shard_label(url))
-        lost[key] = lost.get(key, 0) + (max(1, expected - read) if expected is not None else 1)
-        return
+@dataclass(frozen=True)
+class Retry:
+    """How a remote shard read survives an outage (``data.retries``, ``data.retry_max_s``,
+    ``data.read_timeout_s``): after a failure that is worth retrying (``unreachable``), wait
+    ``first_s``, doubling up to ``max_s`` per wait, at most ``retries`` times in a row (the count
+    starts again once a sample arrives), then count the rest of the shard as lost."""
+
+    retries: int = 8
+    max_s: float = 30.0
+    timeout_s: float = 60.0
+    first_s: float = 0.5
+
+    def wait_s(self, attempt: int) -> float:
+        return min(self.max_s, self.first_s * 2 ** attempt)
+
+    @property
+    def window_s(self) -> float:
+        """The longest outage a read rides out without losing a sample (waits only)."""
+        return sum(self.wait_s(a) for a in range(self.retries))
+
+
+def read_shard(url: str, expected: int | None, lost: dict, retry: Retry | None = None) -> Iterator[TarSample]:
+    """Samples of one shard. A remote read that fails with ``unreachable`` is retried per
+    ``retry`` and continues at the sample where it stopped (reopened at that sample's first
+    byte; nothing already yielded is yielded again). A shard that ends early adds the samples it
+    lost to ``lost[(reason, shard name)]``: ``missing_shard`` (its whole count), ``unreachable``
+    or ``truncated_shard`` (its index count minus those read; at least 1 when the count is
+    unknown). A local tar must end with its end-of-archive blocks, so a cut between two members
+    is caught too."""
+    retry = retry or Retry()
+    read, attempt, last = 0, 0, None
+    while True:
+        offset = last.offset if last is not None else 0
+        try:
+            for sample in iter_tar_samples(url, check_end=True, offset=offset, timeout_s=retry.timeout_s):
+                if last is not None and offset and sample.offset == last.offset:
+                    continue  # the sample the failed read already gave
+                read += 1
+                attempt = 0
+                last = sample
+                yield sample
+            break
+        except ShardReadError as err:
+            if is_remote(url) and err.reason == "unreachable" and attempt < retry.retries:
+                wait = retry.wait_s(attempt)
+                attempt += 1
+                print(f"data: {shard_label(url)} after {read} samples: {err}; retry {attempt}/{retry.retries} "
+                      f"in {wait:g} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                continue
+            key = (err.reason, shard_label(url))
+            lost[key] = lost.get(key, 0) + (max(1, expected - read) if expected is not None else 1)
+            return
     if expected is not None and read < expected:
         key = ("truncated_shard", shard_label(url))
         lost[key] = lost.get(key, 0) + expected - read
@@ -90,7 +131,7 @@ class StreamItem:
 
 
 def slot_stream(shards: ShardSet, seed: int, slot: int, nslots: int, buffer: int, start: int,
-                bad: dict) -> Iterator[StreamItem]:
+                bad: dict, retry: Retry | None = None) -> Iterator[StreamItem]:
     """Endless stream of one slot from ``position == start`` on: whole epochs are skipped
     arithmetically from the index counts, the rest is read through the buffer without decoding.
 
@@ -109,7 +150,7 @@ def slot_stream(shards: ShardSet, seed: int, slot: int, nslots: int, buffer: int
     while True:
         order = slot_shards(n, seed, epoch, slot, nslots)
         lost: dict = {}
-        raw = (s for i in order for s in read_shard(shards.urls[i], counts[i] if counts else None, lost))
+        raw = (s for i in order for s in read_shard(shards.urls[i], counts[i] if counts else None, lost, retry))
         produced = lost_total = 0
         for idx, sample in enumerate(shuffled(raw, buffer, seeded("buffer", seed, epoch, slot))):
             produced += 1
@@ -120,7 +161,10 @@ def slot_stream(shards: ShardSet, seed: int, slot: int, nslots: int, buffer: int
                 yield StreamItem(epoch, idx, position, sample)
         lost_total += _drain(lost, bad)
         if produced == 0:
-            raise UserError(f"slot {slot} read no samples in epoch {epoch}: its shards are empty or unreadable")
+            names = ", ".join(shard_label(shards.urls[i]) for i in order[:5]) + (" ..." if len(order) > 5 else "")
+            why = ", ".join(f"{n} {reason}" for (reason, _), n in sorted(bad.items())) or "no samples in them"
+            raise UserError(f"slot {slot} read no samples in epoch {epoch} from its shards {names} ({why}); "
+                            f"check them with `vitscale shards verify`")
         base += sum(counts[i] for i in order) if counts is not None else produced + lost_total
         epoch += 1
 

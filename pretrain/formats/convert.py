@@ -1,18 +1,22 @@
-"""Conversion between checkpoint formats: the table of writers and the logit check.
+"""Conversion between checkpoint formats: writing through the registry, and the logit check.
 
 Every source is read into our state dict (:func:`pretrain.formats.read_weights`), then written by
-the :class:`Adapter` of the target format (:data:`ADAPTERS`); ``deepspeed-universal`` has no
-writer here (it needs a ZeRO checkpoint as source, see :mod:`pretrain.checkpoint.universal`).
+the ``write`` of the target format's :class:`~pretrain.formats.registry.WeightsFormat`;
+``deepspeed-universal`` has none (it is written from a ZeRO checkpoint as it is, see
+:mod:`pretrain.checkpoint.universal`).
 
-:func:`verify` builds our model from the weights that were written and compares, on a fixed seeded
-batch: (1) the output read back by vitscale, with every missing / extra / mis-shaped key listed;
-(2) the other library's own model loaded from the output when it is installed (transformers for
-``hf``, timm for ``timm``), and the source HF model when the source is HF.
+:func:`verify` checks what was written *before* it is moved into place (:func:`write_converted`
+takes it as ``check``), on a fixed seeded batch, against every oracle at hand: (1) the output read
+back by vitscale, with every missing / extra / mis-shaped key listed; (2) the output library's own
+model loaded from the output (the target entry's oracle: transformers for ``hf``, timm for
+``timm``); (3) the source library's own model loaded from the source (the source entry's oracle:
+transformers for a HF folder, timm for a timm file or Hub folder). (2) and (3) need the library
+installed; the report names each oracle it used (with the library's version) and says which it
+could not use. A failed check leaves no output.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from collections.abc import Callable
@@ -21,49 +25,18 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.layout import is_universal_dir
 from pretrain.core.errors import UserError
-from pretrain.formats import read_weights, save_safetensors
-from pretrain.formats.hf import is_hf_dir, load_hf_model, write_hf
-from pretrain.formats.npz import write_vit_jax_npz
-from pretrain.formats.state_dict import StateDict
-from pretrain.formats.timm import load_tensors, timm_kwargs, write_timm
+from pretrain.formats.registry import read_weights, weights_format
+from pretrain.formats.state_dict import StateDict, max_abs_diff
 from pretrain.model.vit import VisionTransformer, ViTSpec, build_model
 
-
-@dataclass(frozen=True)
-class Adapter:
-    """How to write one target format: ``write(sd, spec, dst, meta)``; ``directory``: DST is a dir."""
-
-    write: Callable[[StateDict, ViTSpec, Path, dict], None] | None
-    directory: bool
-    looks_like: Callable[[Path], bool]
-    note: str
-
-
-def _write_ours(sd: StateDict, spec: ViTSpec, dst: Path, meta: dict) -> None:
-    run_config = json.dumps(meta["config"]) if "config" in meta else None
-    save_safetensors(sd, spec, dst, {"step": meta.get("step"), "source": meta.get("source"),
-                                     "source_format": meta.get("format"), "run_config": run_config})
-
-
-def _write_npz(sd: StateDict, spec: ViTSpec, dst: Path, meta: dict) -> None:
-    write_vit_jax_npz(sd, spec, dst)
-
-
-ADAPTERS: dict[str, Adapter] = {
-    "safetensors": Adapter(_write_ours, False, Path.is_file, "consolidated safetensors, spec in metadata"),
-    "deepspeed-universal": Adapter(None, True, is_universal_dir, "DeepSpeed universal checkpoint"),
-    "hf": Adapter(lambda sd, spec, dst, meta: write_hf(sd, spec, dst), True, is_hf_dir,
-                  "HF transformers ViT directory"),
-    "timm": Adapter(lambda sd, spec, dst, meta: write_timm(sd, spec, dst), False, Path.is_file,
-                    "timm VisionTransformer state dict (.pth or .safetensors)"),
-    "npz": Adapter(_write_npz, False, Path.is_file, "Google vit_jax .npz"),
-}
+# spec fields that fix no parameter: a format may not record them (the output then reads back with
+# its default), which verify notes and the logits measure
+_NOT_PARAMETERS = ("norm_eps", "act")
 
 
 def check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
-    adapter = ADAPTERS[to]
+    entry = weights_format(to)
     s, d = src.resolve(), dst.resolve()
     if d == s or s.is_relative_to(d):
         raise UserError(f"DST {dst} is (or contains) the source {src}; choose another output path")
@@ -73,9 +46,10 @@ def check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
         return
     if not force:
         raise UserError(f"{dst} already exists; pass --force to replace it, or choose another DST")
-    if dst.is_dir() != adapter.directory or (dst.is_dir() and not adapter.looks_like(dst)):
+    owns = entry.replaceable or entry.detect
+    if dst.is_dir() != entry.directory or not owns(dst):
         kind = "directory" if dst.is_dir() else "file"
-        raise UserError(f"{dst} is a {kind} that is not a {adapter.note}; --force only replaces an output of "
+        raise UserError(f"{dst} is a {kind} that is not a {entry.summary}; --force only replaces an output of "
                         f"the same format. Remove it yourself or choose another DST")
 
 
@@ -86,11 +60,9 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 
 
 def tmp_path_for(dst: Path) -> Path:
+    """A fresh temporary name beside ``dst`` (same folder, same suffix, so the format still shows)."""
     tmp = dst.with_name(f".{dst.stem}.tmp-convert{dst.suffix}")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    elif tmp.exists():
-        tmp.unlink()
+    remove(tmp)
     return tmp
 
 
@@ -105,55 +77,40 @@ def _model(sd: StateDict, spec: ViTSpec) -> VisionTransformer:
     return model.eval()
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _hf_outputs(path: Path, spec: ViTSpec, ref: VisionTransformer, x: torch.Tensor) -> tuple[str, float]:
-    hf = load_hf_model(path)
-    with torch.no_grad():
-        out = hf(pixel_values=x)
-        feats = ref.forward_features(x)
-        if type(hf).__name__ == "ViTForImageClassification":
-            return ("transformers ViTForImageClassification logits",
-                    _max_diff(out.logits, ref.forward_head(feats)))
-        if spec.representation_size:
-            return ("transformers ViTModel pooler_output vs our pre-logits",
-                    _max_diff(out.pooler_output, ref.forward_head(feats, pre_logits=True)))
-        return "transformers ViTModel last_hidden_state", _max_diff(out.last_hidden_state, feats)
-
-
-def _timm_output(path: Path, spec: ViTSpec, ref: VisionTransformer, x: torch.Tensor) -> tuple[str, float]:
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    model = TimmViT(**timm_kwargs(spec))
-    model.load_state_dict(load_tensors(path)[0])
-    with torch.no_grad():
-        return "timm VisionTransformer logits", _max_diff(model.eval()(x), ref(x))
-
-
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify`: max |diff| per comparison, key problems, what was skipped."""
+    """Outcome of :func:`verify`: max |diff| per oracle (what produced the reference output, and
+    on which files), key problems, notes (what was not compared, and why)."""
 
     diffs: dict[str, float]
     key_problems: list[str]
-    skipped: list[str]
+    notes: list[str]
     atol: float
 
     @property
     def ok(self) -> bool:
         return not self.key_problems and all(d <= self.atol for d in self.diffs.values())
 
+    def worst(self) -> tuple[str, float]:
+        """(oracle, max |diff|) of the largest difference."""
+        return max(self.diffs.items(), key=lambda kv: kv[1], default=("no oracle", 0.0))
+
     def lines(self) -> list[str]:
-        out = [f"verify: {name}: max |diff| {d:.3e} {'ok' if d <= self.atol else 'TOO LARGE'}"
+        out = [f"verify: oracle {name}: max |diff| {d:.3e} {'ok' if d <= self.atol else 'TOO LARGE'}"
                for name, d in self.diffs.items()]
         out += [f"verify: key problem: {p}" for p in self.key_problems]
-        out += [f"verify: {s}" for s in self.skipped]
-        out.append(f"verify: {'passed' if self.ok else 'FAILED'} (tolerance {self.atol:g})")
+        out += [f"verify: {s}" for s in self.notes]
         return out
+
+    def verdict(self, dst: Path) -> str:
+        """The one line that ends a verification: passed, or what failed, with the tolerance."""
+        name, d = self.worst()
+        if self.ok:
+            return f"verify: passed: max |diff| {d:.3e} <= tolerance {self.atol:g} ({len(self.diffs)} oracle(s))"
+        if self.key_problems:
+            return (f"verify: FAILED: {len(self.key_problems)} key problem(s) (listed above), max |diff| {d:.3e}, "
+                    f"tolerance {self.atol:g}; {dst} was not written")
+        return f"verify: FAILED: max |diff| {d:.3e} > tolerance {self.atol:g} ({name}); {dst} was not written"
 
 
 @dataclass(frozen=True)
@@ -166,69 +123,97 @@ class Source:
     spec: ViTSpec
 
 
-def verify(sd: StateDict, spec: ViTSpec, dst: Path, to: str, *, source: Source | None = None,
+def verify(sd: StateDict, spec: ViTSpec, out: Path, to: str, *, source: Source | None = None,
            heads: int | None = None, atol: float = 1e-4) -> VerifyReport:
-    """Compare our model built from ``sd`` (what was written) with everything built from ``dst``,
-    and, for a HF source, the source's own transformers model with ours built from ``source.sd``."""
+    """Compare, on :func:`fixed_batch`, our model built from ``sd`` (what was written to ``out``)
+    with (1) ``out`` read back by vitscale, key by key and by logits; (2) the output library's own
+    model loaded from ``out`` (transformers for ``hf``, timm for ``timm``); and (3) for a HF or timm
+    source, the source library's own model loaded from the source, against ours built from
+    ``source.sd`` (the reading, before ``--drop-head`` / ``--dtype``). (2) and (3) are skipped, with a
+    note, when the library is not installed or cannot hold the model."""
     x = fixed_batch(spec)
     ref = _model(sd, spec)
     with torch.no_grad():
         ref_out = ref(x)
     diffs: dict[str, float] = {}
     problems: list[str] = []
-    skipped: list[str] = []
+    notes: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        back_sd, back_spec, back_meta = read_weights(dst, to, heads=heads or spec.heads)
-    problems += [f"{k} missing in {dst}" for k in sd if k not in back_sd]
-    problems += [f"{k} in {dst} has no source tensor" for k in back_sd if k not in sd]
-    problems += [f"{k}: shape {list(back_sd[k].shape)} in {dst}, {list(sd[k].shape)} in the source"
+        back_sd, back_spec, back_meta = read_weights(out, to, heads=heads or spec.heads)
+    problems += [f"{k} missing in the output" for k in sd if k not in back_sd]
+    problems += [f"{k} in the output has no source tensor" for k in back_sd if k not in sd]
+    problems += [f"{k}: shape {list(back_sd[k].shape)} in the output, {list(sd[k].shape)} in the source"
                  for k in sd if k in back_sd and back_sd[k].shape != sd[k].shape]
-    problems += [f"{k} dropped on reading {dst}" for k in back_meta.get("unmapped", [])]
+    problems += [f"{k} dropped on reading the output" for k in back_meta.get("unmapped", [])]
     if back_spec is None:
-        problems.append(f"the model dimensions cannot be read back from {dst} (pass --heads)")
+        problems.append("the model dimensions cannot be read back from the output (pass --heads)")
     else:
-        dims = [f.name for f in fields(ViTSpec)]
+        dims = [f.name for f in fields(ViTSpec) if f.name not in _NOT_PARAMETERS]
         problems += [f"spec field {n}: {getattr(back_spec, n)!r} read back, {getattr(spec, n)!r} written"
                      for n in dims if getattr(back_spec, n) != getattr(spec, n)]
+        if back_spec.norm_eps != spec.norm_eps:
+            notes.append(f"the {to} format does not record the LayerNorm epsilon: the output reads back with "
+                         f"{back_spec.norm_eps:g}, the model has {spec.norm_eps:g} (the logits show the effect)")
+        if back_spec.act != spec.act:
+            notes.append(f"the {to} output does not record the activation: it reads back as {back_spec.act}, the "
+                         f"model has {spec.act} (the logits show the effect)")
     if not problems:
         with torch.no_grad():
-            diffs[f"{dst} read back by vitscale"] = _max_diff(_model(back_sd, back_spec)(x), ref_out)
+            diffs[f"vitscale read-back of the output ({to})"] = max_abs_diff(_model(back_sd, back_spec)(x), ref_out)
     checks = []
-    if to == "hf":
-        checks.append(("transformers", _hf_outputs, dst, spec, ref))
-    if to == "timm":
-        checks.append(("timm", _timm_output, dst, spec, ref))
-    if source is not None and source.format == "hf":
-        src_dir = source.path if source.path.is_dir() else source.path.parent
-        checks.append(("transformers", _hf_outputs, src_dir, source.spec, _model(source.sd, source.spec)))
-    for lib, fn, path, lib_spec, ours in checks:
+    if (oracle := weights_format(to).oracle) is not None:
+        checks.append(("the output", oracle, out, spec, ref))
+    if source is not None and (oracle := weights_format(source.format).oracle) is not None:
+        checks.append((f"the source {source.path}", oracle, source.path, source.spec, _model(source.sd, source.spec)))
+    for where, oracle, path, lib_spec, ours in checks:
+        lib = oracle.library
         try:
             __import__(lib)
         except ImportError:
-            skipped.append(f"{lib} is not installed: checked keys and shapes only for {path}")
+            notes.append(f"{lib} is not installed: {where} was not compared with {lib}'s own model")
+            continue
+        if (reason := oracle.cannot(lib_spec)) is not None:
+            notes.append(f"{reason}: {where} was not compared with {lib}")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            name, d = fn(path, lib_spec, ours, x)
-        diffs[f"{name} ({path}) vs vitscale"] = d
-    return VerifyReport(diffs, problems, skipped, atol)
+            try:
+                name, d = oracle.compare(path, lib_spec, ours, x)
+            except (RuntimeError, ValueError, KeyError, OSError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                if path == out:
+                    problems.append(f"{lib} cannot load the output: {first[:300]}")
+                else:
+                    notes.append(f"{lib} could not load {where} ({first[:200]}): not compared with {lib}")
+                continue
+        diffs[f"{name} on {where}"] = d
+    return VerifyReport(diffs, problems, notes, atol)
 
 
-
-
-def write_converted(sd: StateDict, spec: ViTSpec, dst: Path, to: str, meta: dict) -> None:
-    """Write with the adapter of ``to`` under a temporary name, then rename into place."""
-    adapter = ADAPTERS[to]
+def write_converted(sd: StateDict, spec: ViTSpec, dst: Path, to: str, meta: dict,
+                    check: Callable[[Path], bool] | None = None) -> bool:
+    """Write with the registry's writer of ``to`` under a temporary name in DST's folder, then rename
+    it into place; with ``check``, only when ``check(temporary path)`` is true. False: nothing was
+    written (the temporary output is removed, an existing DST is untouched)."""
+    entry = weights_format(to)
     tmp = tmp_path_for(dst)
     try:
-        adapter.write(sd, spec, tmp, meta)
-        if adapter.directory:
+        entry.write(sd, spec, tmp, meta)
+        if check is not None and not check(tmp):
+            return False
+        if entry.directory:
             replace_dir(tmp, dst)
         else:
             tmp.replace(dst)
+        return True
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
+        remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or directory tree if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -33,7 +33,7 @@ import torch
 from pretrain.checkpoint.layout import META, is_tag_dir, is_universal_dir, read_latest, read_meta, tags_of
 from pretrain.checkpoint.sharded import assemble
 from pretrain.core.errors import UserError
-from pretrain.formats.state_dict import StateDict, expected_shapes, first_keys, spec_from_dict
+from pretrain.formats.state_dict import StateDict, expected_shapes, first_keys, parameter_count, spec_from_dict
 from pretrain.model.vit import ViTSpec
 
 
@@ -58,11 +58,35 @@ def resolve_deepspeed_checkpoint(path: str | Path) -> tuple[Path, str]:
                     f"*model_states.pt files")
 
 
+def _pointer(p: Path) -> str | None:
+    """What the first of ``p/checkpoints``, ``p`` that holds a pointer file points to: ``latest``
+    -> "deepspeed", ``latest_universal`` naming a universal checkpoint -> "deepspeed-universal"."""
+    for d in (p / "checkpoints", p):
+        if (d / "latest").is_file():
+            return "deepspeed"
+        pointer = d / "latest_universal"
+        if pointer.is_file() and is_universal_dir(d / pointer.read_text().strip()):
+            return "deepspeed-universal"
+    return None
+
+
+def is_zero_checkpoint(p: Path) -> bool:
+    """A tag directory (``*model_states.pt`` / vitscale.json), or a checkpoints or run directory
+    whose pointer is ``latest``."""
+    return p.is_dir() and (is_tag_dir(p) or (not is_universal_dir(p) and _pointer(p) == "deepspeed"))
+
+
+def is_universal_checkpoint(p: Path) -> bool:
+    """A universal checkpoint (``zero/`` + ``*model_states.pt``), or a directory whose first
+    pointer is a ``latest_universal`` naming one."""
+    return p.is_dir() and (is_universal_dir(p) or (not is_tag_dir(p) and _pointer(p) == "deepspeed-universal"))
+
+
 def spec_from_meta(meta: dict, where: Path) -> ViTSpec | None:
     return spec_from_dict(meta["model_spec"], str(where / META)) if "model_spec" in meta else None
 
 
-def describe(path: str | Path) -> dict:
+def describe_zero(path: str | Path) -> dict:
     """What a DeepSpeed checkpoint holds, from vitscale.json and file names alone (nothing loaded)."""
     ckdir, tag = resolve_deepspeed_checkpoint(path)
     tag_dir = ckdir / tag
@@ -79,7 +103,26 @@ def describe(path: str | Path) -> dict:
                            f"the checkpoint is incomplete")
     if (ckdir / "latest_universal").is_file():
         info["latest_universal"] = (ckdir / "latest_universal").read_text().strip()
-    return info
+    spec = info.pop("model_spec", None)
+    out = {"spec": spec, "dtype": "float32 (ZeRO fp32 master weights in the optimizer shards)", **info}
+    if spec is not None:
+        out["parameters"] = parameter_count(spec_from_dict(spec, str(path)))
+    return out
+
+
+def describe_universal(path: str | Path) -> dict:
+    """What a universal checkpoint holds, from vitscale.json and its file list (nothing loaded)."""
+    udir = resolve_universal(path)
+    meta = read_meta(udir) or {}
+    params = sorted(p.parent.name for p in (udir / "zero").glob("*/fp32.pt"))
+    out = {"universal_dir": str(udir), "spec": meta.get("model_spec"), "dtype": "float32",
+           "tensors": len(params), "files": sorted(f.name for f in udir.iterdir())}
+    for key in ("step", "world_size", "zero_stage", "universal_from", "config"):
+        if key in meta:
+            out[key] = meta[key]
+    if out["spec"] is not None:
+        out["parameters"] = parameter_count(spec_from_dict(out["spec"], str(udir)))
+    return out
 
 
 def _quiet_zero_to_fp32():

@@ -30,11 +30,13 @@ a pooler. Our models therefore map to:
 - no pre-logits, no classes: ``ViTModel`` without pooler weights (load it with
   ``add_pooling_layer=False``; ``last_hidden_state`` == our ``forward_features``)
 
-Global-average-pooled models have no HF ViT equivalent and are refused. We write
-``layer_norm_eps`` 1e-6 (HF's default is 1e-12), ``hidden_act`` "gelu" (exact), and our spec
-under ``"vitscale"`` in config.json (for reference; everything it holds HF also names).
-Reading a model whose eps is not 1e-6, whose activation is not exact GELU or whose pooler is
-not tanh warns: our ViT computes with 1e-6 / GELU / tanh.
+Global-average-pooled models have no HF ViT equivalent and are refused. ``layer_norm_eps`` is
+the spec's ``norm_eps`` both ways (read with HF's default 1e-12 when config.json leaves it out,
+as ``save_pretrained`` does for a default value; written as the spec has it, 1e-6 for our own
+models), so HF -> vitscale -> HF keeps it and our logits equal transformers'. We write
+``hidden_act`` "gelu" (exact) and our spec under ``"vitscale"`` in config.json (for reference;
+everything it holds HF also names). Reading a model whose activation is not exact GELU or whose
+pooler is not tanh warns: our ViT computes with GELU / tanh.
 """
 
 from __future__ import annotations
@@ -49,12 +51,12 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
-from pretrain.formats.state_dict import StateDict, first_keys, warn
-from pretrain.formats.timm import load_torch_state_dict
-from pretrain.model.vit import ViTSpec
+from pretrain.formats.state_dict import StateDict, first_keys, max_abs_diff, refuse_clip_parts, warn
+from pretrain.formats.timm import hub_config, load_torch_state_dict
+from pretrain.model.vit import VisionTransformer, ViTSpec
 
 HEAD_FILE = "vitscale_head.safetensors"
-_EPS = 1e-6
+HF_DEFAULT_EPS = 1e-12  # ViTConfig's layer_norm_eps, which save_pretrained leaves out of config.json
 
 _LAYER = {
     "layernorm_before": "norm1", "layernorm_after": "norm2",
@@ -84,6 +86,23 @@ def is_hf_dir(p: Path) -> bool:
         return "model_type" in json.loads((p / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
         return False
+
+
+def is_hf(p: Path) -> bool:
+    """A HF folder (:func:`is_hf_dir`), or its weights file beside its config.json: ``model*.safetensors``
+    or ``pytorch_model.bin`` (not a timm Hub folder's). A lone ``.safetensors`` with HF key names is a
+    :class:`UserError`: the config.json is needed."""
+    if p.is_dir():
+        return is_hf_dir(p)
+    suffix = p.suffix.lower()
+    beside = (p.parent / "config.json").is_file() and hub_config(p.parent) is None
+    if suffix == ".safetensors":
+        if p.name.startswith("model") and beside:
+            return True
+        if any(".encoder.layer." in k or k.startswith("encoder.layer.") for k in read_header(p)[1]):
+            raise UserError(f"{p} holds HF transformers ViT weights; pass the directory with its config.json")
+        return False
+    return p.name == "pytorch_model.bin" and beside
 
 
 def _load_hf_tensors(d: Path) -> StateDict:
@@ -159,15 +178,10 @@ def read_hf(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
         raise UserError(f"{d} holds a {cfg.get('model_type')!r} model; only HF 'vit' models convert")
     if int(cfg.get("num_channels", 3)) != 3:
         raise UserError(f"{d}: num_channels {cfg['num_channels']} in config.json; only RGB (3) is supported")
-    meta: dict = {"hf_architectures": cfg.get("architectures"),
-                  "layer_norm_eps": cfg.get("layer_norm_eps", 1e-12)}
+    meta: dict = {"hf_architectures": cfg.get("architectures")}
     sd = from_hf(_load_hf_tensors(d), str(d), meta)
     if (d / HEAD_FILE).is_file() and "head.weight" not in sd:
         sd.update(load_file(str(d / HEAD_FILE)))
-    eps = float(meta["layer_norm_eps"])
-    if abs(eps - _EPS) > 1e-12:
-        warn(meta, f"{d}: layer_norm_eps is {eps:g} but vitscale's ViT uses 1e-6; outputs will differ "
-                   f"slightly from the HF model")
     if cfg.get("hidden_act", "gelu") != "gelu":
         warn(meta, f"{d}: hidden_act is {cfg['hidden_act']!r}, vitscale's ViT uses exact GELU")
     if "pre_logits.weight" in sd and cfg.get("pooler_act", "tanh") != "tanh":
@@ -178,7 +192,7 @@ def read_hf(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
                    mlp_dim=int(cfg.get("intermediate_size", 3072)),
                    heads=int(cfg.get("num_attention_heads", 12)),
                    num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
-                   representation_size=rep)
+                   representation_size=rep, norm_eps=float(cfg.get("layer_norm_eps", HF_DEFAULT_EPS)))
     return sd, spec, meta
 
 
@@ -192,12 +206,13 @@ def hf_config(spec: ViTSpec, dtype: torch.dtype) -> dict:
     if spec.pool != "cls":
         raise UserError("HF transformers' ViT always pools the class token; a global-average-pooled model "
                         "(pool 'gap') has no HF equivalent. Convert --to timm / npz / safetensors instead")
+    refuse_clip_parts(spec, "HF transformers' ViT")
     arch = hf_architecture(spec)
     cfg = {
         "architectures": [arch], "model_type": "vit", "hidden_size": spec.width,
         "num_hidden_layers": spec.depth, "num_attention_heads": spec.heads, "intermediate_size": spec.mlp_dim,
         "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": _EPS,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": spec.norm_eps,
         "image_size": spec.img_size, "patch_size": spec.patch_size, "num_channels": 3, "qkv_bias": True,
         "encoder_stride": spec.patch_size, "pooler_output_size": spec.representation_size or spec.width,
         "pooler_act": "tanh", "dtype": str(dtype).removeprefix("torch."), "vitscale": spec.to_dict(),
@@ -237,8 +252,9 @@ def to_hf(sd: StateDict, spec: ViTSpec) -> tuple[StateDict, StateDict]:
     return hf, head
 
 
-def write_hf(sd: StateDict, spec: ViTSpec, out_dir: str | Path) -> None:
-    """Write config.json + model.safetensors (+ the head file) into ``out_dir`` (created)."""
+def write_hf(sd: StateDict, spec: ViTSpec, out_dir: str | Path, meta: dict | None = None) -> None:
+    """Write config.json + model.safetensors (+ the head file) into ``out_dir`` (created); ``meta``
+    (what a conversion read with the source) is not recorded."""
     out_dir = Path(out_dir)
     dtype = next(iter(sd.values())).dtype
     cfg = hf_config(spec, dtype)
@@ -265,3 +281,20 @@ def load_hf_model(path: str | Path):
     pooler = "pooler.dense.weight" in read_header(weights)[1] if weights.is_file() else True
     model = transformers.ViTModel.from_pretrained(str(path), add_pooling_layer=pooler, dtype=torch.float32)
     return model.eval()
+
+
+def hf_oracle(path: Path, spec: ViTSpec, ours: VisionTransformer, x: torch.Tensor) -> tuple[str, float]:
+    """transformers' own model loaded from the HF folder ``path``, against ``ours``."""
+    import transformers
+
+    hf = load_hf_model(path)
+    name = f"transformers {transformers.__version__} {type(hf).__name__}"
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        feats = ours.forward_features(x)
+        if type(hf).__name__ == "ViTForImageClassification":
+            return f"{name} logits", max_abs_diff(out.logits, ours.forward_head(feats))
+        if spec.representation_size:
+            return (f"{name} pooler_output (our pre-logits)",
+                    max_abs_diff(out.pooler_output, ours.forward_head(feats, pre_logits=True)))
+        return f"{name} last_hidden_state", max_abs_diff(out.last_hidden_state, feats)

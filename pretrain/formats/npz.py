@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from pretrain.core.errors import UserError
-from pretrain.formats.state_dict import StateDict, first_keys, infer_spec
+from pretrain.formats.state_dict import StateDict, first_keys, infer_spec, refuse_clip_parts
 from pretrain.model.vit import ViTSpec
 
 _PREFIXES = ("", "opt/target/", "params/", "params/img/")
@@ -211,8 +211,13 @@ def read_npz(path: str | Path, heads: int | None = None) -> tuple[StateDict, ViT
     return sd, spec, meta
 
 
+def is_npz(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() == ".npz"
+
+
 def to_vit_jax(sd: StateDict, spec: ViTSpec) -> dict[str, np.ndarray]:
     """Our state dict -> vit_jax arrays (float32), keys as in the module docstring."""
+    refuse_clip_parts(spec, "vit_jax's ViT")
     D, H = spec.width, spec.heads
     hd = D // H
 
@@ -249,8 +254,9 @@ def to_vit_jax(sd: StateDict, spec: ViTSpec) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def write_vit_jax_npz(sd: StateDict, spec: ViTSpec, path: str | Path) -> None:
-    """Write ``sd`` as a vit_jax ``.npz`` at ``path`` (atomically; the name is kept as given)."""
+def write_vit_jax_npz(sd: StateDict, spec: ViTSpec, path: str | Path, meta: dict | None = None) -> None:
+    """Write ``sd`` as a vit_jax ``.npz`` at ``path`` (atomically; the name is kept as given).
+    ``meta`` (what a conversion read with the source) is not recorded."""
     path = Path(path)
     arrays = to_vit_jax(sd, spec)
     tmp = path.with_name(f".{path.name}.tmp")

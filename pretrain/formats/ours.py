@@ -14,6 +14,7 @@ saved with ``safetensors.torch.save_file`` and the string metadata
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pretrain.formats.state_dict import StateDict, check_state_dict, spec_from_d
 from pretrain.model.vit import ViTSpec
 
 FORMAT = "vitscale"
+_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def save_safetensors(sd: StateDict, spec: ViTSpec, path: str | Path, extra_meta: dict | None = None) -> None:
@@ -86,3 +88,31 @@ def load_safetensors(path: str | Path) -> tuple[StateDict, ViTSpec, dict]:
     if out.get("step", "").isdigit():
         out["step"] = int(out["step"])
     return sd, spec, out
+
+
+def is_ours(p: Path) -> bool:
+    """A ``.safetensors`` file whose metadata says ``format: vitscale`` (header only)."""
+    return p.is_file() and p.suffix.lower() == ".safetensors" and read_header(p)[0].get("format") == FORMAT
+
+
+def write_ours(sd: StateDict, spec: ViTSpec, path: Path, meta: dict) -> None:
+    """:func:`save_safetensors` with what a conversion knows of the source (step, source, its format,
+    the run config of a training checkpoint)."""
+    run_config = json.dumps(meta["config"]) if "config" in meta else None
+    save_safetensors(sd, spec, path, {"step": meta.get("step"), "source": meta.get("source"),
+                                      "source_format": meta.get("format"), "run_config": run_config})
+
+
+def describe_safetensors(path: Path) -> dict:
+    """What ``vitscale inspect`` shows of our file, from its header alone."""
+    meta, info = read_header(path)
+    spec = spec_of(meta, str(path))
+    out = {"spec": spec.to_dict(), "tensors": len(info),
+           "dtype": ", ".join(sorted({_DTYPE.get(d, d) for _, d in info.values()})),
+           "parameters": sum(math.prod(s) for s, _ in info.values())}
+    for key in ("step", "source", "source_format"):
+        if key in meta:
+            out[key] = int(meta[key]) if key == "step" and meta[key].isdigit() else meta[key]
+    if "run_config" in meta:
+        out["config"] = json.loads(meta["run_config"])
+    return out

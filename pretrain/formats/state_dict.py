@@ -9,6 +9,9 @@ mis-shaped key) and infers the spec from the tensors when a format does not stor
 - pool: ``cls`` when ``cls_token`` exists, else ``gap``; image size: ``sqrt(grid tokens) * patch``
   where grid tokens = pos-embed tokens minus the class slot
 - representation size: ``pre_logits.weight.shape[0]``; classes: ``head.weight.shape[0]`` (0 if absent)
+- CLIP-tower parts: ``pre_norm`` when ``norm_pre.weight`` exists, ``patch_bias`` when
+  ``patch_embed.proj.bias`` does, ``proj_dim``: ``proj.weight.shape[0]`` (None if absent); the
+  activation and the LayerNorm epsilon are not in the tensors (the reader sets them)
 - heads: given by the caller (a file that stores them, or ``--heads``), else the known-variant
   table by width (192->3, 384->6, 768->12, 1024/1280/1408->16, and the tiny test sizes)
 """
@@ -95,9 +98,11 @@ def infer_spec(sd: StateDict, heads: int | None = None, where: str = "the weight
         return None
     rep = int(sd["pre_logits.weight"].shape[0]) if "pre_logits.weight" in sd else None
     num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
+    proj_dim = int(sd["proj.weight"].shape[0]) if "proj.weight" in sd else None
     return ViTSpec(img_size=side * patch, patch_size=patch, width=width, depth=block_count(sd),
                    mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]), heads=heads, num_classes=num_classes,
-                   representation_size=rep, pool=pool)
+                   representation_size=rep, pool=pool, pre_norm="norm_pre.weight" in sd,
+                   patch_bias="patch_embed.proj.bias" in sd, proj_dim=proj_dim)
 
 
 def require_spec(spec: ViTSpec | None, sd: StateDict, where: str) -> ViTSpec:
@@ -164,3 +169,33 @@ def cast(sd: StateDict, dtype: torch.dtype) -> StateDict:
 
 def dtype_names(sd: StateDict) -> list[str]:
     return sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+
+
+def parameter_count(spec: ViTSpec) -> int:
+    """Number of parameters of ``VisionTransformer(spec)`` (nothing allocated)."""
+    return sum(math.prod(s) for s in expected_shapes(spec).values())
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in fp32; infinity when the shapes differ (a verification then fails)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.float() - b.float()).abs().max().item()
+
+
+def clip_parts(spec: ViTSpec) -> list[str]:
+    """The CLIP-tower parts ``spec`` has (pre-norm, bias-free patch embedding, QuickGELU,
+    projection), in words; [] for the ViT paper's model."""
+    parts = ["a LayerNorm before the blocks (pre_norm)"] if spec.pre_norm else []
+    parts += [] if spec.patch_bias else ["a patch embedding without bias"]
+    parts += [] if spec.act == "gelu" else [f"the {spec.act} activation"]
+    parts += [f"an output projection (proj_dim {spec.proj_dim})"] if spec.proj_dim else []
+    return parts
+
+
+def refuse_clip_parts(spec: ViTSpec, target: str) -> None:
+    """:class:`UserError` when ``spec`` has CLIP-tower parts the plain ViT of ``target`` lacks."""
+    parts = clip_parts(spec)
+    if parts:
+        raise UserError(f"{target} has no place for {', '.join(parts)}, which this model has; convert it "
+                        f"--to safetensors, or back to the format it came from")

@@ -23,6 +23,11 @@ A timm Hub folder (what ``timm``'s ``push_to_hf_hub`` / ``save_for_hf`` write, t
 ``model.safetensors`` or ``pytorch_model.bin``) is read from its weights file, with the head count
 from ``model_args.num_heads`` when given.
 
+LayerNorm epsilon: timm builds its ViTs with 1e-6 and a state dict does not record it, so a timm
+file reads as ``norm_eps`` 1e-6 (ours with ``model_spec`` metadata: as recorded there). A model
+with another epsilon (HF's 1e-12) written for timm computes slightly differently in timm, which
+``vitscale convert`` warns about and ``--verify`` measures.
+
 Writing: current timm ViTs have no pre-logits layer, so a model with ``pre_logits`` is refused
 (:class:`UserError`); ``vitscale convert --drop-head`` writes its backbone instead. A
 ``.safetensors`` output carries ``model_spec`` in its metadata (heads are then exact on reading
@@ -43,8 +48,17 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.core.errors import UserError
 from pretrain.formats.ours import read_header
-from pretrain.formats.state_dict import StateDict, first_keys, infer_spec, spec_from_dict
-from pretrain.model.vit import ViTSpec
+from pretrain.formats.state_dict import (
+    StateDict,
+    first_keys,
+    infer_spec,
+    max_abs_diff,
+    refuse_clip_parts,
+    spec_from_dict,
+)
+from pretrain.model.vit import VisionTransformer, ViTSpec
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 _NOT_OURS = {
     "fc_norm.": "a LayerNorm after pooling (fc_norm)",
@@ -124,6 +138,16 @@ def is_timm_hub_dir(p: Path) -> bool:
     return p.is_dir() and hub_config(p) is not None and any((p / f).is_file() for f in _HUB_WEIGHTS)
 
 
+def timm_weights(path: str | Path) -> tuple[Path, dict | None]:
+    """(weights file, timm's Hub config.json or None) of a timm state-dict file or Hub folder."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    if hub is not None and path.is_dir():
+        path = next((folder / f for f in _HUB_WEIGHTS if (folder / f).is_file()), path)
+    return path, hub
+
+
 def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, ViTSpec | None, dict]:
     """(our state dict, spec, meta) of a timm ViT state-dict file or timm Hub folder.
 
@@ -131,15 +155,11 @@ def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, Vi
     (heads: ``heads``, a Hub folder's ``model_args.num_heads``, or the known-variant table; None
     when none of them knows).
     """
-    path = Path(path)
     meta: dict = {}
-    folder = path if path.is_dir() else path.parent
-    hub = hub_config(folder) if path.is_dir() or path.name in _HUB_WEIGHTS else None
+    path, hub = timm_weights(path)
     if hub is not None:
         meta["timm_architecture"] = hub["architecture"]
         heads = heads or (hub.get("model_args") or {}).get("num_heads")
-        if path.is_dir():
-            path = next(folder / f for f in _HUB_WEIGHTS if (folder / f).is_file())
     raw, file_meta = load_tensors(path)
     sd = from_timm(raw, str(path))
     if "model_spec" in file_meta:
@@ -149,8 +169,17 @@ def read_timm(path: str | Path, heads: int | None = None) -> tuple[StateDict, Vi
     return sd, spec, meta
 
 
+def is_timm(p: Path) -> bool:
+    """A timm Hub folder, or any weights file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``): in the
+    registry's order timm comes last, so this claims the files no other format did."""
+    if p.is_dir():
+        return is_timm_hub_dir(p)
+    return p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+
+
 def to_timm(sd: StateDict, spec: ViTSpec) -> StateDict:
     """Our state dict -> timm's (the same keys); :class:`UserError` for a pre-logits model."""
+    refuse_clip_parts(spec, "timm's plain VisionTransformer")
     if spec.representation_size:
         raise UserError("timm's VisionTransformer has no pre-logits layer, so this model "
                         f"(representation_size {spec.representation_size}) cannot be written for timm as it "
@@ -167,8 +196,9 @@ def timm_kwargs(spec: ViTSpec) -> dict:
                 fc_norm=False, num_classes=spec.num_classes)
 
 
-def write_timm(sd: StateDict, spec: ViTSpec, path: str | Path) -> None:
-    """Write a timm state dict: safetensors (with ``model_spec`` metadata) or ``torch.save``."""
+def write_timm(sd: StateDict, spec: ViTSpec, path: str | Path, meta: dict | None = None) -> None:
+    """Write a timm state dict: safetensors (with ``model_spec`` metadata) or ``torch.save``
+    (``meta``, what a conversion read with the source, is not recorded)."""
     path = Path(path)
     out = {k: v.contiguous() for k, v in to_timm(sd, spec).items()}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -177,3 +207,30 @@ def write_timm(sd: StateDict, spec: ViTSpec, path: str | Path) -> None:
     else:
         torch.save(out, tmp)
     os.replace(tmp, path)
+
+
+def timm_oracle(path: Path, spec: ViTSpec, ours: VisionTransformer, x: torch.Tensor) -> tuple[str, float]:
+    """timm's own model (``timm.create_model`` of a Hub folder's architecture, else its
+    ``VisionTransformer`` for ``spec``) filled by timm's own loader, against ``ours``."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    weights, hub = timm_weights(path)
+    if hub is not None:
+        kwargs = {"num_classes": hub.get("num_classes"), "global_pool": hub.get("global_pool"),
+                  **(hub.get("model_args") or {})}
+        model = timm.create_model(hub["architecture"], pretrained=False,
+                                  **{k: v for k, v in kwargs.items() if v is not None})
+        name = f"timm {timm.__version__} create_model({hub['architecture']!r})"
+    else:
+        model = TimmViT(**timm_kwargs(spec))
+        name = f"timm {timm.__version__} VisionTransformer"
+    timm.models.load_checkpoint(model, str(weights), filter_fn=checkpoint_filter_fn)
+    with torch.no_grad():
+        return f"{name} logits", max_abs_diff(model.eval()(x), ours(x))
+
+
+def timm_cannot_hold(spec: ViTSpec) -> str | None:
+    """Why timm's VisionTransformer cannot be the oracle for ``spec`` (None: it can)."""
+    return "timm's VisionTransformer has no pre-logits layer" if spec.representation_size else None

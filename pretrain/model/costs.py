@@ -59,14 +59,17 @@ def _forward_macs(model: torch.nn.Module, spec: ViTSpec) -> float:
 def param_count(spec: ViTSpec) -> int:
     """Number of parameters of ``build_model(spec)``, in closed form (no model is built)."""
     d, m, p = spec.width, spec.mlp_dim, spec.patch_size
-    n = 3 * p * p * d + d + spec.seq_len * d + 2 * d
+    n = 3 * p * p * d + spec.seq_len * d + 2 * d
+    n += d if spec.patch_bias else 0
+    n += 2 * d if spec.pre_norm else 0
     n += d if spec.pool == "cls" else 0
     n += spec.depth * (4 * d * d + 2 * d * m + 9 * d + m)
-    rep = spec.representation_size
+    n += d * spec.proj_dim if spec.proj_dim else 0
+    f, rep = spec.feature_dim, spec.representation_size
     if rep:
-        n += d * rep + rep
+        n += f * rep + rep
     if spec.num_classes:
-        n += (rep or d) * spec.num_classes + spec.num_classes
+        n += (rep or f) * spec.num_classes + spec.num_classes
     return n
 
 

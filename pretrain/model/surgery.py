@@ -2,9 +2,14 @@
 
 The ViT paper fine-tunes by dropping the pretraining head (``pre_logits`` Linear+tanh and
 ``head``), putting one zero-initialised Linear in its place and interpolating ``pos_embed`` to the
-new patch grid. Everything else must match the target model exactly; anything that does not is a
-user mistake (wrong ``model.name`` for the checkpoint, a checkpoint in another key layout) and is
-raised as :class:`~pretrain.core.errors.UserError` naming the keys, the shapes and the likely cause.
+new patch grid. A CLIP image tower's output projection (``proj``, :class:`ViTSpec` ``proj_dim``) is
+part of the backbone: it is kept, and the new head reads the image embedding, when the target has
+``proj_dim``; a target without one (``model.proj_dim=null``) drops it and reads the normed class
+token, as timm's fine-tuned CLIP models do.
+
+Everything else must match the target model exactly; anything that does not is a user mistake
+(wrong ``model.name`` for the checkpoint, a checkpoint in another key layout) and is raised as
+:class:`~pretrain.core.errors.UserError` naming the keys, the shapes and the likely cause.
 
 Input is a state dict in the layout of :mod:`pretrain.model.vit` (other formats are converted before
 they get here). Optimizer state is never involved.
@@ -19,10 +24,11 @@ import torch
 
 from pretrain.core.errors import UserError
 from pretrain.model.pos_embed import RESAMPLE_MODES, resample_pos_embed
-from pretrain.model.vit import VisionTransformer, ViTSpec, build_model
+from pretrain.model.vit import VisionTransformer, ViTSpec, build_model, variant_of
 
 _HEAD = "head."
 _PRE_LOGITS = "pre_logits."
+_PROJ = "proj."
 _SHOWN = 5
 
 
@@ -90,10 +96,16 @@ def _arch_hint(source: dict[str, torch.Tensor], target: ViTSpec) -> str:
     """"source width 192 vs target 64, ...: choose model.name matching the checkpoint", or ""."""
     want = {"width": target.width, "depth": target.depth, "mlp_dim": target.mlp_dim,
             "patch": target.patch_size}
-    diffs = [f"source {k} {v} vs target {want[k]}" for k, v in _source_arch(source).items() if v != want[k]]
+    arch = _source_arch(source)
+    diffs = [f"source {k} {v} vs target {want[k]}" for k, v in arch.items() if v != want[k]]
     if not diffs:
         return ""
-    return f" Likely cause: {', '.join(diffs)}: choose model.name (or model.* sizes) matching the checkpoint."
+    name = variant_of(arch["width"], arch["depth"], arch["mlp_dim"], arch["patch"]) if len(arch) == 4 else None
+    keys = {"width": "width", "depth": "depth", "mlp_dim": "mlp_dim", "patch": "patch_size"}
+    fix = (f"set model.name={name}" if name else
+           "set " + " ".join(f"model.{keys[k]}={v}" for k, v in arch.items()) + " (and model.heads)")
+    return (f" Likely cause: {', '.join(diffs)}: {fix} to match the checkpoint, or leave model.name out of the "
+            f"config to take the architecture from the weights.")
 
 
 def _grid_tokens_error(n: int, target: ViTSpec) -> UserError:
@@ -120,8 +132,10 @@ def _transfer(kept: dict[str, torch.Tensor], full_source: dict[str, torch.Tensor
             parts.append(f"missing {len(missing)} key(s) the target expects: {_first(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) the target lacks: {_first(unexpected)}")
-        hint = _pool_hint(full_source, target) or (_arch_hint(full_source, target) + " A checkpoint in "
-                                                    "another layout (timm, HF, .npz) must be converted first.")
+        hint = _pool_hint(full_source, target) or _arch_hint(full_source, target)
+        if "patch_embed.proj.weight" not in full_source:
+            hint += (" The keys are not vitscale's: read a checkpoint of another layout with "
+                     "pretrain.formats.read_weights first (vitscale finetune --init does).")
         raise UserError(f"the source is not a compatible ViT state dict for this model: {'; '.join(parts)}.{hint}")
 
     out: dict[str, torch.Tensor] = {}
@@ -173,7 +187,8 @@ def finetune_state_dict(
 ) -> tuple[dict[str, torch.Tensor], SurgeryReport]:
     """Fine-tune weights for ``VisionTransformer(target)`` from a pretrained state dict.
 
-    Drops every ``head.*`` key and, unless ``keep_pre_logits``, every ``pre_logits.*`` key;
+    Drops every ``head.*`` key, unless ``keep_pre_logits`` every ``pre_logits.*`` key, and the
+    projection ``proj.*`` when ``target.proj_dim`` is None (see the module docstring);
     resamples ``pos_embed`` from the source grid (square, inferred from the token count and
     ``target.num_prefix_tokens``, or ``source_grid`` for a non-square one) to ``target.grid``
     with ``mode`` (see :mod:`pretrain.model.pos_embed`); adds a new head of ``target.num_classes``
@@ -197,12 +212,13 @@ def finetune_state_dict(
             f"Linear, so set model.representation_size to null, or set keep_pre_logits to keep the layer."
         )
     drop = (_HEAD,) if keep_pre_logits else (_HEAD, _PRE_LOGITS)
+    drop += () if target.proj_dim else (_PROJ,)
     report = SurgeryReport(dropped=[k for k in source if k.startswith(drop)])
     kept = {k: v for k, v in source.items() if not k.startswith(drop)}
     report.new = [f"{_HEAD}weight", f"{_HEAD}bias"] if target.num_classes > 0 else []
     out = _transfer(kept, source, target, report.new, mode, source_grid, report)
     if target.num_classes > 0:
-        d = target.representation_size or target.width
+        d = target.representation_size or target.feature_dim
         dtype = source["pos_embed"].dtype
         out[f"{_HEAD}weight"] = torch.zeros(target.num_classes, d, dtype=dtype)
         out[f"{_HEAD}bias"] = torch.full((target.num_classes,), head_bias_init, dtype=dtype)

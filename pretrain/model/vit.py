@@ -3,11 +3,19 @@
 State-dict keys are the contract that conversion and fine-tuning rely on::
 
     cls_token (1, 1, D)            pos_embed (1, P + N, D)   P = 1 with a class token, else 0
-    patch_embed.proj.{weight,bias} Conv2d(3, D, p, p)
+    patch_embed.proj.{weight,bias} Conv2d(3, D, p, p); no bias when patch_bias is False
+    norm_pre.{weight,bias}         LayerNorm on the embedded tokens, only when pre_norm is set
     blocks.{i}.norm1 / attn.qkv (fused, rows q|k|v) / attn.proj / norm2 / mlp.fc1 / mlp.fc2
     norm.{weight,bias}             final LayerNorm
-    pre_logits.{weight,bias}       Linear(D, R) + tanh, only when representation_size is set
-    head.{weight,bias}             Linear(R or D, num_classes), absent when num_classes == 0
+    proj.weight                    Linear(D, E, bias=False) on the pooled token, only when proj_dim is set
+    pre_logits.{weight,bias}       Linear(E or D, R) + tanh, only when representation_size is set
+    head.{weight,bias}             Linear(R or E or D, num_classes), absent when num_classes == 0
+
+The defaults are the ViT paper's model. ``pre_norm``, ``patch_bias=False``, ``act="quick_gelu"``
+and ``proj_dim`` describe CLIP image towers (OpenAI CLIP, OpenCLIP: a LayerNorm before the blocks,
+a bias-free patch embedding, QuickGELU in OpenAI's weights, the output projection to the joint
+embedding); at their defaults the model, its state dict and its spec's ``to_dict()`` are what they
+were before these fields existed.
 
 Randomness: in training, dropout, attention dropout (inside SDPA), drop path and patch dropout draw
 from torch's default generators (the CPU's and the input device's), the only ones SDPA's dropout
@@ -41,9 +49,21 @@ _SIZES = {
 }
 
 
+DEFAULT_NORM_EPS = 1e-6  # LayerNorm epsilon of vit_jax, big_vision and timm
+ACTIVATIONS = ("gelu", "quick_gelu")  # exact GELU (the ViT paper); x * sigmoid(1.702 x) (OpenAI CLIP)
+# fields added for CLIP towers: to_dict() leaves them out at their defaults, so the specs of every
+# other model (and the files that record them) read as before, also by older versions
+_CLIP_FIELDS = {"pre_norm": False, "patch_bias": True, "act": "gelu", "proj_dim": None}
+
+
 @dataclass(frozen=True)
 class ViTSpec:
     """The architecture: every number that fixes a ViT's parameters and compute, nothing else.
+
+    ``norm_eps`` and ``act`` fix no parameter but belong to the weights: a model trained with
+    LayerNorm epsilon 1e-12 (HF transformers' default) computes other outputs with 1e-6, one
+    trained with QuickGELU others with GELU, so both are carried from the weights a model is built
+    from, through every format that can record them.
 
     How a model trains (dropout, initial head bias, activation checkpointing, compilation) is
     chosen when it is built or run (``VisionTransformer(spec, dropout=...)``,
@@ -58,6 +78,11 @@ class ViTSpec:
     num_classes: int = 1000
     representation_size: int | None = None
     pool: str = "cls"  # "cls" (class token) or "gap" (global average pool, no class token)
+    norm_eps: float = DEFAULT_NORM_EPS  # every LayerNorm's epsilon (HF transformers' default is 1e-12)
+    pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
+    patch_bias: bool = True  # the patch embedding has a bias (CLIP's has none)
+    act: str = "gelu"  # MLP activation: "gelu" (exact) or "quick_gelu" (OpenAI CLIP weights)
+    proj_dim: int | None = None  # bias-free Linear(D, proj_dim) on the pooled token (CLIP's proj)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -76,8 +101,15 @@ class ViTSpec:
     def head_dim(self) -> int:
         return self.width // self.heads
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of the pooled feature the pre-logits layer or the head reads: ``proj_dim`` or D."""
+        return self.proj_dim or self.width
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, except the CLIP-tower fields that hold their defaults (see the module
+        docstring): :func:`ViTSpec(**d)` rebuilds the same spec."""
+        return {k: v for k, v in asdict(self).items() if k not in _CLIP_FIELDS or v != _CLIP_FIELDS[k]}
 
 
 def variant_names() -> list[str]:
@@ -108,10 +140,19 @@ def spec_for(name: str, **overrides) -> ViTSpec:
     return replace(spec, **overrides)
 
 
+def variant_of(width: int, depth: int, mlp_dim: int, patch_size: int, heads: int | None = None) -> str | None:
+    """The name :func:`spec_for` knows for these dimensions (``vit_s16``), or None when no variant
+    has them (``heads`` None: not compared)."""
+    for size, (w, d, m, h) in _SIZES.items():
+        if (w, d, m) == (width, depth, mlp_dim) and heads in (None, h):
+            return f"vit_{size}{patch_size}"
+    return None
+
+
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
+    def __init__(self, patch_size: int, width: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, gh, gw)
@@ -144,15 +185,24 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACT = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, mlp_dim: int, dropout: float):
+    def __init__(self, width: int, mlp_dim: int, dropout: float, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, width)
         self.drop = nn.Dropout(dropout)
+        self.act = _ACT[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def kept_tokens(num_patches: int, rate: float) -> int:
@@ -200,10 +250,10 @@ class Block(nn.Module):
 
     def __init__(self, spec: ViTSpec, dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm1 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         self.attn = Attention(spec.width, spec.heads, attn_dropout)
-        self.norm2 = nn.LayerNorm(spec.width, eps=1e-6)
-        self.mlp = Mlp(spec.width, spec.mlp_dim, dropout)
+        self.norm2 = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+        self.mlp = Mlp(spec.width, spec.mlp_dim, dropout, spec.act)
         self.drop = nn.Dropout(dropout)
         self.drop_path = drop_path
 
@@ -229,24 +279,30 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"img_size {spec.img_size} is not divisible by patch {spec.patch_size}")
         if spec.width % spec.heads:
             raise ValueError(f"width {spec.width} is not divisible by heads {spec.heads}")
+        if spec.act not in ACTIVATIONS:
+            raise ValueError(f"activation {spec.act!r} is not one of {', '.join(ACTIVATIONS)}")
         self.spec = spec
         self.head_bias_init = head_bias_init
         self.patch_dropout = patch_dropout
-        self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
+        self.patch_embed = PatchEmbed(spec.patch_size, spec.width, spec.patch_bias)
         if spec.pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.seq_len, spec.width))
         self.pos_drop = nn.Dropout(dropout)
+        if spec.pre_norm:
+            self.norm_pre = nn.LayerNorm(spec.width, eps=spec.norm_eps)
         rates = torch.linspace(0, drop_path, spec.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(spec, dropout, attn_dropout, rate) for rate in rates)
         self.checkpointed = [False] * spec.depth
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm = nn.LayerNorm(spec.width, eps=spec.norm_eps)
+        if spec.proj_dim:
+            self.proj = nn.Linear(spec.width, spec.proj_dim, bias=False)
         self._build_head(spec.num_classes, spec.representation_size)
         self.init_weights()
 
     def _build_head(self, num_classes: int, representation_size: int | None) -> None:
-        self.pre_logits = nn.Linear(self.spec.width, representation_size) if representation_size else None
-        d = representation_size or self.spec.width
+        self.pre_logits = nn.Linear(self.spec.feature_dim, representation_size) if representation_size else None
+        d = representation_size or self.spec.feature_dim
         self.head = nn.Linear(d, num_classes) if num_classes > 0 else None
 
     @torch.no_grad()
@@ -264,7 +320,8 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.pre_logits is not None:
             nn.init.zeros_(self.pre_logits.bias)
@@ -290,14 +347,19 @@ class VisionTransformer(nn.Module):
             cls = self.cls_token + self.pos_embed[:, :1]
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x)
+        if self.spec.pre_norm:
+            x = self.norm_pre(x)
         for blk, recompute in zip(self.blocks, self.checkpointed, strict=True):
             recompute = recompute and self.training
             x = checkpoint(blk, x, use_sdpa, use_reentrant=False) if recompute else blk(x, use_sdpa)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, T, D) -> logits (B, classes); ``pre_logits=True`` stops before ``head``."""
+        """Tokens (B, T, D) -> logits (B, classes); ``pre_logits=True`` stops before ``head``
+        (with ``proj_dim`` and no pre-logits layer: CLIP's image embedding, unnormalised)."""
         x = x[:, 0] if self.spec.pool == "cls" else x.mean(dim=1)
+        if self.spec.proj_dim:
+            x = self.proj(x)
         if self.pre_logits is not None:
             x = torch.tanh(self.pre_logits(x))
         if pre_logits or self.head is None:

@@ -27,7 +27,7 @@ from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.config import unread_settings
 from pretrain.data.loader import check_labels, check_layout
-from pretrain.data.shard_sets import check_same_classes, resolve_shards
+from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
@@ -55,7 +55,7 @@ def gib(n: float) -> str:
 def describe_config(cfg: Config) -> Check:
     spec = cfg.model.spec()
     return Check("config", PASS,
-                 f"{cfg.model.name} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
+                 f"{cfg.model.label()} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
                  f"tokens, head_dim {spec.head_dim}; ZeRO-{cfg.zero.stage}, {cfg.optim.name}, "
                  f"{'bf16' if cfg.train.bf16 else 'fp32'}")
 
@@ -88,6 +88,7 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
         try:
             shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
             check_labels(shards, spec, key)
+            probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
             if split == "train":
                 check_layout(shards, world_size, max(1, cfg.data.workers))
                 train = shards

@@ -19,7 +19,7 @@ from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
 from pretrain.core.errors import require as _check
 from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
-from pretrain.model.vit import ViTSpec, spec_for
+from pretrain.model.vit import ACTIVATIONS, ViTSpec, spec_for
 from pretrain.train.fewshot_config import FewshotConfig
 
 
@@ -53,6 +53,12 @@ class ModelConfig:
     num_classes: int = 1000
     representation_size: int | str | None = "auto"  # "auto" = width (pre-logits); None = linear head
     pool: str = "cls"
+    norm_eps: float | None = None  # LayerNorm epsilon; None: 1e-6, or in fine-tuning that of finetune.init
+    # CLIP image towers (OpenCLIP weights); in fine-tuning taken from finetune.init unless set here
+    pre_norm: bool = False  # LayerNorm before the blocks (ln_pre)
+    patch_bias: bool = True  # the patch embedding has a bias
+    act: str = "gelu"  # MLP activation: "gelu" or "quick_gelu"
+    proj_dim: int | None = None  # bias-free projection of the pooled token (CLIP's proj); null: none
     # how it runs
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -77,6 +83,11 @@ class ModelConfig:
                f"must divide the width {spec.width}")
         _check(self.num_classes >= 0, "model.num_classes", self.num_classes, "must be >= 0")
         _check(self.pool in ("cls", "gap"), "model.pool", self.pool, "use 'cls' or 'gap'")
+        _check(self.norm_eps is None or 0.0 < self.norm_eps < 1.0, "model.norm_eps", self.norm_eps,
+               "must be a small positive number (1e-6 as vit_jax / timm, 1e-12 as HF), or null for 1e-6")
+        _check(self.act in ACTIVATIONS, "model.act", self.act, f"use one of {', '.join(ACTIVATIONS)}")
+        _check(self.proj_dim is None or self.proj_dim > 0, "model.proj_dim", self.proj_dim,
+               "must be a positive integer (CLIP's embedding width), or null for no projection")
         rep = self.representation_size
         _check(rep is None or rep == "auto" or (isinstance(rep, int) and rep > 0),
                "model.representation_size", rep, "use 'auto' (= width), a positive int, or null")
@@ -90,6 +101,14 @@ class ModelConfig:
 
     def spec(self) -> ViTSpec:
         return spec_for(self.name, **{f.name: getattr(self, f.name) for f in fields(ViTSpec)})
+
+    def label(self) -> str:
+        """``vit_b16``; the dimensions instead when overrides make the model another than ``name``'s."""
+        spec, named = self.spec(), spec_for(self.name)
+        dims = ("width", "depth", "mlp_dim", "heads", "patch_size")
+        if all(getattr(spec, k) == getattr(named, k) for k in dims):
+            return self.name
+        return f"ViT (width {spec.width}, depth {spec.depth}, heads {spec.heads}, patch {spec.patch_size})"
 
     def runtime(self) -> dict:
         """Keywords of ``build_model`` besides the spec."""
@@ -297,9 +316,17 @@ class Config:
         if self.ema.decay and self.zero.stage == 0:
             _fail("ema.decay", self.ema.decay, "the EMA is sharded like DeepSpeed's master weights: use zero.stage "
                   "1, 2 or 3")
-        if self.augment.randaug_layers and self.data.decode == "gpu":
-            _fail("data.decode", "gpu", "RandAugment runs in the loader workers on decoded images: use "
-                  "data.decode=cpu with augment.randaug_layers, or augment.randaug_layers=0")
+        pipeline = self.loader().pipeline
+        d = self.data
+        if self.augment.ops is not None and (
+                d.crop_scale_min not in (DataConfig.crop_scale_min, pipeline.crop_scale[0])
+                or (not d.hflip and pipeline.hflip)):
+            _fail("augment.ops", self.augment.ops, f"it spells the crop and the flip, which disagree with "
+                  f"data.crop_scale_min={d.crop_scale_min} / data.hflip={d.hflip}: drop those keys, or augment.ops")
+        pixel = pipeline.pixel
+        if pixel and self.data.decode == "gpu":
+            _fail("data.decode", "gpu", f"{', '.join(map(str, pixel))} run in the loader workers on decoded images: "
+                  f"use data.decode=cpu, or leave them out of the pipeline")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

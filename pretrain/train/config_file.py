@@ -1,6 +1,7 @@
 """Reading a run config: YAML recipe + dotted overrides -> a validated :class:`Config`.
 
-``load_config("configs/x.yaml", ["model.depth=2", "train.steps=10"])`` returns a validated
+``load_config("configs/x.yaml", ["model.depth=2", "train.steps=10"])`` (or ``load_config("x", ...)``,
+the packaged recipe of that name) returns a validated
 :class:`~pretrain.train.config.Config`. Every mistake (a file that is not a recipe, an unknown
 key, a wrong type, a non-finite number, an impossible value) raises :class:`UserError` with one
 line naming the key, the value and the fix. ``save_config`` writes the resolved config that goes
@@ -23,6 +24,7 @@ from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
 from pretrain.core.files import write_atomic
 from pretrain.train.config import Config
+from pretrain.train.recipes import resolve_config
 
 
 def _hint(name: str, options: list[str]) -> str:
@@ -144,13 +146,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
+    """The sections of the recipe ``path`` names: a YAML file, or a packaged recipe's name
+    (:func:`pretrain.train.recipes.resolve_config`, the one resolver of ``--config``)."""
+    p = resolve_config(path)
     if p.is_dir():
-        raise UserError(f"config file {str(p)!r} is a directory: pass --config with a YAML recipe, e.g. "
-                        f"configs/demo_cpu.yaml")
+        raise UserError(f"config file {str(p)!r} is a directory: pass --config with a YAML file or a recipe "
+                        f"name, e.g. demo_cpu (`vitscale recipes` lists them)")
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist: pass --config with a YAML recipe "
-                        f"(see configs/, e.g. configs/demo_cpu.yaml)")
+        raise UserError(f"config file {str(p)!r} does not exist: pass --config with a YAML file or a recipe "
+                        f"name, e.g. demo_cpu (`vitscale recipes` lists them)")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:

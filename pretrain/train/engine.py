@@ -115,9 +115,9 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
 
 def layer_id(name: str, depth: int) -> int:
     """Depth position of a parameter for layer-wise LR decay: 0 for the embeddings (patch
-    embedding, position embedding, class token), i + 1 for block i, depth + 1 for the rest (final
-    norm, pre-logits, head)."""
-    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
+    embedding, position embedding, class token, the LayerNorm before the blocks), i + 1 for block
+    i, depth + 1 for the rest (final norm, projection, pre-logits, head)."""
+    if name.startswith(("patch_embed.", "pos_embed", "cls_token", "norm_pre.")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1

@@ -76,6 +76,12 @@ def resolve_dataset(ds: FewshotDataset) -> tuple[ShardSet, ShardSet]:
     prefix = f"fewshot.datasets[{ds.name}]"
     train = resolve_fewshot_shards(ds.train, "train", f"{prefix}.train")
     val = resolve_fewshot_shards(ds.val, "val", f"{prefix}.val")
+    shared = set(train.urls) & set(val.urls)
+    if shared:
+        raise UserError(f"{prefix}: train and val name the same shards ({len(shared)} of {len(val.urls)} val shards, "
+                        f"e.g. {sorted(shared)[0]}), so the k-shot images would be scored on themselves; give a val "
+                        f"set of other images (`vitscale shards write SRC OUT --val-fraction 0.1` writes both, "
+                        f"`vitscale shards index SET --split val` indexes a separate one)")
     check_same_classes(train, val, f"{prefix}.train", f"{prefix}.val")
     return train, val
 

@@ -86,6 +86,8 @@ class Trainer:
         self.state = LoopState()
         self.components = Components()
         self.preempted = False
+        self.lost_shown = 0  # lost samples already reported on the console
+        self.last_data: dict = {}  # the latest lost-sample counts, for summary.json
 
     # ---- set-up ----
     def _build(self, source: ResumeSource | None) -> None:
@@ -102,6 +104,7 @@ class Trainer:
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
         self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
+        self.train_data.interrupted = lambda: self.stop.raised  # a wait for data honours a stop signal
         if self.engine.device.type == "cuda":  # copy batch k+1 while step k computes
             self.train_data = DevicePrefetcher(self.train_data, self.engine.device)
         self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
@@ -166,7 +169,7 @@ class Trainer:
                 count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
                 log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
-        log.console(f"{self.mode}: {cfg.model.name} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
+        log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
                     f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
         t0 = time.perf_counter()
@@ -355,6 +358,13 @@ class Trainer:
         state.images_per_s = rec["images_per_s"]
         self.log.write(rec)
         self.log.console(format_train_line(rec, self.cfg.train.steps))
+        lost = rec.get("bad_samples", 0) - self.lost_shown
+        if lost > 0:
+            self.lost_shown = rec["bad_samples"]
+            self.log.console(f"data: {lost} sample{'s' if lost > 1 else ''} lost since the last line "
+                             f"({rec['bad_samples']} in all: {_counts_line(rec['bad_by_reason'])}; worst shards "
+                             f"{_counts_line(rec.get('bad_by_shard', {}), 3)})")
+        self.last_data = {k: rec[k] for k in ("bad_samples", "bad_by_reason", "bad_by_shard") if k in rec}
         self.meter.reset()
 
     def _data_stats(self) -> dict:
@@ -380,6 +390,7 @@ class Trainer:
                    "images_per_s": state.images_per_s, "bad_steps_total": state.bad_steps_total,
                    "seconds": round(seconds, 1), "run_dir": str(self.run_dir)}
         summary.update(self.fewshot.summary() if self.fewshot is not None else {})
+        summary.update(self.last_data)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc = ev.get("top1", ev.get("prec1"))
         print("\n".join([
@@ -388,6 +399,8 @@ class Trainer:
             f"loss           {_fmt(state.first_loss)} (first) -> {_fmt(state.last_loss)} (final)",
             f"eval top-1     {'n/a' if acc is None else f'{100 * acc:.1f}%'}",
             f"images/s       {_fmt(state.images_per_s, '.1f')}",
+            *([f"lost samples   {self.last_data['bad_samples']} ({_counts_line(self.last_data['bad_by_reason'])})"]
+              if self.last_data.get("bad_samples") else []),
             *([f"fewshot        {self.fewshot.line()}"] if self.fewshot is not None else []),
             f"run directory  {self.run_dir}",
         ]), flush=True)
@@ -414,6 +427,11 @@ def _by(counts: dict, field_index: int) -> dict[str, int]:
     for key, n in counts.items():
         out[key[field_index]] = out.get(key[field_index], 0) + n
     return out
+
+
+def _counts_line(counts: dict[str, int], top: int = 6) -> str:
+    """``{"unreachable": 1800, ...}`` as ``unreachable 1800, ...``, largest first."""
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top])
 
 
 def _fmt(x, spec: str = ".4f") -> str:
