@@ -101,6 +101,7 @@ class AugmentConfig:
 # Settings that only the shard pipelines read: key -> (the pipelines that read it, values besides the
 # default that describe synthetic data anyway: never flipped, made in the rank process, not shuffled)
 _SHARD_SETTINGS = {
+    "augment.ops": (("train",), ()),
     "augment.randaug_layers": (("train",), ()),
     "data.crop_scale_min": (("train",), ()),
     "data.hflip": (("train",), (False,)),
@@ -110,6 +111,11 @@ _SHARD_SETTINGS = {
     "data.decode": (("train", "val"), ()),
     "data.workers": (("train", "val", "fewshot"), (0,)),
     "data.eval_crop_pct": (("val", "fewshot"), ()),
+    "data.label_key": (("train", "val"), ()),
+    "data.stall_timeout_s": (("train",), ()),
+    "data.retries": (("train", "val", "fewshot"), ()),
+    "data.retry_max_s": (("train", "val", "fewshot"), ()),
+    "data.read_timeout_s": (("train", "val", "fewshot"), ()),
 }
 
 
