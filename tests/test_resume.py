@@ -74,27 +74,28 @@ def test_sigterm_during_a_save_completes_it_then_stops_cleanly(reference, tmp_pa
     """SIGTERM to the `vitscale pretrain` parent while step 10 is being written in the background
     (``checkpoint.async_save``, the default): training went on meanwhile; every rank stops at the
     same later step, the step-10 checkpoint is completed and published, the stop step is saved and
-    the command exits 0; relaunching finishes the run exactly. The ranks hold before step 12
-    until the signal has reached them (``holdstop``), so the run cannot finish first however
-    slowly the signal travels on a loaded machine."""
+    the command exits 0; relaunching finishes the run exactly. The signal is sent once the step-10
+    save has begun, so the earliest step that can agree on it is 11, and the ranks hold before
+    step 11 until it has reached them (``holdstop``): they stop at exactly step 11, however slowly
+    the signal travels on a loaded machine."""
     run = tmp_path / "run"
     ck = run / "checkpoints"
-    proc = start(run, fault="slowsave@10;holdstop@12")
+    proc = start(run, fault="slowsave@10;holdstop@11")
     try:
         wait_until(lambda: (ck / ".tmp-step_00000010").is_dir(), proc, what="the step-10 save")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, output(run)[-3000:]
     finally:
         kill_job(proc)
-    assert [e["step"] for e in events(run, "preempted")] == [12]
+    assert [e["step"] for e in events(run, "preempted")] == [11]
     [saved10] = [e for e in events(run, "checkpoint") if e["step"] == 10]
-    assert saved10["published_at"] > 10  # training went on while it was written
-    assert latest(run) == "step_00000012"
-    for tag in ("step_00000010", "step_00000012"):
+    assert saved10["published_at"] == 11  # step 11 ran while it was written
+    assert latest(run) == "step_00000011"
+    for tag in ("step_00000010", "step_00000011"):
         assert verify_checkpoint(ck / tag) == []
 
     vitscale(*pretrain_args(run), check=True)
-    assert _resumed_at(run) == [12]
+    assert _resumed_at(run) == [11]
     assert losses(run) == losses(reference)
     for rank in (0, 1):
         assert sample_keys(run, rank) == sample_keys(reference, rank)
