@@ -312,11 +312,16 @@ def test_fault_spec():
         Faults("nna@5", rank=0)
 
 
-def test_a_checkpoint_without_a_components_state_is_refused_unless_it_has_a_default():
+def test_components_restore_by_their_declared_placement_and_missing_state_is_never_silent():
+    """The state contract (pretrain/train/state.py): replicated parts load on any world size,
+    per-rank parts take their declared default on another one, sharded parts are resharded from
+    every old rank's part; a missing part is its default (said) or an error."""
     from pretrain.core.errors import UserError
     from pretrain.train.state import Components, LoopState, RngState
 
     class Counter:
+        placement = "per_rank"
+
         def __init__(self):
             self.n = 0
 
@@ -327,35 +332,49 @@ def test_a_checkpoint_without_a_components_state_is_refused_unless_it_has_a_defa
             self.n = state["n"]
 
     class WithDefault(Counter):
-        per_rank = True
-
         def load_default(self):
             self.n = -1
             return "the counter starts at -1"
 
+    class Pieces(Counter):
+        placement = "sharded"
+
+        def reshard(self, parts):
+            self.n = sum(p["n"] for p in parts)
+
     def components():
-        c = Components()
-        loop, counter, fallback = LoopState(), Counter(), WithDefault()
-        c.register("loop", loop)
-        c.register("data", counter)
-        c.register("ema", fallback)
-        return c, loop, counter, fallback
+        items = {"loop": LoopState(), "data": Counter(), "ema": WithDefault(), "shards": Pieces()}
+        return Components(items), items
 
-    saved = {"loop": {"step": 7}, "data": {"n": 3}, "ema": {"n": 5}}
-    c, loop, counter, fallback = components()
-    assert c.load_state_dict(saved, "ck/step_7") == [] and (loop.step, counter.n, fallback.n) == (7, 3, 5)
+    files = {0: {"loop": {"step": 7}, "data": {"n": 3}, "ema": {"n": 5}, "shards": {"n": 10}},
+             1: {"loop": {"step": 7}, "data": {"n": 4}, "ema": {"n": 6}, "shards": {"n": 20}}}
+    c, items = components()  # same world size: every rank its own part
+    assert c.load(files.get, 2, 1, 2, "ck/step_7") == []
+    assert (items["loop"].step, items["data"].n, items["ema"].n, items["shards"].n) == (7, 4, 6, 20)
 
-    c, loop, counter, fallback = components()
-    notes = c.load_state_dict({"loop": {"step": 7}, "data": {"n": 3}}, "ck/step_7")
-    assert notes == ["ck/step_7 holds no 'ema' state: the counter starts at -1"] and fallback.n == -1
+    c, items = components()  # 2 -> 1: per-rank default or refusal, sharded resharded from both parts
+    with pytest.raises(UserError, match="'data' has no default"):
+        c.load(files.get, 2, 0, 1, "ck/step_7")
+    del files[0]["data"], files[1]["data"]
+    c = Components({k: v for k, v in items.items() if k != "data"})
+    notes = c.load(files.get, 2, 0, 1, "ck/step_7")
+    assert notes == ["ck/step_7 was saved by 2 ranks, so this rank's 'ema' state is not in it: "
+                     "the counter starts at -1"]
+    assert (items["loop"].step, items["ema"].n, items["shards"].n) == (7, -1, 30)
 
-    c, *_ = components()
+    c, items = components()
     with pytest.raises(UserError, match=r"checkpoint ck/step_7 holds no state for the 'data' component"):
-        c.load_state_dict({"loop": {"step": 7}, "ema": {"n": 5}}, "ck/step_7")
+        c.load(files.get, 2, 0, 2, "ck/step_7")
+    c = Components({"ema": WithDefault()})
+    assert c.load({0: {}}.get, 1, 0, 1, "ck/step_7") == ["ck/step_7 holds no 'ema' state: the counter starts at -1"]
 
-    c, loop, counter, fallback = components()  # another world size: per-rank parts are not read
-    assert c.load_state_dict({"loop": {"step": 7}, "data": {"n": 3}}, "ck/step_7", same_world=False) == []
-    assert fallback.n == 0
+    class Undeclared(Counter):
+        placement = None
+
+    with pytest.raises(ValueError, match="declares no placement"):
+        Components({"x": Undeclared()})
+    with pytest.raises(ValueError, match="no reshard"):
+        Components({"x": type("S", (Counter,), {"placement": "sharded"})()})
 
     rng = RngState(seed=3, rank=1, step=lambda: 7)  # the RNG's default: re-seeded from (seed, rank, step)
     assert "re-seeded" in rng.load_default()

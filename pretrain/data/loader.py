@@ -209,6 +209,7 @@ class ShardTrain:
     with a :class:`UserError` too (the latest checkpoint stays; nothing half-done is saved)."""
 
     interrupted: Callable[[], bool] = staticmethod(lambda: False)
+    placement = "sharded"  # each rank's slots' positions; another world size: see reshard()
 
     def __init__(self, spec: LoaderSpec, rank: int, world: int):
         d = spec.data
@@ -311,6 +312,21 @@ class ShardTrain:
             self.positions = [consumed // (self.world * self.workers)] * self.workers
             self.batches = consumed // (self.spec.micro_batch * self.world)
         self._it = None
+
+    def reshard(self, parts: list[dict]) -> None:
+        """Continue after a checkpoint of another world size (``parts``: every old rank's state):
+        each slot skips its share of the samples all ranks consumed together; the old ranks'
+        lost-sample counts are summed into rank 0's, so the totals stay whole."""
+        state = {**parts[0], "kind": "resharded"}
+        if self.rank == 0:
+            bad: dict = {}
+            for part in parts:
+                add_counts(bad, {(reason, shard): int(n) for reason, shard, n in part.get("bad", [])})
+            state.update(bad=[[r, s, n] for (r, s), n in sorted(bad.items())],
+                         seen=sum(int(part.get("seen", 0)) for part in parts))
+        else:
+            state.update(bad=[], seen=0)
+        self.load_state_dict(state)
 
     def stats(self) -> dict:
         """This rank's bad-sample counts so far: total, by reason and by shard (the loop sums them

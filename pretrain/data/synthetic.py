@@ -64,6 +64,8 @@ class SyntheticTrain:
     """Endless synthetic training stream with the loader interface; global micro batch ``b``
     holds samples ``[b*W*M, (b+1)*W*M)`` and rank ``r`` takes its ``r``-th slice of ``M``."""
 
+    placement = "replicated"  # the global position, the same on every rank and world size
+
     def __init__(self, spec: LoaderSpec, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
         self.position = 0  # global samples consumed (all ranks)

@@ -108,7 +108,7 @@ class MasterPartitions:
 class Ema:
     """The EMA component of the trainer (state_dict / load_state_dict, per rank)."""
 
-    per_rank = True  # partitions belong to one world size; another one goes through load_resharded
+    placement = "sharded"  # like the fp32 master partitions; another world size goes through reshard
 
     def __init__(self, engine, decay: float, warmup: bool):
         self.masters = MasterPartitions(engine)
@@ -135,7 +135,7 @@ class Ema:
         for mine, saved in zip(self.flats, state["flats"], strict=True):
             mine.copy_(saved)
 
-    def load_resharded(self, old_states: list[dict]) -> None:
+    def reshard(self, old_states: list[dict]) -> None:
         """Rebuild this rank's partitions from every old rank's saved state (another world size)."""
         reshard(old_states, self.masters.table, self.flats)
         self.updates = int(old_states[0]["updates"])

@@ -59,6 +59,14 @@ class DevicePrefetcher:
         self.ahead = self.ready = None
         self.source.load_state_dict(state)
 
+    @property
+    def placement(self) -> str:
+        return self.source.placement
+
+    def reshard(self, parts: list[dict]) -> None:
+        self.ahead = self.ready = None
+        self.source.reshard(parts)
+
     def stats(self) -> dict:
         return self.source.stats()
 

@@ -54,7 +54,7 @@ from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, fo
 from pretrain.train.mixing import build_mixer
 from pretrain.train.prefetch import DevicePrefetcher
 from pretrain.train.schedule import lr_at
-from pretrain.train.state import Components, LoopState, RngState, reseed_rank
+from pretrain.train.state import Components, LoopState, RngState
 
 _SHARDS_SHOWN = 20
 
@@ -84,7 +84,7 @@ class Trainer:
         self.faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
         self.ckpt = CheckpointManager(self.run_dir, rank, world, cfg.checkpoint.keep, Comm())
         self.state = LoopState()
-        self.components = Components()
+        self.components = Components()  # filled in _build, once the engine and the data exist
         self.preempted = False
         self.lost_shown = 0  # lost samples already reported on the console
         self.last_data: dict = {}  # the latest lost-sample counts, for summary.json
@@ -109,12 +109,14 @@ class Trainer:
             self.train_data = DevicePrefetcher(self.train_data, self.engine.device)
         self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
         self.fewshot = build_fewshot(cfg, self.rank, self.world, self.spec, self.log)  # labels scanned here
-        self.components.register("loop", self.state)
-        self.components.register("data", self.train_data)
-        self.components.register("rng", RngState(cfg.run.seed, self.rank, lambda: self.state.step))
         self.ema = Ema(self.engine, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay else None
-        if self.ema is not None:
-            self.components.register("ema", self.ema)
+        # everything a checkpoint carries besides the engine's weights and optimizer (pretrain/train/state.py)
+        self.components = Components({
+            "loop": self.state,  # replicated: step, skipped-step counters, summary figures
+            "data": self.train_data,  # sharded: each rank's place in the data stream; resharded on a new world size
+            "rng": RngState(cfg.run.seed, self.rank, lambda: self.state.step),  # per rank; re-seeded on a new one
+            **({"ema": self.ema} if self.ema is not None else {}),  # sharded like the fp32 master weights
+        })
         self.mixer = build_mixer(cfg.augment, cfg.model.num_classes, cfg.train.loss, cfg.train.label_smoothing,
                                  cfg.run.seed)
         self.ckpt_meta = {"format": TRAINING_FORMAT, **identity(cfg, self.mode), "world_size": self.world}
@@ -126,20 +128,11 @@ class Trainer:
         same_world = source.universal is None
         if same_world:
             self.engine.load(source.tag_dir.parent, source.tag_dir.name)
-            rank_state = self.ckpt.load_rank_state(source.tag_dir)
         else:
             self.engine.load_universal(source.universal)
-            rank_state = self.ckpt.load_rank_state(source.tag_dir, rank=0)
-        rank_state = rank_state or {}
-        tag = str(source.tag_dir)
-        notes = self.components.load_state_dict(rank_state, tag, same_world)
-        if not same_world:
-            if self.ema is not None and "ema" in rank_state:
-                old = [self.ckpt.load_rank_state(source.tag_dir, r)["ema"] for r in range(source.meta["world_size"])]
-                self.ema.load_resharded(old)
-            elif self.ema is not None:
-                notes.append(f"{tag} holds no 'ema' state: {self.components.load_default('ema', tag)}")
-            reseed_rank(self.cfg.run.seed, self.rank, source.step)
+        notes = self.components.load(lambda r: self.ckpt.load_rank_state(source.tag_dir, r),
+                                     int(source.meta.get("world_size", self.world)), self.rank, self.world,
+                                     str(source.tag_dir))
         for note in notes:
             self.log.console(note)
         self.state.step = source.step
