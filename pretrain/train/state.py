@@ -72,6 +72,30 @@ class LoopState:
                 setattr(self, f.name, state[f.name])
 
 
+@dataclass
+class BestEval:
+    """The best evaluation so far (top-1, or precision@1 for multi-label data) and its step, kept
+    over resumes so ``summary.json`` names the best checkpoint of the whole run."""
+
+    placement = REPLICATED
+    value: float | None = None
+    step: int | None = None
+
+    def update(self, record: dict) -> None:
+        value = record.get("top1", record.get("prec1"))
+        if value is not None and (self.value is None or value > self.value):
+            self.value, self.step = float(value), int(record["step"])
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.step = state["value"], state["step"]
+
+    def load_default(self) -> str:
+        return "the best evaluation is tracked from this step on"
+
+
 class RngState:
     """This process's Python, NumPy and torch (CPU and CUDA) generators. Nothing that shapes
     training draws from them any more (the model's noise, Mixup / CutMix and the data are seeded

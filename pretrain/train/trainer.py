@@ -54,7 +54,7 @@ from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, fo
 from pretrain.train.mixing import build_mixer
 from pretrain.train.prefetch import DevicePrefetcher
 from pretrain.train.schedule import lr_at
-from pretrain.train.state import Components, LoopState, RngState
+from pretrain.train.state import BestEval, Components, LoopState, RngState
 
 _SHARDS_SHOWN = 20
 
@@ -85,6 +85,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, rank, world, cfg.checkpoint.keep, Comm())
         self.state = LoopState()
         self.components = Components()  # filled in _build, once the engine and the data exist
+        self.best = BestEval()
         self.preempted = False
         self.lost_shown = 0  # lost samples already reported on the console
         self.last_data: dict = {}  # the latest lost-sample counts, for summary.json
@@ -116,6 +117,7 @@ class Trainer:
             "data": self.train_data,  # sharded: each rank's place in the data stream; resharded on a new world size
             "rng": RngState(cfg.run.seed, self.rank, lambda: self.state.step),  # per rank; re-seeded on a new one
             **({"ema": self.ema} if self.ema is not None else {}),  # sharded like the fp32 master weights
+            "best": self.best,  # replicated: the best evaluation so far, for summary.json
         })
         self.mixer = build_mixer(cfg.augment, cfg.model.num_classes, cfg.train.loss, cfg.train.label_smoothing,
                                  cfg.run.seed)
@@ -326,6 +328,7 @@ class Trainer:
             self.log.console(f"warning: eval scored {result['eval_samples']} of the {data.expected} images in "
                              f"{self.cfg.data.val} ({reasons}); check them with `vitscale shards verify`")
         self.state.last_eval = record
+        self.best.update(record)
         self.log.write(record)
         self.log.console(eval_line(record))
 
@@ -384,6 +387,7 @@ class Trainer:
                    "seconds": round(seconds, 1), "run_dir": str(self.run_dir)}
         summary.update(self.fewshot.summary() if self.fewshot is not None else {})
         summary.update(self.last_data)
+        summary.update(best_eval=self.best.value, best_eval_step=self.best.step)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         acc = ev.get("top1", ev.get("prec1"))
         print("\n".join([
