@@ -39,6 +39,7 @@ def test_pretrain_writes_a_complete_run_dir(pretrained):
     assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["eval_top1"] > 0.5
+    assert summary["best_eval"] == summary["eval_top1"] and summary["best_eval_step"] == 30
     assert "== pretrain done ==" in pretrained["proc"].stdout and "eval top-1" in pretrained["proc"].stdout
 
 

@@ -368,6 +368,16 @@ def test_components_restore_by_their_declared_placement_and_missing_state_is_nev
     c = Components({"ema": WithDefault()})
     assert c.load({0: {}}.get, 1, 0, 1, "ck/step_7") == ["ck/step_7 holds no 'ema' state: the counter starts at -1"]
 
+    from pretrain.train.state import BestEval
+
+    best = BestEval()
+    for step, top1 in ((10, 0.4), (20, 0.6), (30, 0.5)):
+        best.update({"step": step, "top1": top1})
+    again = BestEval()
+    Components({"best": again}).load({0: {"best": best.state_dict()}}.get, 2, 0, 1, "ck")  # replicated: any world
+    assert (again.value, again.step) == (0.6, 20)
+    assert "tracked from this step" in Components({"best": BestEval()}).load({0: {}}.get, 1, 0, 1, "ck")[0]
+
     class Undeclared(Counter):
         placement = None
 
