@@ -2,7 +2,10 @@
 # Both set up their own environment first (scripts/setup_env.sh).
 PY := $(if $(VIRTUAL_ENV),python,.venv/bin/python)
 
-.PHONY: setup demo test lint wheel-check
+# test files run on up to 4 pytest workers (one per core), a file's tests on one worker (shared runs)
+JOBS := $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
+.PHONY: setup demo test test-fast lint wheel-check
 setup:
 	@bash scripts/setup_env.sh
 
@@ -10,7 +13,10 @@ demo: setup
 	@PY=$(PY) bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --durations=15 tests
+
+test-fast: setup  # the inner loop: no test that starts processes
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow" tests
 
 lint: setup
 	$(PY) -m ruff check .

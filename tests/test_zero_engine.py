@@ -13,7 +13,7 @@ def _run(stage: int, steps: int, tmp_path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 learning: tests/test_end_to_end.py's run
 def test_two_process_bf16_training_learns(stage, tmp_path):
     ranks = _run(stage, 25, tmp_path)
     losses = ranks[0]["losses"]
