@@ -87,9 +87,24 @@ def bad_reason(err: Exception) -> str:
     return err.reason if isinstance(err, SampleError) else "undecodable"
 
 
-def add_counts(into: dict, counts: dict) -> None:
+def add_counts(into: dict, counts: dict) -> dict:
+    """Add ``counts`` (lost samples keyed by ``(reason, shard)``, or by either) into ``into``."""
     for key, n in counts.items():
         into[key] = into.get(key, 0) + n
+    return into
+
+
+def sum_counts(parts: list[dict]) -> dict:
+    """Counts of several ranks (or records) added up."""
+    out: dict = {}
+    for part in parts:
+        add_counts(out, part)
+    return out
+
+
+def counts_by(counts: dict, field: int) -> dict[str, int]:
+    """``(reason, shard)`` counts summed by reason (``field`` 0) or by shard (1)."""
+    return sum_counts([{key[field]: n} for key, n in counts.items()])
 
 
 def decode_device(spec: LoaderSpec) -> torch.device | None:
@@ -186,17 +201,10 @@ def _no_usable_sample(shards: ShardSet, seed: int, epoch: int, slot: int, nslots
                       example: str) -> str:
     names = [shard_label(shards.urls[i]) for i in slot_shards(len(shards.urls), seed, epoch, slot, nslots)]
     listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    why = ", ".join(f"{reason} {n}" for reason, n in sorted(_by_reason(bad).items()))
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(counts_by(bad, 0).items()))
     return (f"data.train: reading slot {slot} found no usable sample in a whole epoch of its shards {listed} "
             f"({why or 'no samples'}; e.g. {example or 'none'}); check them with `vitscale shards verify`, or "
             f"set data.label_key if the label is in another .json field")
-
-
-def _by_reason(bad: dict) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for (reason, _), n in bad.items():
-        out[reason] = out.get(reason, 0) + n
-    return out
 
 
 class ShardTrain:
@@ -331,13 +339,8 @@ class ShardTrain:
     def stats(self) -> dict:
         """This rank's bad-sample counts so far: total, by reason and by shard (the loop sums them
         over ranks)."""
-        by_reason: dict[str, int] = {}
-        by_shard: dict[str, int] = {}
-        for (reason, shard), n in self.bad.items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-            by_shard[shard] = by_shard.get(shard, 0) + n
-        return {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": by_reason,
-                "bad_by_shard": by_shard, "samples_seen": self.seen}
+        return {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": counts_by(self.bad, 0),
+                "bad_by_shard": counts_by(self.bad, 1), "samples_seen": self.seen}
 
     def problem(self) -> str | None:
         total = sum(self.bad.values())

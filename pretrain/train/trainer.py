@@ -40,6 +40,7 @@ import torch
 from pretrain.checkpoint.layout import TRAINING_FORMAT, CheckpointManager
 from pretrain.checkpoint.resume import ResumeSource, find_resume_source
 from pretrain.core.errors import UserError
+from pretrain.data.loader import counts_by, sum_counts
 from pretrain.data.pipeline import build_eval_data, build_train_data
 from pretrain.model.costs import model_costs
 from pretrain.model.vit import build_model
@@ -313,7 +314,7 @@ class Trainer:
         self.faults.eval_failure(step)
         data = self.eval_data
         result = evaluate(self.engine, data, self.cfg)
-        bad = _sum_counts(Comm.all_gather_object(data.bad))
+        bad = sum_counts(Comm.all_gather_object(data.bad))
         record = {"kind": "eval", "step": step, **result, "eval_expected": data.expected}
         if self.ema is not None:
             self.ema.swap_in()
@@ -323,8 +324,8 @@ class Trainer:
                 self.ema.swap_out()
             record.update({f"ema_{k}": v for k, v in ema.items() if k != "eval_samples"})
         if data.expected is not None and result["eval_samples"] < data.expected:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in _by(bad, 0).items()) or "unknown reasons"
-            record["eval_unusable"] = _by(bad, 1)
+            reasons = ", ".join(f"{n} {reason}" for reason, n in counts_by(bad, 0).items()) or "unknown reasons"
+            record["eval_unusable"] = counts_by(bad, 1)
             self.log.console(f"warning: eval scored {result['eval_samples']} of the {data.expected} images in "
                              f"{self.cfg.data.val} ({reasons}); check them with `vitscale shards verify`")
         self.state.last_eval = record
@@ -369,8 +370,8 @@ class Trainer:
             return {}
         parts = Comm.all_gather_object(self.train_data.stats())
         out = {"epoch": max(p["epoch"] for p in parts), "bad_samples": sum(p["bad_samples"] for p in parts),
-               "bad_by_reason": _sum_counts([p["bad_by_reason"] for p in parts])}
-        by_shard = _sum_counts([p["bad_by_shard"] for p in parts])
+               "bad_by_reason": sum_counts([p["bad_by_reason"] for p in parts])}
+        by_shard = sum_counts([p["bad_by_shard"] for p in parts])
         if by_shard:
             out["bad_by_shard"] = dict(sorted(by_shard.items(), key=lambda kv: -kv[1])[:_SHARDS_SHOWN])
         return out
@@ -408,22 +409,6 @@ def _weights_finite(engine: Engine) -> bool:
     ok = all(bool(torch.isfinite(p.ds_tensor if hasattr(p, "ds_tensor") else p).all())
              for p in engine.module.parameters())
     return all_reduce_(torch.tensor([0.0 if ok else 1.0], device=engine.device), "max").item() == 0
-
-
-def _sum_counts(parts: list[dict]) -> dict:
-    out: dict = {}
-    for part in parts:
-        for key, n in part.items():
-            out[key] = out.get(key, 0) + n
-    return out
-
-
-def _by(counts: dict, field_index: int) -> dict[str, int]:
-    """(reason, shard) counts summed by reason (0) or by shard (1)."""
-    out: dict[str, int] = {}
-    for key, n in counts.items():
-        out[key[field_index]] = out.get(key[field_index], 0) + n
-    return out
 
 
 def _counts_line(counts: dict[str, int], top: int = 6) -> str:
