@@ -17,6 +17,7 @@ changing a byte of the shards, so later runs, preflight and verify need no scan.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -181,10 +182,18 @@ def write_index(spec: str, split: str = "train", label_key: str | None = None, w
     if not labels:
         raise UserError(f"{spec}: no sample has a label vitscale can read (.cls, an integer .txt, or a .json "
                         f"'label' / 'labels' field; another field with --label-key); nothing was written")
-    num_classes = max(labels) + 1
+    table = folder / (index or {}).get("classes_file", CLASSES_FILE)
+    if table.is_file():  # the set's class table fixes the class count; labels beyond it stay out of range
+        num_classes = len(read_class_table(table))
+        beyond = sum(n for label, n in labels.items() if label >= num_classes)
+        if beyond:
+            print(f"warning: {beyond} samples have labels beyond the {num_classes} classes of {table} (training counts "
+                  f"them as label_out_of_range)", file=sys.stderr)
+    else:
+        num_classes = max(max(labels) + 1, int((index or {}).get("num_classes", 0)))
     index = index or {"version": INDEX_VERSION, "multi_label": multi, "num_classes": num_classes, "splits": {},
                       "skipped": 0, "options": {}}
-    index["num_classes"] = max(int(index["num_classes"]), num_classes)
+    index["num_classes"] = num_classes
     index["splits"][split] = {
         "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
         "shards": [{k: e[k] for k in ("file", "samples", "bytes", "sha256")} for e in entries],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,16 @@ from pretrain.core.errors import UserError
 from pretrain.data.shards import (
     CLASSES_FILE,
     INDEX_FILE,
+    LabelError,
+    ShardReadError,
     count_tar_samples,
+    decode_label,
     is_remote,
+    iter_tar_samples,
     load_index,
+    open_stream,
     read_class_table,
+    shard_label,
 )
 
 
@@ -192,8 +199,6 @@ def probe_shards(shards: ShardSet, key: str, *, multi_label: bool, label_key: st
     bytes), and the first samples of the first shard hold an image and a label this run can read.
     Returns a note for the log; every problem is a :class:`UserError` naming ``key``, an example
     key with the members found, and the fix. Costs one short read per probed URL."""
-    from pretrain.data.shards import LabelError, ShardReadError, decode_label, iter_tar_samples, shard_label
-
     urls = shards.urls
     remote = [u for u in urls if is_remote(u)]
     picks = sorted({0, len(remote) - 1, *range(1, min(_PROBE_URLS - 1, len(remote)))}) if remote else []
@@ -239,10 +244,6 @@ def probe_shards(shards: ShardSet, key: str, *, multi_label: bool, label_key: st
 
 def _probe_url(url: str, key: str, timeout_s: float) -> None:
     """The first bytes of ``url`` arrive within ``timeout_s``; a :class:`UserError` otherwise."""
-    import threading
-
-    from pretrain.data.shards import open_stream
-
     outcome: dict = {}
 
     def read() -> None:
