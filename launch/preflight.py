@@ -17,10 +17,12 @@ failure, and exits 1 if anything failed:
 5. memory: the per-GPU estimate of launch/memory.py against ``--gpu-mem-gb`` (default: the local
    GPU's memory, else 80 GiB), with its breakdown.
 6. sdpa: the attention backend that runs for the configured shapes (pretrain/model/sdpa.py).
+   model.fp8 (only when on): torchao imports, and the GPU has compute capability 8.9+ (on a
+   machine without a GPU: torchao only; ``vitscale pretrain`` on a CPU runs an emulated FP8 layer).
 7. all-reduce: inside a distributed job (``WORLD_SIZE`` > 1) a one-element all-reduce with a
    60 s timeout; skipped otherwise.
 
-Checks 1-4 and 6 are :func:`pretrain.train.checks.run_cheap_checks`, which ``vitscale pretrain``
+Checks 1-4 and 6 (with model.fp8) are :func:`pretrain.train.checks.run_cheap_checks`, which ``vitscale pretrain``
 and ``vitscale launch`` also run before anything starts.
 """
 
@@ -172,8 +174,9 @@ def run_all(config: str | Path | None, overrides: list[str], nodes: int, gpus_pe
     if cfg is None:
         return [first]
     world = nodes * gpus_per_node
-    *checks, sdpa = run_cheap_checks(cfg, world, runs_here=False, probe_gpu=True)
-    return [*checks, check_memory(cfg, world, gpu_mem_gib), sdpa, check_allreduce()]
+    cheap = run_cheap_checks(cfg, world, runs_here=False, probe_gpu=True)
+    at = next(i for i, c in enumerate(cheap) if c.name == "sdpa")  # the memory estimate goes before it
+    return [*cheap[:at], check_memory(cfg, world, gpu_mem_gib), *cheap[at:], check_allreduce()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pretrain.core.help_text import doc_help
-from pretrain.model.costs import model_costs
+from pretrain.model.costs import mixed_peak, model_costs, peak_flops_for
 from pretrain.model.vit import variant_names
 
 
@@ -34,5 +34,9 @@ def main(argv: list[str]) -> int:
     print(f"  params            {info['params'] / 1e6:.1f}M (backbone {info['params_backbone'] / 1e6:.1f}M)")
     print(f"  forward           {info['gmacs_fwd']:.1f} GMACs / image")
     print(f"  training          {info['train_tflops_per_image']:.3f} TFLOPs / image (6 x forward MACs)")
+    h100 = peak_flops_for("H100")
+    print(f"  model.fp8         {info['fp8_flops_share']:.1%} of them in the blocks' Linear layers, which run in FP8 "
+          f"with model.fp8 (same FLOPs); MFU's peak then mixes FP8 and bf16: H100 "
+          f"{mixed_peak(h100, info['fp8_flops_share']) / 1e12:.0f} instead of {h100 / 1e12:.0f} TFLOP/s")
     print(f"  sequence length   {info['seq_len']}, head_dim {info['head_dim']}")
     return 0

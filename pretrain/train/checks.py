@@ -1,5 +1,5 @@
 """The checks that run before any process starts: config, batch arithmetic, data, run dir,
-disk, attention backend.
+disk, attention backend, and with ``model.fp8`` whether FP8 can run.
 
 ``vitscale pretrain`` / ``finetune`` run them in the launching process and stop with one line per
 failure (exit 2) before spawning ranks; ``vitscale preflight`` prints them as a table (adding the
@@ -25,10 +25,12 @@ import torch
 
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
+from pretrain.core.system import gpu_compute_capability
 from pretrain.data.config import unread_settings
 from pretrain.data.loader import check_labels, check_layout
 from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
+from pretrain.model.fp8 import MIN_CAPABILITY, fp8_blocker, torchao_blocker
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
 from pretrain.train.fewshot import check_width, feature_width, resolve_dataset
@@ -54,10 +56,11 @@ def gib(n: float) -> str:
 
 def describe_config(cfg: Config) -> Check:
     spec = cfg.model.spec()
+    fp8 = f", FP8 {cfg.model.fp8}" if cfg.model.fp8 != "off" else ""
     return Check("config", PASS,
                  f"{cfg.model.label()} {spec.img_size}px: {param_count(spec) / 1e6:.1f}M params, {spec.seq_len} "
                  f"tokens, head_dim {spec.head_dim}; ZeRO-{cfg.zero.stage}, {cfg.optim.name}, "
-                 f"{'bf16' if cfg.train.bf16 else 'fp32'}")
+                 f"{'bf16' if cfg.train.bf16 else 'fp32'}{fp8}")
 
 
 def check_batch(cfg: Config, world_size: int) -> Check:
@@ -257,14 +260,45 @@ def check_sdpa(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str
     return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
 
 
-def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: bool | None = None) -> list[Check]:
-    """Config, batch arithmetic, data, run dir (+ disk), SDPA backend.
+def check_fp8(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str | None = None,
+              capability: tuple[int, int] | None = None) -> Check:
+    """Whether ``model.fp8`` can train where the ranks run (:func:`pretrain.model.fp8.fp8_blocker`):
+    on a GPU its compute capability (``capability``; else from the device when ``probe_gpu``, or
+    from ``nvidia-smi`` in a launcher that must not touch the GPU), on this CPU (``runs_here``) an
+    emulated FP8 layer; a login node without a GPU (not ``runs_here``) can only check torchao."""
+    recipe = cfg.model.fp8
+    dev = torch.device(device) if device is not None else local_device()
+    off = "set model.fp8=off (bf16 matmuls)"
+    need = f"compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (L40S, RTX 4090, H100, H200, B200)"
+    if dev.type == "cuda":
+        cap = capability or (torch.cuda.get_device_capability(dev) if probe_gpu else
+                             gpu_compute_capability(dev.index or 0))
+        if cap is None:
+            return Check("model.fp8", WARN, f"FP8 {recipe}: nvidia-smi did not say this GPU's compute capability; "
+                                            f"the ranks check it at start-up ({need})")
+        blocker = fp8_blocker(dev, cap, recipe)
+        where = f"GPU compute capability {cap[0]}.{cap[1]}"
+    elif runs_here:
+        blocker = fp8_blocker("cpu", recipe=recipe)
+        where = "emulated on the CPU (real FP8 casts, fp32 GEMMs: numerics, not speed)"
+    else:
+        blocker = torchao_blocker()
+        where = f"no GPU here; the cluster's GPUs need {need}"
+    if blocker is not None:
+        return Check("model.fp8", FAIL, f"FP8 {recipe} cannot train here: {blocker}", off)
+    return Check("model.fp8", PASS, f"FP8 {recipe} in the blocks' Linear layers (torchao): {where}")
 
-    ``probe_gpu``: whether the SDPA check may run tiny tensors on this rank's GPU; by default
-    only inside a rank (``LOCAL_RANK`` set), never in a launcher process that spawns ranks."""
+
+def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: bool | None = None) -> list[Check]:
+    """Config, batch arithmetic, data, run dir (+ disk), SDPA backend, and FP8 when ``model.fp8``
+    is on.
+
+    ``probe_gpu``: whether the SDPA and FP8 checks may touch this rank's GPU; by default only
+    inside a rank (``LOCAL_RANK`` set), never in a launcher process that spawns ranks."""
     probe = ("LOCAL_RANK" in os.environ) if probe_gpu is None else probe_gpu
+    fp8 = [check_fp8(cfg, runs_here, probe)] if cfg.model.fp8 != "off" else []
     return [describe_config(cfg), check_batch(cfg, world_size), *check_data(cfg, world_size), *check_run_dir(cfg),
-            check_sdpa(cfg, runs_here, probe)]
+            check_sdpa(cfg, runs_here, probe), *fp8]
 
 
 def raise_on_failure(checks: list[Check]) -> None:

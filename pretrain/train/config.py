@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from pretrain.core.errors import UserError
 from pretrain.core.errors import config_error as _fail
 from pretrain.core.errors import require as _check
 from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
-from pretrain.model.vit import ACTIVATIONS, ViTSpec, spec_for
+from pretrain.model.fp8 import FP8_ALIGN, FP8_MODES, convert_blocks_to_fp8
+from pretrain.model.vit import ACTIVATIONS, VisionTransformer, ViTSpec, build_model, spec_for
 from pretrain.train.fewshot_config import FewshotConfig
 
 
@@ -40,7 +42,8 @@ class RunConfig:
 class ModelConfig:
     """The ``model`` section: a named variant (``vit_h14``), any field of its
     :class:`~pretrain.model.vit.ViTSpec` overridden (None keeps the variant's), and how it runs
-    (dropout, head bias, activation checkpointing, compile, flash), which is not architecture."""
+    (dropout, head bias, activation checkpointing, compile, flash, FP8 matmuls), which is not
+    architecture; :meth:`build` makes the model a run trains."""
 
     name: str = "vit_b16"
     # architecture: the fields of ViTSpec (spec() passes every one of them to spec_for)
@@ -68,8 +71,13 @@ class ModelConfig:
     act_ckpt: bool | float = False  # activation checkpointing: every block, none, or a fraction of them
     compile: bool = False
     require_flash: bool = False
+    fp8: str | bool = "off"  # FP8 matmuls in the blocks' Linear layers (torchao): "off", "tensorwise" or "rowwise"
 
     def __post_init__(self):
+        if self.fp8 is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "fp8", "off")
+        _check(self.fp8 in FP8_MODES, "model.fp8", self.fp8,
+               f"use one of {', '.join(FP8_MODES)} (tensorwise: torchao's fastest FP8 recipe)")
         try:
             spec = self.spec()
         except ValueError as err:
@@ -98,6 +106,11 @@ class ModelConfig:
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"model.{key}", v, "must be in [0, 1)")
         _check(math.isfinite(self.head_bias_init), "model.head_bias_init", self.head_bias_init, "must be finite")
+        if self.fp8 != "off":
+            for key in ("width", "mlp_dim"):
+                v = getattr(spec, key)
+                _check(v % FP8_ALIGN == 0, f"model.{key}", v,
+                       f"FP8 matmuls (model.fp8={self.fp8}) need it divisible by {FP8_ALIGN}; or set model.fp8=off")
 
     def spec(self) -> ViTSpec:
         return spec_for(self.name, **{f.name: getattr(self, f.name) for f in fields(ViTSpec)})
@@ -114,6 +127,23 @@ class ModelConfig:
         """Keywords of ``build_model`` besides the spec."""
         return {"dropout": self.dropout, "attn_dropout": self.attn_dropout, "head_bias_init": self.head_bias_init,
                 "drop_path": self.drop_path, "patch_dropout": self.patch_dropout}
+
+    def build(self, device: str | None = None,
+              surgery: Callable[[VisionTransformer], None] | None = None) -> VisionTransformer:
+        """The model a run trains, in this order: built on ``device`` (default CPU) with the
+        runtime options, activation checkpointing set, ``surgery`` (fine-tuning's head swap and
+        position-embedding resampling, on plain layers), the blocks' Linear layers swapped for
+        FP8 ones (``fp8``; :mod:`pretrain.model.fp8`), blocks compiled (``compile``). The training
+        run and ``vitscale bench train`` both build through here."""
+        model = build_model(self.spec(), device=device, **self.runtime())
+        model.set_grad_checkpointing(self.act_ckpt)
+        if surgery is not None:
+            surgery(model)
+        if self.fp8 != "off":
+            convert_blocks_to_fp8(model, self.fp8)
+        if self.compile:
+            model.compile_blocks()
+        return model
 
 
 @dataclass(frozen=True)
@@ -267,7 +297,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    peak_flops: float | None = None  # per device; None: from the device table (null on CPU)
+    peak_flops: float | None = None  # dense bf16 per device; None: from the device table (null on CPU); FP8 at 2x
     tensorboard: bool = False
     progress: bool = True
     sample_keys: bool = False  # debug: each rank appends its batch keys per step to sample_keys_rank{r}.jsonl

@@ -2,7 +2,8 @@
 
 Every ``train.log_every`` steps rank 0 appends one JSON object to ``run.dir/metrics.jsonl`` with
 at least ``step, loss, lr, grad_norm, images_per_s, mfu, data_wait_frac`` (``mfu`` is null
-without a known peak, e.g. on CPU unless ``log.peak_flops`` is given). Eval and event records
+without a known peak, e.g. on CPU unless ``log.peak_flops`` is given; with ``model.fp8`` it is
+measured against the bf16 / FP8 mixed peak, see :mod:`pretrain.model.costs`). Eval and event records
 carry a ``kind`` field ("eval", "event").
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.model.costs import mfu, peak_flops_for
+from pretrain.model.costs import mfu, mixed_peak, peak_flops_for
 
 
 def peak_memory_gb() -> float:
@@ -27,12 +28,12 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
 
 
-def device_peak_flops(configured: float | None) -> float | None:
-    if configured:
-        return configured
-    if torch.cuda.is_available():
-        return peak_flops_for(torch.cuda.get_device_name())
-    return None
+def device_peak_flops(configured: float | None, fp8_share: float = 0.0) -> float | None:
+    """The MFU denominator per device: the dense bf16 peak (``log.peak_flops``, else the table by
+    GPU name; None on CPU), mixed with the FP8 peak for the ``fp8_share`` of FLOPs that run in FP8
+    (``model.fp8``; :func:`pretrain.model.costs.mixed_peak`)."""
+    peak = configured or (peak_flops_for(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
+    return mixed_peak(peak, fp8_share)
 
 
 class Throughput:

@@ -43,7 +43,7 @@ from pretrain.core.errors import UserError
 from pretrain.data.loader import counts_by, sum_counts
 from pretrain.data.pipeline import build_eval_data, build_train_data
 from pretrain.model.costs import model_costs
-from pretrain.model.vit import build_model
+from pretrain.model.fp8 import fp8_layers
 from pretrain.train.config import Config, identity
 from pretrain.train.config_file import save_config
 from pretrain.train.ema import Ema
@@ -96,12 +96,12 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         self.spec = cfg.model.spec()
-        model = build_model(self.spec, **cfg.model.runtime())
-        model.set_grad_checkpointing(cfg.model.act_ckpt)
-        if self.prepare_model is not None:
-            self.prepare_model(model, self.log)
-        if cfg.model.compile:
-            model.compile_blocks()
+        surgery = (lambda m: self.prepare_model(m, self.log)) if self.prepare_model is not None else None
+        model = cfg.model.build(surgery=surgery)
+        self.precision = "bf16" if cfg.train.bf16 else "fp32"
+        if cfg.model.fp8 != "off":
+            how = "FP8 kernels" if torch.cuda.is_available() else "emulated on the CPU"
+            self.precision += f", FP8 {cfg.model.fp8} in {len(fp8_layers(model))} block linears ({how})"
         self.costs = model_costs(self.spec, cfg.model.patch_dropout)
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
@@ -166,7 +166,7 @@ class Trainer:
                 log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
-                    f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
+                    f"{cfg.zero.stage}, {self.precision}, steps {start + 1}..{cfg.train.steps}, "
                     f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
         t0 = time.perf_counter()
         self._train()
@@ -185,7 +185,7 @@ class Trainer:
     # ---- the loop ----
     def _train(self) -> None:
         cfg, t, state, log = self.cfg, self.cfg.train, self.state, self.log
-        peak = device_peak_flops(cfg.log.peak_flops)
+        peak = device_peak_flops(cfg.log.peak_flops, self.costs["fp8_flops_share"] if cfg.model.fp8 != "off" else 0.0)
         self.meter = Throughput(t.micro_batch * t.grad_accum * self.world, self.costs["train_tflops_per_image"] * 1e12,
                                 peak, self.world)
         pending: list[torch.Tensor] = []
