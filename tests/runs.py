@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from tests.helpers import ROOT, TINY, cli_env
 
@@ -114,3 +115,17 @@ def copy_checkpoint(src_run: Path, dst_run: Path, tag: str) -> None:
     ck = Path(dst_run) / "checkpoints"
     shutil.copytree(Path(src_run) / "checkpoints" / tag, ck / tag)
     (ck / "latest").write_text(tag)
+
+
+def final_weights(run_dir: Path, step: int, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The fp32 master weights (or the EMA weights) of the checkpoint of ``step``, consolidated."""
+    from pretrain.formats import consolidate_deepspeed
+    from pretrain.formats.deepspeed_ckpt import consolidate_ema
+
+    tag = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    return (consolidate_ema(tag) if ema else consolidate_deepspeed(tag))[0]
+
+
+def bitwise_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors that differ in any bit (or exist in one only)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))

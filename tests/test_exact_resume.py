@@ -25,11 +25,20 @@ import pytest
 import torch
 
 from data_tools.cli import main as shards_main
-from pretrain.formats import consolidate_deepspeed
-from pretrain.formats.deepspeed_ckpt import consolidate_ema
 from pretrain.model.vit import build_model, seeded_noise, spec_for
 from tests.helpers import vitscale
-from tests.runs import events, kill_job, latest, logged_step, losses, sample_keys, start_command, wait_until
+from tests.runs import (
+    bitwise_diff,
+    events,
+    final_weights,
+    kill_job,
+    latest,
+    logged_step,
+    losses,
+    sample_keys,
+    start_command,
+    wait_until,
+)
 
 STEPS = 8
 HELD_AT = 7  # the killed run holds before this step until it is killed
@@ -69,13 +78,7 @@ def reference(shards, tmp_path_factory):
 
 
 def _final(run: Path, ema: bool) -> dict[str, torch.Tensor]:
-    tag = run / "checkpoints" / f"step_{STEPS:08d}"
-    return (consolidate_ema(tag) if ema else consolidate_deepspeed(tag))[0]
-
-
-def _bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors that differ in any bit (or exist in one only)."""
-    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+    return final_weights(run, STEPS, ema)
 
 
 @pytest.mark.slow
@@ -101,8 +104,8 @@ def test_kill_9_and_relaunch_reproduce_every_stochastic_piece_bitwise(stage, asy
     assert losses(run) == losses(want)  # every step's loss, bit for bit
     for rank in (0, 1):
         assert sample_keys(run, rank) == sample_keys(want, rank)
-    assert _bitwise(_final(run, ema=False), _final(want, ema=False)) == []
-    assert _bitwise(_final(run, ema=True), _final(want, ema=True)) == []
+    assert bitwise_diff(_final(run, ema=False), _final(want, ema=False)) == []
+    assert bitwise_diff(_final(run, ema=True), _final(want, ema=True)) == []
 
 
 def test_seeded_noise_makes_every_random_draw_of_a_forward_a_function_of_the_seed():
@@ -134,4 +137,4 @@ def test_seeded_noise_makes_every_random_draw_of_a_forward_a_function_of_the_see
         out.square().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.equal(out, a) and len(grads[0]) > 10
-    assert _bitwise(*grads) == []
+    assert bitwise_diff(*grads) == []
