@@ -30,8 +30,9 @@ def run_job(job: dict) -> dict:
     """Run one job of :mod:`pretrain.bench.train` in this process.
 
     ``{"kind": "case", "case": {...}, "micro_batch": N or None, "search": {"start", "limit",
-    "align"}, "passes": {...}}``: with ``micro_batch`` None, first the largest fitting micro batch
-    (result ``"search": {"best", "trials", "probe_stage"}``), then the measurement at it.
+    "align"}, "passes": {...}, "shards": DIR or None, "workers": W}``: with ``micro_batch`` None,
+    first the largest fitting micro batch (result ``"search": {"best", "trials", "probe_stage"}``),
+    then the measurement at it (a shard-loader case reads ``shards`` with ``workers`` processes).
     ``{"kind": "timm", "reference": {...}, "micro_batch": N, "passes": {...}}``: timm's baseline.
     The result holds ``"measurement"`` (None when it did not fit) and ``"oom"`` (the message).
     """
@@ -51,7 +52,8 @@ def run_job(job: dict) -> dict:
         if found.best is None:
             return {**out, "measurement": None, "oom": "does not fit even at micro batch 1"}
         micro_batch = found.best
-    return {**out, **_attempt(lambda: measure_engine(case, micro_batch, passes))}
+    return {**out, **_attempt(lambda: measure_engine(case, micro_batch, passes, job.get("shards"),
+                                                      job.get("workers", 0)))}
 
 
 def _attempt(fn: Callable[[], dict]) -> dict:

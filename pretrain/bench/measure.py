@@ -2,13 +2,16 @@
 
 Each configuration runs in a process of its own (:mod:`pretrain.bench.child`, which says why).
 
-A measurement runs three passes on one engine, fed by a synthetic batch that already lives on the
-device (so the data wait is the cost of handing it over, about zero):
+A measurement runs three passes on one engine, built as a run builds it (``ModelConfig.build``:
+checkpointing, FP8, compile) and fed by a synthetic batch that already lives on the device (so the
+data wait is the cost of handing it over, about zero), or for a shard-loader case by the training
+loader itself (:func:`pretrain.train.prefetch.train_source`, as the trainer reads it):
 
-1. ``warmup`` steps (allocator growth, optimizer state, ``torch.compile``);
+1. ``warmup`` steps (allocator growth, optimizer state, ``torch.compile``, loader workers starting);
 2. the timed pass: ``steps`` full training steps exactly as training runs them
    (:func:`pretrain.train.loop.train_step`, with its one host sync per step for the non-finite check)
-   and a single device synchronisation at the end; images/s comes from this pass only;
+   and a single device synchronisation at the end; images/s comes from this pass only, and
+   ``data_wait_frac`` is the share of it spent in ``next_batch()``;
 3. the instrumented pass: one step whose forward runs under ``torch.profiler`` (to read which SDPA
    kernel ran), then ``phase_steps`` steps with a device synchronisation after each phase
    (data, forward + loss, backward, optimizer step); the per-phase means are the step breakdown.
@@ -20,7 +23,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
@@ -28,12 +31,13 @@ import torch
 from pretrain.bench.evidence import compile_watch, sdpa_summary
 from pretrain.bench.plan import Case, case_config
 from pretrain.data.batch import Batch
-from pretrain.model.vit import ViTSpec, build_model
+from pretrain.model.vit import ViTSpec
 from pretrain.train.config import Config
 from pretrain.train.engine import Engine
 from pretrain.train.loop import train_step
 from pretrain.train.losses import classification_loss
 from pretrain.train.metrics import peak_memory_gb
+from pretrain.train.prefetch import train_source
 
 NUM_CLASSES = 1000
 
@@ -103,6 +107,12 @@ def oom_guard(fn: Callable[[], dict], micro_batch: int) -> dict:
     raise torch.cuda.OutOfMemoryError(f"micro batch {micro_batch}: {oom}")
 
 
+class BatchSource(Protocol):
+    """Where a measurement takes its micro batches (a training loader's interface)."""
+
+    def next_batch(self) -> Batch: ...
+
+
 class DeviceBatches:
     """The same device-resident batch (float32 images, class-index targets) on every call."""
 
@@ -126,7 +136,8 @@ class EngineStepper:
         return loss
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return classification_loss(self.engine.forward(batch.images), batch.targets, self.cfg.train.loss)
+        logits = self.engine.forward(batch.images)
+        return classification_loss(logits, batch.targets.to(logits.device), self.cfg.train.loss)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -135,19 +146,23 @@ class EngineStepper:
         self.engine.step()
 
 
-def timed_pass(stepper: Stepper, data: DeviceBatches, steps: int) -> tuple[float, float]:
-    """Wall seconds of ``steps`` training steps (one sync before and one after), and the last loss."""
+def timed_pass(stepper: Stepper, data: BatchSource, steps: int) -> tuple[float, float, float]:
+    """Wall seconds of ``steps`` training steps (one sync before and one after), the last loss, and
+    the seconds spent waiting in ``next_batch()``."""
     sync()
     t0 = time.perf_counter()
-    loss = None
+    loss, wait = None, 0.0
     for _ in range(steps):
-        loss = stepper.train_step(data.next_batch())
+        t1 = time.perf_counter()
+        batch = data.next_batch()
+        wait += time.perf_counter() - t1
+        loss = stepper.train_step(batch)
     sync()
     seconds = time.perf_counter() - t0
-    return seconds, float(loss.item()) if loss is not None else float("nan")
+    return seconds, float(loss.item()) if loss is not None else float("nan"), wait
 
 
-def phase_pass(stepper: Stepper, data: DeviceBatches, steps: int) -> tuple[dict[str, float], set[str]]:
+def phase_pass(stepper: Stepper, data: BatchSource, steps: int) -> tuple[dict[str, float], set[str]]:
     """Mean seconds per phase over ``steps`` synchronised steps, after one step whose forward is
     profiled; returns the breakdown and the names of every op and kernel the profiled forward ran."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -181,30 +196,39 @@ def phase_pass(stepper: Stepper, data: DeviceBatches, steps: int) -> tuple[dict[
     return {k: v / max(steps, 1) for k, v in totals.items()}, names
 
 
-def measure(stepper: Stepper, spec: ViTSpec, micro_batch: int, passes: Passes) -> dict:
-    """The three passes on ``stepper``; images/s, step time, peak memory, breakdown, SDPA backend."""
-    data = DeviceBatches(micro_batch, spec.img_size, NUM_CLASSES, device())
+def measure(stepper: Stepper, spec: ViTSpec, micro_batch: int, passes: Passes,
+            data: BatchSource | None = None) -> dict:
+    """The three passes on ``stepper`` fed by ``data`` (default: :class:`DeviceBatches`); images/s,
+    step time, data-wait share, peak memory, breakdown, SDPA backend."""
+    data = data or DeviceBatches(micro_batch, spec.img_size, NUM_CLASSES, device())
     for _ in range(passes.warmup):
         stepper.train_step(data.next_batch())
-    seconds, loss = timed_pass(stepper, data, passes.steps)
+    seconds, loss, wait = timed_pass(stepper, data, passes.steps)
     peak_gb = peak_memory_gb()
     phases, names = phase_pass(stepper, data, passes.phase_steps)
     backend, check = sdpa_summary(spec, micro_batch, names, device())
     return {"images_per_s": round(passes.steps * micro_batch / seconds, 2),
-            "step_time_s": round(seconds / passes.steps, 5), "final_loss": round(loss, 4),
-            "peak_mem_gb": round(peak_gb, 3), "step_breakdown": {k: round(v, 6) for k, v in phases.items()},
-            "sdpa_backend": backend, "sdpa_check": check}
+            "step_time_s": round(seconds / passes.steps, 5), "data_wait_frac": round(wait / seconds, 5),
+            "final_loss": round(loss, 4), "peak_mem_gb": round(peak_gb, 3),
+            "step_breakdown": {k: round(v, 6) for k, v in phases.items()}, "sdpa_backend": backend,
+            "sdpa_check": check}
 
 
-def build_engine(case: Case, micro_batch: int) -> tuple[Engine, Config]:
-    """A fresh model (blocks compiled when ``case.compile``) in a fresh DeepSpeed engine."""
-    cfg = case_config(case, micro_batch)
+def build_engine(case: Case, micro_batch: int, shards: str | None = None, workers: int = 0) -> tuple[Engine, Config]:
+    """A fresh model, built as a run builds it (:meth:`ModelConfig.build`: checkpointing, FP8,
+    compile), in a fresh DeepSpeed engine."""
+    cfg = case_config(case, micro_batch, shards, workers)
     torch.manual_seed(0)
-    model = build_model(cfg.model.spec(), device=device(), **cfg.model.runtime())
-    model.set_grad_checkpointing(cfg.model.act_ckpt)
-    if case.compile:
-        model.compile_blocks()
-    return Engine(model, cfg, 1), cfg
+    return Engine(cfg.model.build(device=str(device())), cfg, 1), cfg
+
+
+def loader_source(cfg: Config) -> BatchSource:
+    """The training loader of ``cfg`` for this one rank, read as the trainer reads it; without
+    CUDA, ``data.decode=gpu`` runs its code path on the CPU (a rehearsal, not a figure)."""
+    spec = cfg.loader()
+    if not torch.cuda.is_available():
+        spec = replace(spec, decode_device="cpu")
+    return train_source(spec, 0, 1, device())
 
 
 def destroy_engine(engine: Engine | None) -> None:
@@ -251,18 +275,23 @@ class EngineProbe:
         destroy_engine(engine)
 
 
-def measure_engine(case: Case, micro_batch: int, passes: Passes) -> dict:
-    """:func:`measure` of our engine for ``case``, plus ``compile_stats``. Raises
+def measure_engine(case: Case, micro_batch: int, passes: Passes, shards: str | None = None,
+                   workers: int = 0) -> dict:
+    """:func:`measure` of our engine for ``case`` (with ``case.loader``: fed by the shard set
+    ``shards`` through ``workers`` loader processes), plus ``compile_stats``. Raises
     ``torch.cuda.OutOfMemoryError`` when the micro batch does not fit."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
     def run() -> dict:
         with compile_watch() as stats:
-            engine, cfg = build_engine(case, micro_batch)
+            engine, cfg = build_engine(case, micro_batch, shards, workers)
+            data = loader_source(cfg) if case.loader else None
             try:
-                result = measure(EngineStepper(engine, cfg), cfg.model.spec(), micro_batch, passes)
+                result = measure(EngineStepper(engine, cfg), cfg.model.spec(), micro_batch, passes, data)
             finally:
+                if data is not None:
+                    data.close()
                 destroy_engine(engine)
         return {**result, "compile_stats": asdict(stats) if case.compile else None}
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from pretrain.bench.plan import TIMM_REFERENCE
-
 RECORD_KEYS = ("model", "framework", "img_size", "device", "cpu", "torch", "deepspeed", "world_size", "zero_stage",
-               "act_ckpt", "compile", "micro_batch", "images_per_s", "mfu", "peak_mem_gb", "step_time_s",
-               "step_breakdown", "sdpa_backend", "sdpa_check", "compile_stats", "speedup_vs_timm",
-               "train_tflops_per_image", "peak_flops", "micro_batch_search", "final_loss", "steps", "warmup",
-               "duration_s", "error", "cuda_alloc_conf", "time", "command")
+               "act_ckpt", "compile", "fp8", "loader", "micro_batch", "images_per_s", "mfu", "peak_mem_gb",
+               "step_time_s", "data_wait_frac", "step_breakdown", "sdpa_backend", "sdpa_check", "compile_stats",
+               "speedup_vs_timm", "speedup_vs_bf16", "baseline_of", "train_tflops_per_image", "fp8_flops_share",
+               "peak_flops", "micro_batch_search", "final_loss", "steps", "warmup", "duration_s", "error",
+               "cuda_alloc_conf", "time", "command")
 
 
 def device_slug(name: str) -> str:
@@ -45,12 +44,23 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def fill_speedups(records: list[dict]) -> None:
-    """``speedup_vs_timm`` = images/s / timm's images/s on our ViT-H/14@224 records, else null."""
-    timm = next((r for r in records if r["framework"] == "timm" and r["images_per_s"]), None)
+    """``speedup_vs_timm`` = images/s / the timm baseline's images/s, on our records of the model
+    and size that baseline copies (``baseline_of``) fed, like it, by the synthetic device batch;
+    ``speedup_vs_bf16`` = images/s / images/s of
+    the same configuration without FP8, on FP8 records. Null where there is nothing to compare."""
+    timm = {(r["baseline_of"], r["img_size"]): r for r in reversed(records)
+            if r["framework"] == "timm" and r["images_per_s"]}
+    ours = [r for r in records if r["framework"] == "vitscale" and r["images_per_s"]]
     for r in records:
-        same = (r["framework"] == "vitscale" and (r["model"], r["img_size"]) == TIMM_REFERENCE
-                and r["images_per_s"] and timm is not None)
-        r["speedup_vs_timm"] = round(r["images_per_s"] / timm["images_per_s"], 3) if same else None
+        ours_on_device = r["framework"] == "vitscale" and r["images_per_s"] and not r["loader"]
+        base = timm.get((r["model"], r["img_size"])) if ours_on_device else None
+        r["speedup_vs_timm"] = round(r["images_per_s"] / base["images_per_s"], 3) if base else None
+        same = [o for o in ours if o["fp8"] == "off" and all(o[k] == r[k] for k in _SAME_CONFIG)]
+        bf16 = same[0] if same and r["fp8"] not in (None, "off") and r["images_per_s"] else None
+        r["speedup_vs_bf16"] = round(r["images_per_s"] / bf16["images_per_s"], 3) if bf16 else None
+
+
+_SAME_CONFIG = ("model", "img_size", "zero_stage", "act_ckpt", "compile", "loader")
 
 
 def gpu_name() -> str:
@@ -88,7 +98,8 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def format_table(records: list[dict], machine: dict, peak: float | None) -> str:
     """The human summary: one line per record under a line naming the machine."""
-    peak_txt = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "no peak FLOP/s known (MFU -)"
+    peak_txt = (f"peak {peak / 1e12:.0f} TFLOP/s bf16 (FP8 rows: mixed, see peak_flops)" if peak else
+                "no peak FLOP/s known (MFU -)")
     lines = [f"machine: {machine['device']}, CPU {machine['cpu']}, torch {machine['torch']}, "
              f"deepspeed {machine['deepspeed']}, {peak_txt}",
              f"{'model':<31}{'zero':>5}{'ckpt':>5}{'comp':>5}{'mb':>5}{'img/s':>10}{'MFU':>7}{'mem GB':>8}"
@@ -96,8 +107,10 @@ def format_table(records: list[dict], machine: dict, peak: float | None) -> str:
     yes = {True: "on", False: "off", None: "-"}
     for r in records:
         b = r["step_breakdown"] or {}
+        what = r["model"] + "@" + str(r["img_size"]) + ("" if r["fp8"] in (None, "off") else f" fp8-{r['fp8']}") + \
+            (f" shards-{r['loader']}" if r["loader"] else "")
         lines.append(
-            f"{r['model'] + '@' + str(r['img_size']):<31}{_fmt(r['zero_stage'], 'd'):>5}{yes[r['act_ckpt']]:>5}"
+            f"{what:<31}{_fmt(r['zero_stage'], 'd'):>5}{yes[r['act_ckpt']]:>5}"
             f"{yes[r['compile']]:>5}{_fmt(r['micro_batch'], 'd'):>5}{_fmt(r['images_per_s'], '.1f'):>10}"
             f"{_fmt(r['mfu'], '.1%'):>7}{_fmt(r['peak_mem_gb'], '.2f'):>8}{r['sdpa_backend'] or '-':>11}"
             f"{_fmt(b.get('forward_s'), '.1f', 1e3):>8}{_fmt(b.get('backward_s'), '.1f', 1e3):>8}"
@@ -110,6 +123,10 @@ def _note(rec: dict) -> str:
     if rec["error"]:
         return rec["error"]
     notes = []
+    if rec["speedup_vs_bf16"] is not None:
+        notes.append(f"{rec['speedup_vs_bf16']:.2f}x bf16")
+    if rec["loader"] and rec["data_wait_frac"] is not None:
+        notes.append(f"data wait {rec['data_wait_frac']:.1%} of the step")
     if (rec["compile_stats"] or {}).get("recompile_limit_hits"):
         notes.append("partly eager (dynamo recompile limit hit)")
     check = rec["sdpa_check"] or {}

@@ -1,12 +1,17 @@
 """``vitscale bench train``: training throughput, MFU, memory and step phases per configuration.
 
-A configuration is (model, image size, ZeRO stage, activation checkpointing, ``torch.compile``).
-The plan is the grid ``--models x --img-sizes x --zero-stages x --compile x --act-ckpt`` followed
-by the configurations of ``--extra`` (see :mod:`pretrain.bench.plan`). Each one trains our model
-in a fresh DeepSpeed engine on synthetic device-resident data at the largest micro batch that fits
-(``--micro-batch auto``) or a fixed one, and reports images/s, MFU, peak memory, the step
-breakdown and which SDPA backend ran (:mod:`pretrain.bench.measure`); ``--timm`` adds timm's
-ViT-H/14 in a plain torch loop at the micro batch of our first ViT-H/14@224 configuration.
+A configuration is (model, image size, ZeRO stage, activation checkpointing, ``torch.compile``,
+``model.fp8``, data: a synthetic device batch or the real shard loader with ``data.decode`` cpu or
+gpu), or timm's ViT in a plain loop. The plan is the grid ``--models x --img-sizes x --zero-stages
+x --compile x --act-ckpt`` followed by the configurations of ``--extra``, or a named ``--suite``
+(:data:`pretrain.bench.plan.SUITES`, in order of value; ``--tiny`` runs it on stand-ins that
+train in seconds on a CPU, a rehearsal). See :mod:`pretrain.bench.plan` for the spelling. Each one
+trains our model in a fresh DeepSpeed engine at the largest micro batch that fits (``--micro-batch
+auto``) or a fixed one, and reports images/s, MFU, peak memory, the step breakdown, the data-wait
+share and which SDPA backend ran (:mod:`pretrain.bench.measure`); ``--timm`` adds timm's ViT-H/14
+in a plain torch loop at the micro batch of the fastest ViT-H/14@224 configuration before it.
+A ``bestckpt`` configuration takes the activation-checkpointing setting of the fastest earlier
+measurement of its model (:func:`pretrain.bench.plan.reference_record`).
 
 This process only plans and records: every configuration (search and measurement) runs in a child
 process of its own with a one-rank process group (world size 1), and a measurement that runs out
@@ -34,12 +39,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from pretrain.bench.plan import TIMM_MODEL, TIMM_REFERENCE, Budget, Case, build_plan, case_config, shrink
+from pretrain.bench.plan import (
+    TIMM_MODEL,
+    TIMM_REFERENCE,
+    Budget,
+    Case,
+    build_plan,
+    case_config,
+    reference_record,
+    shrink,
+    suite_extras,
+)
 from pretrain.bench.records import (
     RECORD_KEYS,
     device_slug,
@@ -51,8 +66,8 @@ from pretrain.bench.records import (
 )
 from pretrain.core.errors import UserError
 from pretrain.core.help_text import doc_help
-from pretrain.model.costs import mfu, model_costs, peak_flops_for
-from pretrain.model.vit import spec_for
+from pretrain.core.system import available_cpus
+from pretrain.model.costs import mfu, mixed_peak, model_costs, peak_flops_for
 
 DEFAULT_MODELS = "vit_b16,vit_l16,vit_h14,vit_h16"
 CPU_AUTO_MICRO_BATCH = 8
@@ -102,14 +117,22 @@ def run_child(job: dict, kill_at: float | None) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vitscale bench train", description=doc_help(__doc__.split("\n")[0]),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated variants (grid; '' for none)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated variants (grid; '' for none; default {DEFAULT_MODELS}, none with --suite)")
     p.add_argument("--img-sizes", default="224", help="comma-separated image sizes (grid)")
     p.add_argument("--zero-stages", default="1,2,3", help="comma-separated ZeRO stages (grid)")
     p.add_argument("--act-ckpt", default="both", help="activation checkpointing: both, on or off (grid)")
     p.add_argument("--compile", default="both", help="compile the blocks with torch.compile: both, on or off (grid)")
-    p.add_argument("--extra", action="append", default=[], metavar="MODEL@SIZE[:zN][:ckpt][:compile]",
+    p.add_argument("--extra", action="append", default=[],
+                   metavar="MODEL@SIZE[:zN][:ckpt|:bestckpt][:compile][:fp8[=rowwise]][:shards-cpu|:shards-gpu]",
                    help="configurations after the grid (repeat or comma-separate); unnamed parts: the first "
-                        "of --zero-stages, no checkpointing, eager")
+                        "of --zero-stages, no checkpointing, eager, bf16, a synthetic batch on the device; "
+                        "MODEL@SIZE:timm is timm's ViT at the fastest earlier configuration's micro batch")
+    p.add_argument("--suite", default=None, help="a named plan, in order of value (gpu: the issue-26 GPU run)")
+    p.add_argument("--tiny", action="store_true", help="with --suite: tiny stand-in models (a CPU rehearsal)")
+    p.add_argument("--shards", default=None, help="shard set for the shards-cpu / shards-gpu configurations")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="loader processes of the shard-loader configurations (default: the CPUs less 2, >= 1)")
     p.add_argument("--micro-batch", default="auto",
                    help=f"'auto' (GPU: largest that fits, doubling from {GPU_SEARCH_START} then bisecting; "
                         f"CPU: {CPU_AUTO_MICRO_BATCH}) or an integer")
@@ -120,8 +143,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="device peak FLOP/s for MFU (default: from the GPU name; none on CPU)")
     p.add_argument("--timm", action="store_true",
-                   help=f"also train timm's {TIMM_MODEL} at the micro batch of the first "
-                        f"{TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]} configuration")
+                   help=f"also train timm's {TIMM_MODEL} ({TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]}:timm) right after "
+                        f"the grid's last {TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]} configuration, at the micro batch "
+                        f"and flags of the fastest one")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no configuration expected to end after this many seconds; stop what still "
                         "runs at the budget plus 10%% (at least 30 s)")
@@ -140,6 +164,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{args.max_micro_batch} must be >= 1 and --warmup {args.warmup} >= 0")
     if args.budget_s is not None and args.budget_s <= 0:
         raise UserError(f"--budget-s {args.budget_s}: give a positive number of seconds")
+    if args.tiny and not args.suite:
+        raise UserError("--tiny runs a suite on stand-in models: give --suite too, e.g. --suite gpu --tiny")
+    if args.models is None:
+        args.models = "" if args.suite else DEFAULT_MODELS
+    if args.suite:
+        args.extra = [*suite_extras(args.suite, args.tiny), *args.extra]
+    if args.loader_workers is None:
+        args.loader_workers = max(1, available_cpus() - 2)
+    if args.loader_workers < 1:
+        raise UserError(f"--loader-workers {args.loader_workers}: must be >= 1")
     return args
 
 
@@ -149,7 +183,16 @@ def main(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("vitscale bench train runs its own one-rank processes: start it as a single process, "
                         "not under torchrun / deepspeed / srun with several ranks")
-    plan = build_plan(args.models, args.img_sizes, args.zero_stages, args.act_ckpt, args.compile, args.extra)
+    plan = build_plan(args.models, args.img_sizes, args.zero_stages, args.act_ckpt, args.compile, args.extra,
+                      timm=args.timm)
+    if any(c.loader for c in plan):
+        if not args.shards:
+            raise UserError("the plan has shard-loader configurations (shards-cpu / shards-gpu): give --shards DIR "
+                            "(`vitscale shards synth` + `vitscale shards write` make a set)")
+        from pretrain.data.shard_sets import resolve_shards
+
+        shards = resolve_shards(args.shards, "train", key="--shards")
+        args.loader_workers = min(args.loader_workers, len(shards.urls))  # one shard per worker at least
     command = shlex.join(["vitscale", "bench", "train", *argv])
     records, table = BenchRun(args, plan, command, Budget(args.budget_s)).run()
     print(json.dumps(records, indent=1) if args.json else table, flush=True)
@@ -177,33 +220,52 @@ class BenchRun:
     def run(self) -> tuple[list[dict], str]:
         """Measure every configuration; returns the records and the table."""
         timm_note = None
-        if self.args.timm and importlib.util.find_spec("timm") is None:
+        if any(c.framework == "timm" for c in self.plan) and importlib.util.find_spec("timm") is None:
             timm_note = "timm is not installed (pip install timm): no timm baseline"
             self.log(timm_note)
         self.log(f"{len(self.plan)} configurations on {self.machine['device']}, one process each")
-        timm_pending = self.args.timm and timm_note is None
         skipped: list[Case] = []
-        for i, case in enumerate(self.plan, 1):
-            self.log(f"[{i}/{len(self.plan)}] {case.label}")
-            rec = self._budgeted(case.compile, lambda c=case: self._run_case(c), self._case_record(case))
+        for i, planned in enumerate(self.plan, 1):
+            self.log(f"[{i}/{len(self.plan)}] {planned.label}")
+            if planned.framework == "timm":
+                rec = self._timm(planned, timm_note)
+            else:
+                case = self._resolve(planned)
+                rec = self._budgeted(case.compile, lambda c=case: self._run_case(c), self._case_record(case))
             if rec["error"] and rec["error"].startswith("skipped"):
-                skipped.append(case)
-            if timm_pending and rec["images_per_s"] and (case.model, case.img_size) == TIMM_REFERENCE:
-                timm_pending = False
-                self._budgeted(case.compile, lambda c=case, r=rec: self._run_timm(c, r["micro_batch"]),
-                               self._timm_record(case))
-        if self.args.timm and (timm_note or timm_pending):
-            rec = self._timm_record(None)
-            ref = f"{TIMM_REFERENCE[0]}@{TIMM_REFERENCE[1]}"
-            rec["error"] = timm_note or (f"no {ref} configuration was measured to compare with (none succeeded, "
-                                         f"or none was planned: add --extra {ref})")
-            self._add(rec)
+                skipped.append(planned)
         if skipped:
             self.log("skipped for the budget; to measure them, run again with the same options but --models '' "
                      "--extra " + ",".join(c.spec for c in skipped))
         if self.path is not None:
             self.log(f"records: {self.path}")
         return self.records, format_table(self.records, self.machine, self.peak)
+
+    def _resolve(self, case: Case) -> Case:
+        """``act_ckpt`` None (``bestckpt``): the setting of the fastest earlier measurement of this
+        model and size (:func:`reference_record`), off when there is none."""
+        if case.act_ckpt is not None:
+            return case
+        ref = reference_record(self.records, case)
+        ckpt = bool(ref and ref["act_ckpt"])
+        self.log(f"  bestckpt: act_ckpt {'on' if ckpt else 'off'} ("
+                 + (f"{ref['images_per_s']:.1f} img/s at z{ref['zero_stage']}" if ref else "nothing measured yet")
+                 + ")")
+        return replace(case, act_ckpt=ckpt)
+
+    def _timm(self, planned: Case, note: str | None) -> dict:
+        """timm's ViT of ``planned``'s model at the micro batch, checkpointing and compile flag of
+        the fastest earlier measurement of that model (an error record when there is none)."""
+        ref = reference_record(self.records, planned)
+        rec = self._timm_record(planned, ref)
+        if note or ref is None:
+            rec["error"] = note or (f"no {planned.model}@{planned.img_size} configuration was measured to compare "
+                                    f"with (none succeeded, or none was planned before it: add --extra "
+                                    f"{planned.model}@{planned.img_size} ahead of it)")
+            self.log(f"  -> {rec['error']}")
+            return self._add(rec)
+        reference = Case(ref["model"], ref["img_size"], ref["zero_stage"], ref["act_ckpt"], ref["compile"])
+        return self._budgeted(reference.compile, lambda: self._run_timm(reference, ref["micro_batch"]), rec)
 
     def _budgeted(self, compiled: bool, fn: Callable[[], dict], rec: dict) -> dict:
         if not self.budget.allows(compiled):
@@ -235,8 +297,12 @@ class BenchRun:
         if rec["error"]:
             return f"  -> {rec['error']}"
         m = "-" if rec["mfu"] is None else f"{rec['mfu']:.1%}"
+        extra = [f"data wait {rec['data_wait_frac']:.1%}"] if rec["loader"] else []
+        extra += [f"{rec[k]:.2f}x {what}" for k, what in (("speedup_vs_bf16", "bf16"), ("speedup_vs_timm", "timm"))
+                  if rec[k] is not None]
         return (f"  -> micro batch {rec['micro_batch']}: {rec['images_per_s']:.1f} img/s, MFU {m}, "
-                f"{rec['peak_mem_gb']:.2f} GB, sdpa {rec['sdpa_backend']} ({rec['duration_s']} s)")
+                f"{rec['peak_mem_gb']:.2f} GB, sdpa {rec['sdpa_backend']}{''.join(', ' + e for e in extra)} "
+                f"({rec['duration_s']} s)")
 
     def _base_record(self) -> dict:
         rec = dict.fromkeys(RECORD_KEYS)
@@ -247,18 +313,24 @@ class BenchRun:
 
     def _case_record(self, case: Case) -> dict:
         rec = self._base_record()
+        costs = model_costs(case_config(case, 1).model.spec())
+        share = costs["fp8_flops_share"] if case.fp8 != "off" else 0.0
         rec.update(model=case.model, framework="vitscale", img_size=case.img_size, zero_stage=case.zero_stage,
-                   act_ckpt=case.act_ckpt, compile=case.compile,
-                   train_tflops_per_image=model_costs(case_config(case, 1).model.spec())["train_tflops_per_image"])
+                   act_ckpt=case.act_ckpt, compile=case.compile, fp8=case.fp8, loader=case.loader,
+                   train_tflops_per_image=costs["train_tflops_per_image"], fp8_flops_share=costs["fp8_flops_share"],
+                   peak_flops=mixed_peak(self.peak, share))
         return rec
 
-    def _timm_record(self, reference: Case | None) -> dict:
+    def _timm_record(self, planned: Case, ref: dict | None) -> dict:
+        from pretrain.bench.timm_baseline import timm_name, timm_spec
+
         rec = self._base_record()
-        spec = spec_for(TIMM_REFERENCE[0], img_size=TIMM_REFERENCE[1], num_classes=1000)
-        rec.update(model=f"timm:{TIMM_MODEL}", framework="timm", img_size=TIMM_REFERENCE[1],
-                   train_tflops_per_image=model_costs(spec)["train_tflops_per_image"])
-        if reference is not None:
-            rec.update(act_ckpt=reference.act_ckpt, compile=reference.compile)
+        rec.update(model=f"timm:{timm_name(planned.model, planned.img_size)}", framework="timm",
+                   img_size=planned.img_size, baseline_of=planned.model, fp8="off",
+                   train_tflops_per_image=model_costs(timm_spec(planned.model, planned.img_size))[
+                       "train_tflops_per_image"])
+        if ref is not None:
+            rec.update(act_ckpt=ref["act_ckpt"], compile=ref["compile"])
         return rec
 
     def _child(self, job: dict) -> dict:
@@ -317,20 +389,26 @@ class BenchRun:
         else:
             micro_batch, search = None, {}
         job = {"kind": "case", "case": asdict(case),
-               "search": {"start": GPU_SEARCH_START, "limit": self.args.max_micro_batch, "align": GPU_ALIGN}}
+               "search": {"start": GPU_SEARCH_START, "limit": self.args.max_micro_batch, "align": GPU_ALIGN},
+               "shards": self.args.shards if case.loader else None,
+               "workers": self.args.loader_workers if case.loader else 0}
         out = self._with_backoff(job, micro_batch, search)
-        flops = model_costs(case_config(case, 1).model.spec())["train_tflops_per_image"] * 1e12
-        out["mfu"] = mfu(out["images_per_s"], flops, self.peak, 1)
+        costs = model_costs(case_config(case, 1).model.spec())
+        peak = mixed_peak(self.peak, costs["fp8_flops_share"] if case.fp8 != "off" else 0.0)
+        out["mfu"] = mfu(out["images_per_s"], costs["train_tflops_per_image"] * 1e12, peak, 1)
         self._check_sdpa(case.label, out)
         return out
 
     def _run_timm(self, reference: Case, micro_batch: int) -> dict:
-        self.log(f"timm baseline: {TIMM_MODEL} at micro batch {micro_batch} (as {reference.label})")
+        from pretrain.bench.timm_baseline import timm_name, timm_spec
+
+        name = timm_name(reference.model, reference.img_size)
+        self.log(f"timm baseline: {name} at micro batch {micro_batch} (as {reference.label})")
         job = {"kind": "timm", "reference": asdict(reference)}
         out = self._with_backoff(job, micro_batch, {"mode": f"as {reference.label}"})
-        spec = spec_for(TIMM_REFERENCE[0], img_size=TIMM_REFERENCE[1], num_classes=1000)
+        spec = timm_spec(reference.model, reference.img_size)
         out["mfu"] = mfu(out["images_per_s"], model_costs(spec)["train_tflops_per_image"] * 1e12, self.peak, 1)
-        self._check_sdpa(f"timm {TIMM_MODEL}", out)
+        self._check_sdpa(f"timm {name}", out)
         return out
 
     def _check_sdpa(self, label: str, out: dict) -> None:

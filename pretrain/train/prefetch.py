@@ -12,11 +12,26 @@ flight, and a resumed run reads it again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from pretrain.data.batch import Batch
+from pretrain.data.config import LoaderSpec
+from pretrain.data.pipeline import build_train_data
+
+
+def train_source(spec: LoaderSpec, rank: int, world: int, device: torch.device,
+                 interrupted: Callable[[], bool] | None = None):
+    """Where a training rank takes its micro batches: the ``data.train`` source
+    (:func:`pretrain.data.pipeline.build_train_data`), whose waits for data also end when
+    ``interrupted()`` says so, held one batch ahead on the device when that is a GPU
+    (:class:`DevicePrefetcher`). The trainer and ``vitscale bench train`` both read through here."""
+    source = build_train_data(spec, rank, world)
+    if interrupted is not None:
+        source.interrupted = interrupted
+    return DevicePrefetcher(source, device) if torch.device(device).type == "cuda" else source
 
 
 class DevicePrefetcher:

@@ -41,7 +41,7 @@ from pretrain.checkpoint.layout import TRAINING_FORMAT, CheckpointManager
 from pretrain.checkpoint.resume import ResumeSource, find_resume_source
 from pretrain.core.errors import UserError
 from pretrain.data.loader import counts_by, sum_counts
-from pretrain.data.pipeline import build_eval_data, build_train_data
+from pretrain.data.pipeline import build_eval_data
 from pretrain.model.costs import model_costs
 from pretrain.model.fp8 import fp8_layers
 from pretrain.train.config import Config, identity
@@ -53,7 +53,7 @@ from pretrain.train.fewshot_eval import build_fewshot
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
 from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
 from pretrain.train.mixing import build_mixer
-from pretrain.train.prefetch import DevicePrefetcher
+from pretrain.train.prefetch import train_source
 from pretrain.train.schedule import lr_at
 from pretrain.train.state import BestEval, Components, LoopState, RngState
 
@@ -105,10 +105,9 @@ class Trainer:
         self.costs = model_costs(self.spec, cfg.model.patch_dropout)
         self.engine = Engine(model, cfg, self.world, load_universal=source is not None and source.universal is not None)
         torch.manual_seed(cfg.run.seed + 1000 * (self.rank + 1))  # per-rank stream (dropout, augmentation)
-        self.train_data = build_train_data(cfg.loader(), self.rank, self.world)
-        self.train_data.interrupted = lambda: self.stop.raised  # a wait for data honours a stop signal
-        if self.engine.device.type == "cuda":  # copy batch k+1 while step k computes
-            self.train_data = DevicePrefetcher(self.train_data, self.engine.device)
+        # a wait for data honours a stop signal; on a GPU batch k+1 is copied while step k computes
+        self.train_data = train_source(cfg.loader(), self.rank, self.world, self.engine.device,
+                                       interrupted=lambda: self.stop.raised)
         self.eval_data = build_eval_data(cfg.loader(), self.rank, self.world)
         self.fewshot = build_fewshot(cfg, self.rank, self.world, self.spec, self.log)  # labels scanned here
         self.ema = Ema(self.engine, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay else None
