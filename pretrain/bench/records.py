@@ -102,7 +102,7 @@ def format_table(records: list[dict], machine: dict, peak: float | None) -> str:
                 "no peak FLOP/s known (MFU -)")
     lines = [f"machine: {machine['device']}, CPU {machine['cpu']}, torch {machine['torch']}, "
              f"deepspeed {machine['deepspeed']}, {peak_txt}",
-             f"{'model':<31}{'zero':>5}{'ckpt':>5}{'comp':>5}{'mb':>5}{'img/s':>10}{'MFU':>7}{'mem GB':>8}"
+             f"{'model':<40}{'zero':>5}{'ckpt':>5}{'comp':>5}{'mb':>5}{'img/s':>10}{'MFU':>7}{'mem GB':>8}"
              f"{'sdpa':>11}{'fwd ms':>8}{'bwd ms':>8}{'opt ms':>8}{'data ms':>8}{'vs timm':>8}  note"]
     yes = {True: "on", False: "off", None: "-"}
     for r in records:
@@ -110,7 +110,7 @@ def format_table(records: list[dict], machine: dict, peak: float | None) -> str:
         what = r["model"] + "@" + str(r["img_size"]) + ("" if r["fp8"] in (None, "off") else f" fp8-{r['fp8']}") + \
             (f" shards-{r['loader']}" if r["loader"] else "")
         lines.append(
-            f"{what:<31}{_fmt(r['zero_stage'], 'd'):>5}{yes[r['act_ckpt']]:>5}"
+            f"{what:<40}{_fmt(r['zero_stage'], 'd'):>5}{yes[r['act_ckpt']]:>5}"
             f"{yes[r['compile']]:>5}{_fmt(r['micro_batch'], 'd'):>5}{_fmt(r['images_per_s'], '.1f'):>10}"
             f"{_fmt(r['mfu'], '.1%'):>7}{_fmt(r['peak_mem_gb'], '.2f'):>8}{r['sdpa_backend'] or '-':>11}"
             f"{_fmt(b.get('forward_s'), '.1f', 1e3):>8}{_fmt(b.get('backward_s'), '.1f', 1e3):>8}"

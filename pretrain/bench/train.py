@@ -227,15 +227,16 @@ class BenchRun:
         skipped: list[Case] = []
         for i, planned in enumerate(self.plan, 1):
             self.log(f"[{i}/{len(self.plan)}] {planned.label}")
-            if planned.framework == "timm":
-                rec = self._timm(planned, timm_note)
+            case = planned if planned.framework == "timm" else self._resolve(planned)
+            if case.framework == "timm":
+                rec = self._timm(case, timm_note)
             else:
-                case = self._resolve(planned)
                 rec = self._budgeted(case.compile, lambda c=case: self._run_case(c), self._case_record(case))
             if rec["error"] and rec["error"].startswith("skipped"):
-                skipped.append(planned)
+                skipped.append(case)  # as resolved: a second run cannot know what this one measured
         if skipped:
-            self.log("skipped for the budget; to measure them, run again with the same options but --models '' "
+            but = "without --suite and --tiny, " if self.args.suite else ""
+            self.log(f"skipped for the budget; to measure them, run again with the same options but {but}--models '' "
                      "--extra " + ",".join(c.spec for c in skipped))
         if self.path is not None:
             self.log(f"records: {self.path}")
