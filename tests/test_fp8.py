@@ -78,7 +78,7 @@ def test_fp8_run_resumed_from_its_checkpoint_is_the_uninterrupted_run_bitwise(fp
 
 
 @pytest.mark.slow
-def test_fp8_checkpoint_exports_plain_weights_to_every_format(fp8_run, tmp_path):
+def test_fp8_checkpoint_exports_plain_weights_to_every_format(fp8_run, tmp_path, capsys):
     """Every writable format, verified by logits (timm's own VisionTransformer loads the timm file):
     the keys of the model without FP8, plain fp32 tensors, nothing of torchao's."""
     ck = tmp_path / "checkpoints"
@@ -97,6 +97,9 @@ def test_fp8_checkpoint_exports_plain_weights_to_every_format(fp8_run, tmp_path)
         dst = ck / f"universal_step_{STEPS:08d}" if fmt == "deepspeed-universal" else \
             tmp_path / f"out-{fmt}{'' if entry.directory else entry.suffixes[0]}"
         assert convert.main([str(ck), str(dst), "--to", fmt, "--verify"]) == 0, fmt
+        oracles = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verify: oracle")]
+        library = {"timm": "oracle timm ", "hf": "oracle transformers "}.get(fmt, "oracle vitscale read-back")
+        assert any(library in line for line in oracles), (fmt, oracles)  # timm / transformers load the file
         sd, read_spec, _ = read_weights(dst, fmt)
         assert set(sd) == plain_keys and read_spec == spec, fmt
         assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in sd.values()), fmt
@@ -164,6 +167,9 @@ def test_fp8_is_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(UserError, match=r"^preflight failed: model\.fp8: .*-> fix: set model\.fp8=off"):
         checks.raise_on_failure([old_gpu])
     assert checks.check_fp8(cfg, runs_here=True, device="cuda", capability=(9, 0)).status == "PASS"
+    # a launcher process must not touch the GPU: it asks nvidia-smi, and says so when that cannot tell
+    launcher = checks.check_fp8(cfg, runs_here=True, probe_gpu=False, device="cuda")
+    assert launcher.status == "WARN" and "the ranks check it at start-up" in launcher.detail
     assert fp8_blocker("cuda", (8, 9)) is None and "8.6" in fp8_blocker("cuda", (8, 6))
     here = checks.check_fp8(cfg, runs_here=True)  # this CPU: one emulated FP8 layer runs
     assert here.status == "PASS" and "emulated" in here.detail
