@@ -201,13 +201,14 @@ def write_script(text: str, path: str | Path) -> Path:
     return p
 
 
-def submit(script: str | Path) -> str:
-    """``sbatch SCRIPT``; returns sbatch's output (``Submitted batch job N``)."""
+def submit(script: str | Path, options: tuple[str, ...] = ()) -> str:
+    """``sbatch [OPTIONS] SCRIPT``; returns sbatch's output (``Submitted batch job N``, or the job
+    id alone with ``--parsable``)."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError(f"sbatch is not on PATH: run this on a SLURM login node, or copy {script} there "
                         f"and run `sbatch {script}`")
-    done = subprocess.run([sbatch, str(script)], capture_output=True, text=True)
+    done = subprocess.run([sbatch, *options, str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"sbatch {script} failed (exit {done.returncode}): {done.stderr.strip()}")
     return done.stdout.strip()
