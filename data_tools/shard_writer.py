@@ -213,8 +213,8 @@ def _claim_out(src: Path, out: Path, force: bool) -> None:
     _atomic_write(record, json.dumps({"source": me}).encode("utf-8"))
 
 
-def _remove_stale(out: Path, tasks: list[ShardTask]) -> None:
-    planned = {t.file for t in tasks}
+def _remove_stale(out: Path, planned: set[str]) -> None:
+    """Delete shards, done markers and partial files of shards ``planned`` does not name."""
     for path in out.iterdir():
         if SHARD_FILE.match(path.name) and path.name not in planned:
             path.unlink(missing_ok=True)
@@ -292,7 +292,8 @@ def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
         mine = [tasks[i] for i in part_records.part_range(len(tasks), *options.part)]
         part_records.start_part(out, *options.part)
     (out / INDEX_FILE).unlink(missing_ok=True)
-    _remove_stale(out, tasks)
+    if options.part is None:  # a part leaves other shards alone (they may be another part's); merge removes stale ones
+        _remove_stale(out, {t.file for t in tasks})
     for task in mine:  # left by a run that was killed mid-shard (only this run's own shards: parts run together)
         (out / PROGRESS_DIR / f"{task.file}.partial").unlink(missing_ok=True)
     results: list[ShardResult] = []
@@ -332,7 +333,8 @@ def write_shards(src: Path, out: Path, options: WriteOptions) -> WriteSummary:
 def merge_parts(out: Path) -> dict:
     """``vitscale shards merge OUT``: join the records of ``shards write --part I/N`` into the set's
     ``classes.json``, ``skipped.jsonl`` and ``index.json`` (byte-identical to a one-machine write
-    of the same source and options) and return the index. :class:`UserError` (one line) while a
+    of the same source and options), delete shards no part wrote (left by an earlier layout), and
+    return the index. :class:`UserError` (one line) while a
     part is missing, or when the parts disagree (:func:`data_tools.parts.merge_problem`). Shard
     files are checked by size here; ``shards verify`` checks their SHA-256."""
     out = Path(out)
@@ -346,5 +348,6 @@ def merge_parts(out: Path) -> dict:
     fields = ("split", "index", "file", "samples", "bytes", "sha256", "fingerprint", "skipped")
     results = [ShardResult(**{k: shard[k] for k in fields}) for i in range(parts) for shard in records[i]["shards"]]
     options = first["index_options"]
+    _remove_stale(out, {r.file for r in results})
     return finish_set(out, _plan_order(results, options["split"]), first["classes"], first["multi_label"],
                       first["source_skipped"], options)
