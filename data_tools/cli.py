@@ -75,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--workers", type=int, default=default_workers(), metavar="W")
     stats.add_argument("--no-progress", action="store_true")
+    dedup = sub.add_parser("dedup", help="find training images that are near-copies of evaluation images (perceptual "
+                                          "hash) and write TRAIN/dedup.json, the keys the training loader skips")
+    dedup.add_argument("train", metavar="TRAIN", help="the training set: " + set_help)
+    dedup.add_argument("--against", action="append", required=True, metavar="VAL",
+                       help="an evaluation set (" + set_help + "); repeat for several")
+    dedup.add_argument("--threshold", type=int, default=None, metavar="D",
+                       help="near-duplicate when the Hamming distance of the 64-bit pHashes is <= D (default 10)")
+    dedup.add_argument("--train-split", default="train", metavar="NAME", help="split of TRAIN to check (default train; "
+                       "a set with one split uses it)")
+    dedup.add_argument("--against-split", default="val", metavar="NAME", help="split of each VAL (default val; a set "
+                       "with one split uses it)")
+    dedup.add_argument("--output", type=Path, default=None, metavar="FILE",
+                       help="where the list goes (default TRAIN/dedup.json, where the loader reads it)")
+    dedup.add_argument("--examples", type=int, default=10, metavar="K", help="example pairs printed (default 10)")
+    dedup.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    dedup.add_argument("--no-progress", action="store_true")
+
     synth = sub.add_parser("synth", help="write the built-in synthetic task as an ImageFolder of JPEGs")
     synth.add_argument("out", type=Path)
     synth.add_argument("--classes", type=int, default=10)
@@ -139,6 +156,15 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dedup(args: argparse.Namespace) -> int:
+    from data_tools.dedup import dedup, format_report
+
+    report = dedup(args.train, args.against, args.threshold, args.workers, args.train_split, args.against_split,
+                   args.output, not args.no_progress)
+    print(format_report(report, args.examples))
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from data_tools.shard_writer import merge_parts
 
@@ -184,6 +210,3 @@ def main(argv: list[str] | None = None) -> int:
                 "dedup": _dedup, "synth": _synth}
     return commands[args.command](args)
 
-
-def _dedup(args: argparse.Namespace) -> int:
-    raise NotImplementedError

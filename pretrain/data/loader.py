@@ -36,7 +36,9 @@ Unusable samples are skipped and counted by reason and shard (``undecodable``, `
 ``missing_label``, ``bad_label``, ``label_out_of_range``; a damaged shard counts every sample its
 index says it lost as ``truncated_shard`` or ``missing_shard``); the counts are part of the
 loader state, so they add up over resumes. ``problem()`` reports when their share exceeds
-``data.max_bad_frac``.
+``data.max_bad_frac``. Samples the set's ``dedup.json`` excludes (near-copies of evaluation images,
+:mod:`pretrain.data.exclusions`) are dropped as they leave the stream and counted apart, as
+``excluded``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
+from pretrain.data.exclusions import KeyFilter, with_exclusions
 from pretrain.data.handover import SharedBatches, receive
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes, shard_label
@@ -138,9 +141,10 @@ class _TrainSlots(IterableDataset):
     the worker id, the slot's stream position after the batch, and bad-sample counts."""
 
     def __init__(self, shards: ShardSet, spec: LoaderSpec, rank: int, world: int, workers: int,
-                 starts: list[int], rotation: int, buffers: SharedBatches | None):
+                 starts: list[int], rotation: int, buffers: SharedBatches | None, exclusion: KeyFilter):
         self.shards, self.spec, self.rank, self.world, self.workers, self.starts = \
             shards, spec, rank, world, workers, starts
+        self.exclusion = exclusion  # drops the keys of the set's dedup.json, counted as "excluded"
         self.rotation = rotation  # DataLoader worker i serves slot (i + rotation) % W after a resume
         self.buffers = buffers  # where CPU decoding writes batches (None with data.decode=gpu)
 
@@ -162,7 +166,8 @@ class _TrainSlots(IterableDataset):
         bad: dict = {}
         images, targets, keys, shards = [], [], [], []
         epoch, usable, example = None, 0, ""
-        stream = slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer, self.starts[w], bad, spec.retry)
+        stream = self.exclusion.filter(slot_stream(self.shards, spec.seed, slot, nslots, d.shuffle_buffer,
+                                                   self.starts[w], bad, spec.retry))
         for item in stream:
             if item.epoch != epoch:
                 if epoch is not None and usable == 0:
@@ -192,7 +197,7 @@ class _TrainSlots(IterableDataset):
                 labels = default_collate(targets) if d.multi_label else torch.stack(targets).numpy()  # inline
                 yield {"images": batch, "targets": labels,
                        "keys": keys, "shards": shards, "worker": w, "pos": item.position, "epoch": item.epoch,
-                       "bad": dict(bad)}
+                       "bad": dict(bad), "excluded": self.exclusion.take()}
                 images, targets, keys, shards = [], [], [], []
                 bad.clear()  # the stream adds to this very dict
 
@@ -222,7 +227,8 @@ class ShardTrain:
     def __init__(self, spec: LoaderSpec, rank: int, world: int):
         d = spec.data
         self.spec, self.rank, self.world = spec, rank, world
-        self.shards = resolve_shards(d.train, "train", key="data.train", samples_per_epoch=d.samples_per_epoch)
+        self.shards, self.exclusion = with_exclusions(
+            resolve_shards(d.train, "train", key="data.train", samples_per_epoch=d.samples_per_epoch))
         self.workers = max(1, d.workers)
         check_layout(self.shards, world, self.workers)
         check_labels(self.shards, spec, "data.train")
@@ -232,6 +238,7 @@ class ShardTrain:
         self.epoch = 0
         self.bad: dict = {}
         self.seen = 0
+        self.excluded = 0  # samples dropped by dedup.json (not lost: not in self.bad)
         self.last_keys: dict[int, str] = {}
         self._it = None
         self._buffers: SharedBatches | None = None
@@ -243,7 +250,7 @@ class ShardTrain:
             self._buffers = SharedBatches(n, _PREFETCH + 2, self.spec.micro_batch, self.spec.img_size)
         self.spec.pipeline.prepare()  # imports (torchvision) before the workers fork
         ds = _TrainSlots(self.shards, self.spec, self.rank, self.world, self.workers, list(self.positions),
-                         self.batches % self.workers, self._buffers)
+                         self.batches % self.workers, self._buffers, self.exclusion)
         loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=_PREFETCH if n else None, persistent_workers=False,
                             timeout=_POLL_S if n else 0, worker_init_fn=die_with_parent if n else None)
@@ -296,6 +303,7 @@ class ShardTrain:
         self.batches += 1
         self.epoch = b["epoch"]
         add_counts(self.bad, b["bad"])
+        self.excluded += b["excluded"]
         self.seen += len(b["keys"]) + sum(b["bad"].values())
         images, _ = decode_batch(b, self.device, self.bad) if self.device else (receive(b["images"]), [])
         targets = b["targets"]
@@ -306,12 +314,14 @@ class ShardTrain:
         micro = self.spec.micro_batch
         return {"kind": "shards", "epoch": self.epoch, "positions": list(self.positions), "workers": self.workers,
                 "world": self.world, "batches": self.batches, "global_samples": self.batches * micro * self.world,
-                "seen": self.seen, "bad": [[reason, shard, n] for (reason, shard), n in sorted(self.bad.items())]}
+                "seen": self.seen, "excluded": self.excluded,
+                "bad": [[reason, shard, n] for (reason, shard), n in sorted(self.bad.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state.get("batches", 0))
         self.epoch = int(state.get("epoch", 0))
         self.seen = int(state.get("seen", 0))
+        self.excluded = int(state.get("excluded", 0))
         self.bad = {(reason, shard): int(n) for reason, shard, n in state.get("bad", [])}
         if state.get("kind") == "shards" and state.get("workers") == self.workers and state.get("world") == self.world:
             self.positions = [int(p) for p in state["positions"]]
@@ -331,16 +341,17 @@ class ShardTrain:
             for part in parts:
                 add_counts(bad, {(reason, shard): int(n) for reason, shard, n in part.get("bad", [])})
             state.update(bad=[[r, s, n] for (r, s), n in sorted(bad.items())],
-                         seen=sum(int(part.get("seen", 0)) for part in parts))
+                         seen=sum(int(part.get("seen", 0)) for part in parts),
+                         excluded=sum(int(part.get("excluded", 0)) for part in parts))
         else:
-            state.update(bad=[], seen=0)
+            state.update(bad=[], seen=0, excluded=0)
         self.load_state_dict(state)
 
     def stats(self) -> dict:
-        """This rank's bad-sample counts so far: total, by reason and by shard (the loop sums them
-        over ranks)."""
+        """This rank's bad-sample counts so far: total, by reason and by shard, and its samples
+        excluded by dedup.json (the loop sums them over ranks)."""
         return {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": counts_by(self.bad, 0),
-                "bad_by_shard": counts_by(self.bad, 1), "samples_seen": self.seen}
+                "bad_by_shard": counts_by(self.bad, 1), "samples_seen": self.seen, "excluded": self.excluded}
 
     def problem(self) -> str | None:
         total = sum(self.bad.values())

@@ -138,4 +138,5 @@ def format_train_line(rec: dict, total_steps: int) -> str:
     gn_txt = "n/a" if gn is None else f"{gn:.3f}"
     return (f"step {rec['step']:>6}/{total_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
             f"gnorm {gn_txt}  {rec['images_per_s']:.1f} img/s  mfu {mfu_txt}  "
-            f"data-wait {100 * rec['data_wait_frac']:.1f}%  mem {rec.get('peak_mem_gb', 0):.2f} GB")
+            f"data-wait {100 * rec['data_wait_frac']:.1f}%  mem {rec.get('peak_mem_gb', 0):.2f} GB"
+            + (f"  excluded {rec['excluded']}" if rec.get("excluded") else ""))

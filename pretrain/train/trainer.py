@@ -361,11 +361,12 @@ class Trainer:
             self.log.console(f"data: {lost} sample{'s' if lost > 1 else ''} lost since the last line "
                              f"({rec['bad_samples']} in all: {_counts_line(rec['bad_by_reason'])}; worst shards "
                              f"{_counts_line(rec.get('bad_by_shard', {}), 3)})")
-        self.last_data = {k: rec[k] for k in ("bad_samples", "bad_by_reason", "bad_by_shard") if k in rec}
+        self.last_data = {k: rec[k] for k in ("bad_samples", "bad_by_reason", "bad_by_shard", "excluded") if k in rec}
         self.meter.reset()
 
     def _data_stats(self) -> dict:
-        """The loader's bad-sample counts summed over all ranks (shard data only)."""
+        """The loader's bad-sample counts summed over all ranks (shard data only), and the samples
+        its dedup.json excluded (``excluded``, only once there are any)."""
         if self.cfg.data.train == "synthetic":
             return {}
         parts = Comm.all_gather_object(self.train_data.stats())
@@ -374,6 +375,9 @@ class Trainer:
         by_shard = sum_counts([p["bad_by_shard"] for p in parts])
         if by_shard:
             out["bad_by_shard"] = dict(sorted(by_shard.items(), key=lambda kv: -kv[1])[:_SHARDS_SHOWN])
+        excluded = sum(p.get("excluded", 0) for p in parts)
+        if excluded:
+            out["excluded"] = excluded
         return out
 
     def _summary(self, seconds: float) -> None:
@@ -399,6 +403,8 @@ class Trainer:
             f"images/s       {_fmt(state.images_per_s, '.1f')}",
             *([f"lost samples   {self.last_data['bad_samples']} ({_counts_line(self.last_data['bad_by_reason'])})"]
               if self.last_data.get("bad_samples") else []),
+            *([f"excluded       {self.last_data['excluded']} (near-copies of evaluation images, dedup.json)"]
+              if self.last_data.get("excluded") else []),
             *([f"fewshot        {self.fewshot.line()}"] if self.fewshot is not None else []),
             f"run directory  {self.run_dir}",
         ]), flush=True)

@@ -1,0 +1,78 @@
+"""Training samples left out on purpose: the ``dedup.json`` exclusion list beside a set's shards.
+
+``vitscale shards dedup TRAIN --against VAL`` writes ``TRAIN/dedup.json``: the keys of training
+images that are near-copies of evaluation images (``{"excluded": [{"key": ..., ...}], ...}``; the
+rest of the file says how they were found). The training loader reads the ``dedup.json`` of every
+local folder its shards lie in (:func:`with_exclusions`) and drops those samples where it yields
+samples (:class:`KeyFilter`); they count as ``excluded``, apart from the lost-sample counts
+(``bad_samples``), since nothing is wrong with them. A key is matched within the whole training set
+(sets written by ``shards write`` have unique keys). Evaluation loaders do not read it.
+An excluded sample still takes its place in the stream's position, so resume and data order are
+those of the set without the file; only which samples fill the batches changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pretrain.core.errors import UserError
+from pretrain.data.shard_sets import ShardSet
+from pretrain.data.shards import is_remote
+
+DEDUP_FILE = "dedup.json"
+
+
+def read_exclusions(path: Path) -> frozenset[str]:
+    """The training keys ``path`` (a ``dedup.json``) excludes; :class:`UserError` if unreadable."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return frozenset(str(entry["key"]) for entry in doc["excluded"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not an exclusion list vitscale can read ({type(err).__name__}: {err}); write it "
+                        f"again with `vitscale shards dedup`, or remove it to train on every sample") from None
+
+
+def with_exclusions(shards: ShardSet, key: str = "data.train") -> tuple[ShardSet, KeyFilter]:
+    """``shards`` with a note for the log naming each ``dedup.json`` found beside its local shards,
+    and the filter that drops the keys they list (empty when there is none)."""
+    folders = dict.fromkeys(Path(url).parent for url in shards.urls if not is_remote(url))
+    keys: set[str] = set()
+    notes = []
+    for folder in folders:
+        path = folder / DEDUP_FILE
+        if path.is_file():
+            found = read_exclusions(path)
+            keys |= found
+            notes.append(f"{key}: {len(found)} samples excluded by {path} (near-copies of evaluation images)")
+    if notes:
+        shards = dataclasses.replace(shards, notes=shards.notes + tuple(notes))
+    return shards, KeyFilter(frozenset(keys))
+
+
+class KeyFilter:
+    """Drops stream items whose sample key is excluded, counting them until :meth:`take`. Each
+    loader worker holds its own copy."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = keys
+        self.dropped = 0
+
+    def filter(self, items: Iterable) -> Iterator:
+        """``items`` (anything with ``.sample.key``) without the excluded ones; restarts the count."""
+        self.dropped = 0
+        if not self.keys:
+            yield from items
+            return
+        for item in items:
+            if item.sample.key in self.keys:
+                self.dropped += 1
+                continue
+            yield item
+
+    def take(self) -> int:
+        """Samples dropped since the last call."""
+        n, self.dropped = self.dropped, 0
+        return n
