@@ -95,6 +95,7 @@ class ShardHashes:
     """What a worker sends back for one shard. Evaluation shards: every key and hash. Training
     shards: the matches ``(key, eval row, distance)`` and the histogram of nearest distances."""
 
+    url: str
     shard: str
     images: int = 0
     unreadable: Counter = field(default_factory=Counter)
@@ -109,7 +110,7 @@ def hash_shard(job: HashJob) -> ShardHashes:
     """Hash (and match) one shard; runs in a worker and never raises for damaged data: an image
     that cannot be decoded, a sample without one and samples lost to a damaged shard are counted."""
     name = job.url.rstrip("/").rsplit("/", 1)[-1]
-    out = ShardHashes(shard=name)
+    out = ShardHashes(url=job.url, shard=name)
     lost: dict = {}
     keys, hashes = [], []
     for sample in read_shard(job.url, job.expected, lost):
@@ -159,7 +160,8 @@ class SetHashes:
 
 
 def _entries(spec: str, split: str, flag: str) -> tuple[str, list[dict]]:
-    """The split of ``spec`` to hash: ``split`` if the set has it, else its only split."""
+    """The split of ``spec`` to hash: ``split`` if the set has it, else its only split (``flag``:
+    the option that names such a split, for the message)."""
     catalog = open_catalog(spec)
     splits = list(dict.fromkeys(s for s, _ in catalog.entries))
     if split in splits:
@@ -167,8 +169,8 @@ def _entries(spec: str, split: str, flag: str) -> tuple[str, list[dict]]:
     elif len(splits) == 1:
         chosen = splits[0]
     else:
-        raise UserError(f"{flag} {spec}: the set has no split {split!r} (it has {', '.join(splits)}); name the one "
-                        f"to use with {flag}-split")
+        raise UserError(f"{spec}: the set has no split {split!r} (it has {', '.join(splits)}); name the one to use "
+                        f"with {flag}")
     return chosen, [e for s, e in catalog.entries if s == chosen]
 
 
@@ -178,15 +180,15 @@ def _throughput(what: str, images: int, seconds: float, workers: int) -> str:
             f"{rate / max(1, workers):.0f} per worker)")
 
 
-def hash_set(spec: str, split: str, workers: int, progress: bool, settings: dict) -> SetHashes:
-    """Hash every image of one evaluation set (its ``split``, else its only split)."""
-    chosen, entries = _entries(spec, split, "--against")
+def hash_set(spec: str, chosen: str, entries: list[dict], workers: int, progress: bool, settings: dict) -> SetHashes:
+    """Hash every image of the shards ``entries`` (split ``chosen``) of one evaluation set."""
     jobs = [HashJob(e["url"], e.get("samples")) for e in entries]
     t0 = time.perf_counter()
     keys, shard_of, hashes, unreadable = [], [], [], Counter()
     results = map_with_progress(hash_shard, jobs, workers, [j.expected or 1 for j in jobs],
                                 desc=f"hashing {spec}", show=progress)
-    for result in sorted(results, key=lambda r: r.shard):
+    order = {job.url: i for i, job in enumerate(jobs)}
+    for result in sorted(results, key=lambda r: order[r.url]):  # the set's order, whoever finished first
         keys += result.keys
         shard_of += [result.shard] * len(result.keys)
         hashes += result.hashes
@@ -214,12 +216,12 @@ class DedupReport:
     example_problem: str = ""
 
 
-def default_output(train: str) -> Path:
+def default_output(train: str, split: str = "train") -> Path:
     """``TRAIN/dedup.json`` beside the training shards (the loader reads it there)."""
     path = Path(train)
     if not is_remote(train) and path.is_dir():
         return path / DEDUP_FILE
-    _, entries = _entries(train, "train", "TRAIN")
+    _, entries = _entries(train, split, "--train-split")
     folders = {str(Path(e["url"]).parent) for e in entries if not is_remote(e["url"])}
     if len(folders) != 1 or any(is_remote(e["url"]) for e in entries):
         raise UserError(f"TRAIN {train}: its shards are remote or in several folders, so there is no one folder "
@@ -242,15 +244,20 @@ def dedup(train: str, against: list[str], threshold: int | None = None, workers:
         raise UserError("give at least one evaluation set with --against VAL")
     settings = hash_settings()
     workers = default_workers() if workers is None else workers
-    path = Path(output) if output is not None else default_output(train)
-    sets = [hash_set(spec, against_split, workers, progress, settings) for spec in against]
+    path = Path(output) if output is not None else default_output(train, train_split)
+    chosen, entries = _entries(train, train_split, "--train-split")
+    evals = [(spec, *_entries(spec, against_split, "--against-split")) for spec in against]
+    shared = {e["url"] for e in entries} & {e["url"] for _, _, listed in evals for e in listed}
+    if shared:
+        raise UserError(f"TRAIN and --against share {len(shared)} shards, e.g. {sorted(shared)[0]}: every one of their "
+                        f"images would match itself; name the training split and the evaluation split")
+    sets = [hash_set(spec, split, listed, workers, progress, settings) for spec, split, listed in evals]
     for s in sets:
         if not len(s.hashes):
             raise UserError(f"--against {s.spec}: no image of its {s.shards} shards could be read "
                             f"({dict(s.unreadable) or 'no samples'}); check it with `vitscale shards verify`")
     all_hashes = np.concatenate([s.hashes for s in sets])
     owner = [(i, row) for i, s in enumerate(sets) for row in range(len(s.hashes))]
-    chosen, entries = _entries(train, train_split, "TRAIN")
     jobs = [HashJob(e["url"], e.get("samples"), all_hashes, threshold) for e in entries]
     t0 = time.perf_counter()
     nearest = np.zeros(HASH_SIZE * HASH_SIZE + 1, dtype=np.int64)

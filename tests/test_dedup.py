@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from data_tools.cli import main as shards_main
+from data_tools.dedup import dedup
 from data_tools.shard_writer import WriteOptions, write_shards
 from pretrain.core.errors import UserError
 from pretrain.data.exclusions import read_exclusions
@@ -153,9 +154,9 @@ def test_the_report_names_pairs_and_the_fingerprint_follows_the_evaluation_set(s
     assert "~" in capsys.readouterr().out  # an example pair: train KEY (SHARD) ~ VAL: KEY (SHARD) distance D
     assert json.loads(out.read_text())["against_fingerprint"] != found["against_fingerprint"]
     with pytest.raises(UserError, match="--threshold 65"):
-        from data_tools.dedup import dedup
-
         dedup(str(sets["train"]), [str(shorter)], threshold=65, output=out)
+    with pytest.raises(UserError, match="TRAIN and --against share 8 shards"):
+        dedup(str(sets["train"]), [str(sets["train"])], output=out)
 
 
 def _cfg(train: Path, workers: int, micro: int):
