@@ -52,7 +52,7 @@ DEFAULT_THRESHOLD = 10
 HASH_SIZE = 8  # 8x8 DCT coefficients: 64 bits
 HIGHFREQ_FACTOR = 4  # of a (8 x 4)^2 = 32x32 grayscale image
 DEDUP_VERSION = 1
-_ROWS = 512  # training hashes compared at once (rows x eval bytes of memory)
+_CELLS = 1 << 20  # distances computed at once: 8 MB of XORs stay in cache (512 rows x 50k: 5x slower)
 
 
 def hash_settings() -> dict:
@@ -132,16 +132,24 @@ def hash_shard(job: HashJob) -> ShardHashes:
     if job.against is None:
         out.keys, out.hashes = keys, hashes
         return out
-    out.nearest = np.zeros(HASH_SIZE * HASH_SIZE + 1, dtype=np.int64)
-    mine = np.array(hashes, dtype=np.uint64)
-    for start in range(0, len(mine), _ROWS):
-        dist = np.bitwise_count(mine[start:start + _ROWS, None] ^ job.against[None, :])  # (rows, eval)
-        best = dist.argmin(axis=1)
-        best_d = dist[np.arange(len(best)), best]
-        out.nearest += np.bincount(best_d, minlength=len(out.nearest))
-        for row in np.flatnonzero(best_d <= job.threshold):
-            out.matches.append((keys[start + row], int(best[row]), int(best_d[row])))
+    best, best_d = nearest(np.array(hashes, dtype=np.uint64), job.against)
+    out.nearest = np.bincount(best_d, minlength=HASH_SIZE * HASH_SIZE + 1).astype(np.int64)
+    for row in np.flatnonzero(best_d <= job.threshold):
+        out.matches.append((keys[row], int(best[row]), int(best_d[row])))
     return out
+
+
+def nearest(hashes: np.ndarray, against: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``hashes`` (uint64) the row of the nearest of ``against`` (the first on a tie)
+    and its Hamming distance: exact, every pair compared, a block of rows at a time."""
+    rows = max(1, _CELLS // max(1, len(against)))
+    best = np.zeros(len(hashes), dtype=np.int64)
+    best_d = np.zeros(len(hashes), dtype=np.uint8)
+    for start in range(0, len(hashes), rows):
+        dist = np.bitwise_count(hashes[start:start + rows, None] ^ against[None, :])  # (rows, eval)
+        best[start:start + rows] = dist.argmin(axis=1)
+        best_d[start:start + rows] = dist[np.arange(len(dist)), best[start:start + rows]]
+    return best, best_d
 
 
 @dataclass
