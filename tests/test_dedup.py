@@ -200,3 +200,19 @@ def test_training_reports_excluded_samples_on_the_log_line_and_in_the_summary(se
     assert summary["excluded"] == last["excluded"] > 0 and summary.get("bad_samples", 0) == 0
     assert "samples excluded by" in proc.stdout and f"excluded {summary['excluded']}" in proc.stdout
     assert f"excluded       {summary['excluded']} (near-copies" in proc.stdout
+
+
+def test_an_evaluation_set_over_http_gives_the_same_matches_and_fingerprint(sets, found, tmp_path):
+    from tests.shard_server import ShardServer
+
+    server = ShardServer(sets["val"])
+    try:
+        out = tmp_path / "http.json"
+        assert shards_main(["dedup", str(sets["train"]), "--against", server.url("val-{000000..000002}.tar"),
+                            "--output", str(out), "--workers", "2", "--no-progress"]) == 0
+    finally:
+        server.close()
+    remote = json.loads(out.read_text())
+    assert remote["against_fingerprint"] == found["against_fingerprint"]  # the same images, read another way
+    assert [(e["key"], e["eval_key"], e["distance"]) for e in remote["excluded"]] == \
+        [(e["key"], e["eval_key"], e["distance"]) for e in found["excluded"]]
