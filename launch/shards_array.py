@@ -24,9 +24,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.parts import PARTS_DIR
 from pretrain.core.errors import UserError
-
-PARTS_SUBDIR = ("_parts", "slurm")  # data_tools.parts.PARTS_DIR / slurm
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class ShardsArrayJob:
 
     @property
     def script_dir(self) -> Path:
-        return self.out.joinpath(*PARTS_SUBDIR)
+        return self.out / PARTS_DIR / "slurm"
 
     @property
     def name(self) -> str:
