@@ -49,7 +49,7 @@ from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
 from pretrain.data.config import LoaderSpec
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
-from pretrain.data.handover import SharedBatches, SlotRef
+from pretrain.data.handover import SharedBatches
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes
 from pretrain.data.stream import Hole, StreamItem, Streams, auto_streams, read_shard, seeded
@@ -283,7 +283,8 @@ class ShardTrain:
             self._buffers = SharedBatches(self.workers, _PREFETCH + 2, piece, self.spec.img_size)
         self.spec.pipeline.prepare()  # imports (torchvision) before the workers fork
         ds = _TrainStreams(self.plan, self.spec, self._pieces, dict(self.positions), self._buffers)
-        loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=torch.cuda.is_available(),
+        # no pin-memory thread: the rank copies each piece's rows once, straight into a pinned micro batch
+        loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=False,
                             prefetch_factor=_PREFETCH if n else None, persistent_workers=False,
                             timeout=_POLL_S if n else 0, worker_init_fn=die_with_parent if n else None)
         self._it = iter(loader)
@@ -339,8 +340,8 @@ class ShardTrain:
             if self.device is not None:  # packed usable rows, decoded here
                 images, failed = decode_batch(b, self.device, self.bad)
                 parts.append((images, _rows_of_valid(b["keys"], failed)))
-            else:  # every row in place (in the shared buffer, or pinned by the DataLoader)
-                images = b["images"].view() if isinstance(b["images"], SlotRef) else b["images"]
+            else:  # every row in place, in the shared buffer (copied out below, before it is rewritten)
+                images = b["images"].view()
                 parts.append((images, list(range(len(b["keys"])))))
             self.positions.update(b["pos"])
             self.epoch = max(self.epoch, b["epoch"])
