@@ -159,36 +159,51 @@ def test_the_report_names_pairs_and_the_fingerprint_follows_the_evaluation_set(s
         dedup(str(sets["train"]), [str(sets["train"])], output=out)
 
 
-def _cfg(train: Path, workers: int, micro: int):
+def _cfg(train: Path, workers: int = 2, micro: int = 5):
     over = {"model.name": "vit_test4", "model.img_size": "16", "model.num_classes": "4", "data.train": str(train),
             "data.workers": str(workers), "train.micro_batch": str(micro), "data.shuffle_buffer": "7"}
     return load_config(None, [f"{k}={v}" for k, v in over.items()]).loader()
 
 
-def test_the_training_loader_skips_excluded_keys_and_counts_them_apart(sets, found):
-    excluded = read_exclusions(sets["train"] / "dedup.json")
+def _epoch(source: ShardTrain, total: int) -> list[list[str]]:
+    """The keys of the micro batches that make up the first ``total`` rows of the stream."""
+    per_step = source.plan.rows * source.plan.count
+    assert total % per_step == 0
+    return [list(source.next_batch().keys) for _ in range(total // per_step * source.accum)]
+
+
+def test_the_training_loader_leaves_excluded_keys_out_and_counts_them_apart(sets, found):
+    listed = sets["train"] / "dedup.json"
+    excluded = read_exclusions(listed)
     assert excluded == {e["key"] for e in found["excluded"]} and excluded
     total = DISTINCT + len(sets["copies"])
-    keep = total - len(excluded)
-    source = ShardTrain(_cfg(sets["train"], 0, 1), 0, 1)  # one slot: an epoch is every kept sample once
-    assert any("excluded by" in note for note in source.shards.notes)
-    epoch = [source.next_batch().keys[0] for _ in range(keep)]
+    listed.rename(listed.with_suffix(".off"))  # the same set without the list: the order to compare with
+    try:
+        plain = ShardTrain(_cfg(sets["train"]), 0, 1)
+        everything = _epoch(plain, total)
+        plain.close()
+    finally:
+        listed.with_suffix(".off").rename(listed)
+    assert len({k for batch in everything for k in batch}) == total
+
+    source = ShardTrain(_cfg(sets["train"]), 0, 1)
+    assert any(f"{len(excluded)} samples excluded by {listed}" in note for note in source.shards.notes)
+    batches = _epoch(source, total)
     stats = source.stats()
-    assert len(set(epoch)) == keep and not set(epoch) & excluded
-    assert stats["excluded"] == len(excluded) and stats["bad_samples"] == 0 and stats["epoch"] == 0
+    delivered = {k for batch in batches for k in batch}
+    assert delivered == {k for batch in everything for k in batch} - excluded  # every kept sample, no excluded one
+    assert stats["excluded"] == len(excluded) and stats["bad_samples"] == 0
+    for mine, theirs in zip(batches, everything, strict=True):  # the order is the set's; an excluded row is
+        for key, was in zip(mine, theirs, strict=True):         # filled from its own micro batch
+            assert key == was if was not in excluded else (key in theirs or set(theirs) <= excluded)
+
     state = source.state_dict()
     assert state["excluded"] == len(excluded)
-    resumed = ShardTrain(_cfg(sets["train"], 0, 1), 0, 1)
-    resumed.load_state_dict(state)
-    assert resumed.next_batch().keys[0] not in excluded and resumed.stats()["epoch"] == 1
-    assert resumed.stats()["excluded"] >= len(excluded)
     source.close()
+    resumed = ShardTrain(_cfg(sets["train"]), 0, 1)
+    resumed.load_state_dict(state)
+    assert not set(resumed.next_batch().keys) & excluded and resumed.stats()["excluded"] >= len(excluded)
     resumed.close()
-
-    workers = ShardTrain(_cfg(sets["train"], 2, 5), 0, 1)  # two loader processes, each filtering its slot
-    keys = [k for _ in range(40) for k in workers.next_batch().keys]
-    assert not set(keys) & excluded and workers.stats()["excluded"] > 0 and workers.stats()["bad_samples"] == 0
-    workers.close()
 
 
 def test_training_reports_excluded_samples_on_the_log_line_and_in_the_summary(sets, found, tmp_path):

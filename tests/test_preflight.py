@@ -86,17 +86,16 @@ def written(tmp_path_factory) -> Path:
     return root / "sh"
 
 
-def test_too_few_shards_for_ranks_times_workers(written, recipe, capsys):
-    n = len(list(written.glob("train-*.tar")))
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.workers=4", "--nodes", "1",
-                      "--gpus-per-node", "2")
-    assert rc == 1 and n < 8
+def test_streams_the_ranks_do_not_divide_fail_with_the_fix(written, recipe, capsys):
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.streams=3", "train.global_batch=48",
+                      "--nodes", "1", "--gpus-per-node", "2")
+    assert rc == 1
     data = checks["data.train"]
-    assert data["status"] == "FAIL" and f"has {n} shards but 2 ranks x 4 workers need at least 8" in data["detail"]
-    assert f"data.workers={n // 2}" in data["detail"] and "--samples-per-shard" in data["detail"]
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", f"data.workers={n // 2}", "--nodes", "1",
-                      "--gpus-per-node", "2")
-    assert checks["data.train"]["status"] == "PASS"
+    assert data["status"] == "FAIL" and "data.streams=3 is not a multiple of the 2 ranks" in data["detail"]
+    assert "set data.streams=" in data["detail"]
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.workers=8", "--nodes", "1",
+                      "--gpus-per-node", "2")  # more workers than a rank's streams: the extra ones are not started
+    assert checks["data.train"]["status"] == "PASS" and "streams of" in checks["data.train"]["detail"]
 
 
 def _sources(written: Path) -> dict[str, str]:

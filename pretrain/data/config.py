@@ -36,6 +36,7 @@ class DataConfig:
     retry_max_s: float = 30.0  # longest wait between two reconnects (waits double from 0.5 s)
     read_timeout_s: float = 60.0  # longest wait for a remote connect or read
     stall_timeout_s: float = 600.0  # a rank that gets no batch for this long stops the job
+    streams: int | None = None  # canonical streams of the training order (None: see pretrain.data.stream.auto_streams)
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
@@ -55,6 +56,8 @@ class DataConfig:
         require(self.retries >= 0, "data.retries", self.retries, "must be >= 0 (0: no retry)")
         require(self.retry_max_s > 0, "data.retry_max_s", self.retry_max_s, "must be > 0 seconds")
         require(self.read_timeout_s > 0, "data.read_timeout_s", self.read_timeout_s, "must be > 0 seconds")
+        require(self.streams is None or self.streams > 0, "data.streams", self.streams,
+                "must be > 0 (a divisor of train.global_batch that the number of ranks divides), or null")
         require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be > 0 seconds")
 
 
@@ -113,6 +116,7 @@ _SHARD_SETTINGS = {
     "data.eval_crop_pct": (("val", "fewshot"), ()),
     "data.label_key": (("train", "val"), ()),
     "data.stall_timeout_s": (("train",), ()),
+    "data.streams": (("train",), ()),
     "data.retries": (("train", "val", "fewshot"), ()),
     "data.retry_max_s": (("train", "val", "fewshot"), ()),
     "data.read_timeout_s": (("train", "val", "fewshot"), ()),
@@ -149,6 +153,7 @@ class LoaderSpec:
     eval_batches: int | None = None  # cap on eval batches per rank (None: the whole set)
     augment: AugmentConfig = AugmentConfig()
     decode_device: str = "cuda"  # where data.decode=gpu decodes: the rank's current CUDA device (tests: "cpu")
+    grad_accum: int = 1  # micro batches per rank and step (global batch = micro_batch x grad_accum x world)
 
     @property
     def workers(self) -> int:

@@ -3,19 +3,18 @@
 ``vitscale shards dedup TRAIN --against VAL`` writes ``TRAIN/dedup.json``: the keys of training
 images that are near-copies of evaluation images (``{"excluded": [{"key": ..., ...}], ...}``; the
 rest of the file says how they were found). The training loader reads the ``dedup.json`` of every
-local folder its shards lie in (:func:`with_exclusions`) and drops those samples where it yields
-samples (:class:`KeyFilter`); they count as ``excluded``, apart from the lost-sample counts
-(``bad_samples``), since nothing is wrong with them. A key is matched within the whole training set
-(sets written by ``shards write`` have unique keys). Evaluation loaders do not read it.
-An excluded sample still takes its place in the stream's position, so resume and data order are
-those of the set without the file; only which samples fill the batches changes.
+local folder its shards lie in (:func:`with_exclusions`) and asks :class:`KeyFilter` about every
+sample it reads: an excluded sample keeps its place in the global stream like a lost one (its row
+is filled with the next usable row of its micro batch), so the data order and resume are those of
+the set without the file, and it is counted as ``excluded``, apart from the lost samples
+(``bad_samples``), since nothing is wrong with it. A key is matched within the whole training set
+(sets written by ``shards write`` have unique keys). Evaluation loaders do not read the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pretrain.core.errors import UserError
@@ -53,26 +52,21 @@ def with_exclusions(shards: ShardSet, key: str = "data.train") -> tuple[ShardSet
 
 
 class KeyFilter:
-    """Drops stream items whose sample key is excluded, counting them until :meth:`take`. Each
+    """Says whether a sample is excluded and counts those it excluded until :meth:`take`. Each
     loader worker holds its own copy."""
 
     def __init__(self, keys: frozenset[str]):
         self.keys = keys
         self.dropped = 0
 
-    def filter(self, items: Iterable) -> Iterator:
-        """``items`` (anything with ``.sample.key``) without the excluded ones; restarts the count."""
-        self.dropped = 0
-        if not self.keys:
-            yield from items
-            return
-        for item in items:
-            if item.sample.key in self.keys:
-                self.dropped += 1
-                continue
-            yield item
+    def drops(self, key: str) -> bool:
+        """Whether the sample with ``key`` is left out (then counted)."""
+        if key in self.keys:
+            self.dropped += 1
+            return True
+        return False
 
     def take(self) -> int:
-        """Samples dropped since the last call."""
+        """Samples left out since the last call."""
         n, self.dropped = self.dropped, 0
         return n

@@ -26,7 +26,7 @@ import torch
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.config import unread_settings
-from pretrain.data.loader import check_labels, check_layout
+from pretrain.data.loader import check_labels, plan_streams
 from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
@@ -90,7 +90,7 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
             check_labels(shards, spec, key)
             probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
             if split == "train":
-                check_layout(shards, world_size, max(1, cfg.data.workers))
+                streams = plan_streams(shards, cfg.for_world(world_size).loader(), world_size)
                 train = shards
             elif train is not None:
                 check_same_classes(train, shards, "data.train", key)
@@ -100,7 +100,8 @@ def check_data(cfg: Config, world_size: int) -> list[Check]:
         count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
         detail = f"{len(shards.urls)} shards, {count}"
         if split == "train":
-            detail += f", for {world_size} ranks x {max(1, cfg.data.workers)} workers"
+            detail += (f", {streams.count} streams of {streams.rows} samples a step, {streams.count // world_size} "
+                       f"per rank (data.streams)")
         checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
     return checks + check_fewshot(cfg)
 

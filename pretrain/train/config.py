@@ -334,7 +334,7 @@ class Config:
     def loader(self) -> LoaderSpec:
         """What the input pipelines are built from (see :mod:`pretrain.data.config`)."""
         return LoaderSpec(self.data, self.train.micro_batch, self.model.img_size, self.model.num_classes,
-                          self.run.seed, self.train.eval_batches, self.augment)
+                          self.run.seed, self.train.eval_batches, self.augment, grad_accum=self.train.grad_accum or 1)
 
     def for_world(self, world_size: int) -> Config:
         """This config with ``train.grad_accum`` resolved for ``world_size`` ranks (derived from
