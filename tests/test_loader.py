@@ -334,7 +334,7 @@ def test_a_set_without_counts_keeps_each_streams_place_across_layouts(shards, tm
         kw = {"data.samples_per_epoch": "80", "data.streams": "4"}
         want, _ = _steps(url, 2, 1, 6, **kw)
         head, srcs = _steps(url, 2, 1, 2, **kw)
-        assert srcs[0].plan.per_epoch is None
+        assert not srcs[0].plan.counted
         one = ShardTrain(dataclasses.replace(_cfg(url, **{"train.micro_batch": "4", **kw}).loader(), grad_accum=4),
                          0, 1)
         one.reshard([s.state_dict() for s in srcs])
@@ -342,3 +342,58 @@ def test_a_set_without_counts_keeps_each_streams_place_across_layouts(shards, tm
         assert head + tail == want
     finally:
         server.close()
+
+
+# ---- weighted mixtures: part of the same global stream ----
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("second")
+    write_synthetic_folder(root / "img", classes=4, per_class=5, img_size=16, seed=3, start=1000)  # own keys
+    write_shards(root / "img", root / "sh", WriteOptions(samples_per_shard=5, workers=1, progress=False))
+    return root / "sh"
+
+
+def _mix(shards, second):
+    return f"[{{source: {shards}, weight: 3}}, {{source: {second}, weight: 1}}]"
+
+
+def test_a_mixture_gives_each_source_its_exact_share_of_every_step_on_any_layout(shards, second):
+    """3:1 over 80 + 20 samples, global batch 16 (4 streams: 3 + 1): every step holds 12 samples of
+    the first set and 4 of the second, the small set cycles four times as fast, and the key sets
+    are the same for 1 or 2 ranks, 1 or 2 workers."""
+    mix = _mix(shards, second)
+    want, srcs = _steps(mix, 1, 1, 10, **{"data.streams": "4"})
+    first_keys = {s.key for s in _all_samples(shards)}
+    for step in want:
+        assert sum(k in first_keys for k in step) == 12
+    assert srcs[0].stats()["samples_by_source"] == {str(shards): 120, str(second): 40}
+    for world, workers in ((2, 1), (2, 2)):
+        got, _ = _steps(mix, world, workers, 10, **{"data.streams": "4"})
+        assert got == want, (world, workers)
+
+
+def test_a_mixture_resumes_every_source_exactly(shards, second):
+    mix = _mix(shards, second)
+    cfg = _cfg(mix, **{"data.streams": "5", "data.workers": "1"})  # 4 + 1 streams of one row
+    straight = _keys(ShardTrain(cfg.loader(), 0, 1), 20)
+    first = ShardTrain(cfg.loader(), 0, 1)
+    head = _keys(first, 7)
+    resumed = ShardTrain(cfg.loader(), 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _keys(resumed, 13) == straight
+
+
+def test_a_mixture_names_a_wrong_source_and_refuses_duplicates(shards, tmp_path):
+    with pytest.raises(UserError, match=r"data.train source .*nowhere"):
+        ShardTrain(_cfg(f"[{{source: {shards}}}, {{source: {tmp_path / 'nowhere'}}}]").loader(), 0, 1)
+    with pytest.raises(UserError, match=r"data.train.*names a source twice"):
+        _cfg(f"[{{source: {shards}}}, {{source: {shards}}}]")
+    with pytest.raises(UserError, match=r"data.train\[.*\].weight"):
+        _cfg(f"[{{source: {shards}, weight: 0}}]")
+
+
+def _all_samples(shards: Path):
+    from pretrain.data.shards import iter_tar_samples
+
+    return [s for tar in sorted(shards.glob("train-*.tar")) for s in iter_tar_samples(tar)]

@@ -366,3 +366,14 @@ def test_allreduce_smoke_inside_a_two_rank_job(recipe):
     assert checks["all-reduce"]["status"] == "PASS" and "2 ranks agree" in checks["all-reduce"]["detail"]
     assert (report["nodes"], report["gpus_per_node"]) == (1, 2)
     assert outs[1][0] == "", "only rank 0 prints the report"
+
+
+def test_a_mixture_is_checked_source_by_source(written, recipe, capsys, tmp_path):
+    mix = f"[{{source: {written}, weight: 3}}, {{source: '{written}/train-{{000000..000001}}.tar', weight: 1}}]"
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={mix}", "--nodes", "1", "--gpus-per-node", "2")
+    detail = checks["data.train"]["detail"]
+    assert checks["data.train"]["status"] == "PASS" and "% of every batch" in detail and "streams of" in detail
+    bad = f"[{{source: {written}}}, {{source: '{tmp_path}/none-{{0..3}}.tar'}}]"
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={bad}", "--nodes", "1", "--gpus-per-node", "2")
+    assert rc == 1 and checks["data.train"]["status"] == "FAIL"
+    assert f"data.train source {tmp_path}/none-{{0..3}}.tar" in checks["data.train"]["detail"]

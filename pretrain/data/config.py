@@ -17,8 +17,22 @@ DECODERS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
+class TrainSource:
+    """One source of a weighted mixture (``data.train: [{source: ..., weight: ...}, ...]``)."""
+
+    source: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        require(isinstance(self.source, str) and bool(self.source.strip()) and self.source != "synthetic",
+                "data.train[].source", self.source, "give a shard folder, pattern or URL list")
+        require(self.weight > 0, f"data.train[{self.source}].weight", self.weight, "must be > 0")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str = "synthetic"  # "synthetic" or a shard set (see pretrain.data.shards)
+    # "synthetic", a shard set (see pretrain.data.shard_sets), or a weighted mixture of shard sets
+    train: str | tuple[TrainSource, ...] = "synthetic"
     val: str | None = "synthetic"  # the same; null: no evaluation
     workers: int = 4
     samples_per_epoch: int | None = None  # needed for remote shards without index.json
@@ -40,6 +54,9 @@ class DataConfig:
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
+        if not isinstance(self.train, str):
+            names = [t.source for t in self.train]
+            require(len(set(names)) == len(names), "data.train", names, "names a source twice")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         require(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch",
                 self.samples_per_epoch, "must be > 0, or null for indexed shard sets")
@@ -59,6 +76,11 @@ class DataConfig:
         require(self.streams is None or self.streams > 0, "data.streams", self.streams,
                 "must be > 0 (a divisor of train.global_batch that the number of ranks divides), or null")
         require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be > 0 seconds")
+
+
+def train_sources(data: DataConfig) -> list[TrainSource]:
+    """``data.train`` as a list of weighted sources (a single shard set: one of weight 1)."""
+    return [TrainSource(data.train)] if isinstance(data.train, str) else list(data.train)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 ``vitscale shards dedup TRAIN --against VAL`` writes ``TRAIN/dedup.json``: the keys of training
 images that are near-copies of evaluation images (``{"excluded": [{"key": ..., ...}], ...}``; the
 rest of the file says how they were found). The training loader reads the ``dedup.json`` of every
-local folder its shards lie in (:func:`with_exclusions`) and asks :class:`KeyFilter` about every
-sample it reads: an excluded sample keeps its place in the global stream like a lost one (its row
-is filled with the next usable row of its micro batch), so the data order and resume are those of
-the set without the file, and it is counted as ``excluded``, apart from the lost samples
-(``bad_samples``), since nothing is wrong with it. A key is matched within the whole training set
-(sets written by ``shards write`` have unique keys). Evaluation loaders do not read the file.
+local folder its shards lie in, for every source of a mixture (:func:`with_exclusions`), and asks
+:class:`KeyFilter` about every sample it reads: an excluded sample keeps its place in the global
+stream like a lost one (its row is filled with the next usable row of its micro batch), so the
+data order and resume are those of the set without the file, and it is counted as ``excluded``,
+apart from the lost samples (``bad_samples``), since nothing is wrong with it. A key is matched
+within the whole training data (sets written by ``shards write`` have unique keys). Evaluation
+loaders do not read the file.
 """
 
 from __future__ import annotations
@@ -34,21 +35,22 @@ def read_exclusions(path: Path) -> frozenset[str]:
                         f"again with `vitscale shards dedup`, or remove it to train on every sample") from None
 
 
-def with_exclusions(shards: ShardSet, key: str = "data.train") -> tuple[ShardSet, KeyFilter]:
-    """``shards`` with a note for the log naming each ``dedup.json`` found beside its local shards,
-    and the filter that drops the keys they list (empty when there is none)."""
-    folders = dict.fromkeys(Path(url).parent for url in shards.urls if not is_remote(url))
+def with_exclusions(sets: list[ShardSet]) -> tuple[list[ShardSet], KeyFilter]:
+    """The training sources ``sets``, each with a note for the log naming the ``dedup.json`` found
+    beside its local shards, and the filter that drops the keys those files list (empty when
+    there is none)."""
     keys: set[str] = set()
-    notes = []
-    for folder in folders:
-        path = folder / DEDUP_FILE
-        if path.is_file():
-            found = read_exclusions(path)
-            keys |= found
-            notes.append(f"{key}: {len(found)} samples excluded by {path} (near-copies of evaluation images)")
-    if notes:
-        shards = dataclasses.replace(shards, notes=shards.notes + tuple(notes))
-    return shards, KeyFilter(frozenset(keys))
+    out = []
+    for shards in sets:
+        notes = []
+        for folder in dict.fromkeys(Path(url).parent for url in shards.urls if not is_remote(url)):
+            path = folder / DEDUP_FILE
+            if path.is_file():
+                found = read_exclusions(path)
+                keys |= found
+                notes.append(f"{len(found)} samples excluded by {path} (near-copies of evaluation images)")
+        out.append(dataclasses.replace(shards, notes=shards.notes + tuple(notes)) if notes else shards)
+    return out, KeyFilter(frozenset(keys))
 
 
 class KeyFilter:

@@ -49,13 +49,23 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from pretrain.core.errors import UserError, config_error
 from pretrain.data.batch import Batch
-from pretrain.data.config import LoaderSpec
+from pretrain.data.config import LoaderSpec, train_sources
 from pretrain.data.device_decode import decode_packed, pack, plan_eval, plan_train
 from pretrain.data.exclusions import KeyFilter, with_exclusions
 from pretrain.data.handover import SharedBatches
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import SampleError, TarSample, decode_label, image_bytes
-from pretrain.data.stream import Hole, StreamItem, Streams, auto_streams, read_shard, seeded
+from pretrain.data.stream import (
+    Hole,
+    Mixture,
+    StreamItem,
+    Streams,
+    auto_streams,
+    mixture_columns,
+    read_shard,
+    seeded,
+    split_streams,
+)
 from pretrain.data.transforms import eval_transform, train_transform
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
@@ -136,7 +146,7 @@ class _TrainStreams(IterableDataset):
     targets, keys (None for holes), the streams' positions after the piece and lost-sample
     counts."""
 
-    def __init__(self, plan: Streams, spec: LoaderSpec, columns: list[list[int]], starts: dict[int, tuple[int, int]],
+    def __init__(self, plan: Mixture, spec: LoaderSpec, columns: list[list[int]], starts: dict[int, tuple[int, int]],
                  buffers: SharedBatches | None, exclusion: KeyFilter):
         self.plan, self.spec, self.columns, self.starts, self.buffers = plan, spec, columns, starts, buffers
         self.exclusion = exclusion  # the keys of the set's dedup.json: holes counted as "excluded"
@@ -219,7 +229,7 @@ def _stack_targets(targets: list, spec: LoaderSpec):
     return np.array([0 if t is None else int(t) for t in targets], dtype=np.int64)
 
 
-def _check_usable(state: list, epoch: int, plan: Streams, c: int) -> None:
+def _check_usable(state: list, epoch: int, plan: Mixture, c: int) -> None:
     """Stops the run when a stream went through a whole epoch without one usable sample
     (``state``: the stream's epoch, usable samples, an example problem, losses by reason)."""
     if state[0] is not None and epoch != state[0] and state[1] == 0:
@@ -252,14 +262,14 @@ class ShardTrain:
     placement = "sharded"  # rows consumed (the same on every rank) + this rank's streams; see reshard()
 
     def __init__(self, spec: LoaderSpec, rank: int, world: int):
-        d = spec.data
         self.spec, self.rank, self.world = spec, rank, world
-        self.shards, self.exclusion = with_exclusions(
-            resolve_shards(d.train, "train", key="data.train", samples_per_epoch=d.samples_per_epoch))
-        check_labels(self.shards, spec, "data.train")
+        sources = train_shard_sets(spec)
+        sets, self.exclusion = with_exclusions([shards for _, _, shards in sources])  # dedup.json beside them
+        self.sources = [(name, weight, shards) for (name, weight, _), shards in zip(sources, sets, strict=True)]
+        self.shards = self.sources[0][2]
         self.accum = spec.grad_accum
         self.device = decode_device(spec)
-        self._layout(plan_streams(self.shards, spec, world))
+        self._layout(plan_streams(self.sources, spec, world))
         self.steps = 0  # whole steps delivered
         self.micro = 0  # micro batches of the current step delivered
         self.positions = self._positions_at(0)
@@ -275,7 +285,7 @@ class ShardTrain:
         self._it = None
         self._buffers: SharedBatches | None = None
 
-    def _layout(self, plan: Streams) -> None:
+    def _layout(self, plan: Mixture) -> None:
         """Take ``plan``'s streams: this rank's block of them, and which worker reads which."""
         self.plan = plan
         per_rank = plan.count // self.world
@@ -284,8 +294,7 @@ class ShardTrain:
         self._pieces = [self.columns[w::self.workers] for w in range(self.workers)]
 
     def _positions_at(self, steps: int) -> dict[int, tuple[int, int]]:
-        start = self.plan.start(steps * self.plan.rows) if self.plan.per_epoch else (0, 0)
-        return {c: start for c in self.columns}
+        return {c: self.plan.start(c, steps * self.plan.rows) or (0, 0) for c in self.columns}
 
     def _start(self) -> None:
         self.close()
@@ -434,7 +443,7 @@ class ShardTrain:
                 if self.spec.data.streams is not None:
                     raise UserError(f"the checkpoint's data order has data.streams={state['streams']} but this "
                                     f"run sets {self.spec.data.streams}: drop the key to continue that order")
-                self._layout(plan_streams(self.shards, dataclasses.replace(
+                self._layout(plan_streams(self.sources, dataclasses.replace(
                     self.spec, data=dataclasses.replace(self.spec.data, streams=int(state["streams"]))), self.world))
             self.steps = int(state["rows"]) // self.plan.rows
             self.micro = int(state.get("micro", 0))
@@ -443,13 +452,13 @@ class ShardTrain:
             self.steps = int(state.get("global_samples", 0)) // (self.plan.rows * self.plan.count)
             self.micro, saved = 0, {}
         self.positions = self._positions_at(self.steps)
-        if self.plan.per_epoch is None:
-            missing = [c for c in self.columns if c not in saved]
-            if missing:
-                raise UserError(f"the checkpoint holds no position for streams {missing[:5]} of data.train (a set "
-                                f"without per-shard counts); index it with `vitscale shards index` to resume on "
-                                f"another layout")
-            self.positions = {c: saved[c] for c in self.columns}
+        uncounted = [c for c in self.columns if self.plan.start(c, 0) is None]
+        missing = [c for c in uncounted if c not in saved]
+        if missing:
+            raise UserError(f"the checkpoint holds no position for streams {missing[:5]} of data.train (a set "
+                            f"without per-shard counts); index it with `vitscale shards index` to resume on "
+                            f"another layout")
+        self.positions.update({c: saved[c] for c in uncounted})
         self._step_positions = dict(self.positions)
         self._queue = []
         self.close()
@@ -474,11 +483,30 @@ class ShardTrain:
             state.update(bad=[], seen=0, excluded=0)
         self.load_state_dict(state)
 
+    def describe(self) -> list[str]:
+        """Console lines: each source's shards and samples, and the streams (with a mixture, each
+        source's exact share of every batch)."""
+        lines, weights = [], self.plan.weights()
+        for name, _, shards in self.sources:
+            count = f"{shards.samples} samples" if shards.samples is not None and not shards.estimated \
+                else "samples unknown"
+            key = "data.train" if len(self.sources) == 1 else f"data.train {name} ({100 * weights[name]:.1f}% of " \
+                f"every batch)"
+            lines.append("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
+        lines.append(f"data order: {self.plan.count} streams (data.streams) of {self.plan.rows} samples a step, "
+                     f"{len(self.columns)} on each of {self.world} ranks, read by {self.workers} workers per rank")
+        return lines
+
     def stats(self) -> dict:
-        """This rank's bad-sample counts so far: total, by reason and by shard, and its samples
-        excluded by dedup.json (the loop sums them over ranks)."""
-        return {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": counts_by(self.bad, 0),
-                "bad_by_shard": counts_by(self.bad, 1), "samples_seen": self.seen, "excluded": self.excluded}
+        """This rank's bad-sample counts so far: total, by reason and by shard, its samples excluded
+        by dedup.json, and for a mixture the samples each source gave in whole steps (the loop sums
+        them over ranks)."""
+        out = {"epoch": self.epoch, "bad_samples": sum(self.bad.values()), "bad_by_reason": counts_by(self.bad, 0),
+               "bad_by_shard": counts_by(self.bad, 1), "samples_seen": self.seen, "excluded": self.excluded}
+        if len(self.sources) > 1:  # this rank's rows of each source (the loop sums them over ranks)
+            out["samples_by_source"] = sum_counts([{self.plan.source_of(c): self.steps * self.plan.rows}
+                                                   for c in self.columns])
+        return out
 
     def problem(self) -> str | None:
         total = sum(self.bad.values())
@@ -518,27 +546,46 @@ def _rows_of_valid(keys: list, failed: list[int]) -> list[int | None]:
     return out
 
 
-def plan_streams(shards: ShardSet, spec: LoaderSpec, world: int) -> Streams:
-    """The canonical streams of ``shards`` for this run, checked against the layout: ``data.streams``
-    (or :func:`auto_streams`) must divide the global batch, the world must divide it, and a set
-    without counts needs a shard per stream."""
+def plan_streams(sources: list[tuple[str, float, ShardSet]], spec: LoaderSpec, world: int) -> Mixture:
+    """The global streams of this run over ``sources`` ((name, weight, shards) of ``data.train``),
+    checked against the layout: ``data.streams`` (or :func:`auto_streams`) must divide the global
+    batch, the world must divide it, and a source without counts needs a shard per stream."""
     d = spec.data
     global_batch = spec.micro_batch * spec.grad_accum * world
-    count = d.streams or auto_streams(global_batch, len(shards.urls), world)
+    shards = sum(len(s.urls) for _, _, s in sources)
+    count = d.streams or auto_streams(global_batch, shards, world)
     if global_batch % count:
         raise UserError(f"data.streams={count} does not divide train.global_batch={global_batch}: set data.streams "
-                        f"to a divisor of it (e.g. {auto_streams(global_batch, len(shards.urls), world)})")
+                        f"to a divisor of it (e.g. {auto_streams(global_batch, shards, world)})")
     if count % world:
         raise UserError(f"data.streams={count} is not a multiple of the {world} ranks (each rank reads whole "
-                        f"streams): set data.streams={auto_streams(global_batch, len(shards.urls), world)}, or run "
+                        f"streams): set data.streams={auto_streams(global_batch, shards, world)}, or run "
                         f"on a number of ranks that divides {count}")
-    if (shards.counts is None or shards.estimated) and len(shards.urls) < count:
-        raise UserError(f"data.train has {len(shards.urls)} shards and no per-shard counts, but data.streams={count} "
-                        f"needs a shard per stream: set data.streams={len(shards.urls)} or lower, or index the set "
-                        f"(`vitscale shards index`)")
-    if shards.counts is not None and not shards.estimated and sum(shards.counts) < count:
-        raise UserError(f"data.train holds {sum(shards.counts)} samples, fewer than data.streams={count}")
-    return Streams(shards, spec.seed, count, global_batch // count)
+    names = [name for name, _, _ in sources]
+    counts = split_streams(count, [w for _, w, _ in sources], names) if len(sources) > 1 else [count]
+    plans = []
+    for i, ((name, _, s), n) in enumerate(zip(sources, counts, strict=True)):
+        where = "data.train" if len(sources) == 1 else f"data.train source {name}"
+        if (s.counts is None or s.estimated) and len(s.urls) < n:
+            raise UserError(f"{where} has {len(s.urls)} shards and no per-shard counts, but {n} streams need a shard "
+                            f"each: lower data.streams, or index the set (`vitscale shards index`)")
+        if s.counts is not None and not s.estimated and sum(s.counts) < n:
+            raise UserError(f"{where} holds {sum(s.counts)} samples, fewer than its {n} streams")
+        plans.append(Streams(s, spec.seed + 7919 * i, n, global_batch // count))
+    return Mixture(tuple(plans), tuple(names), mixture_columns(counts), global_batch // count)
+
+
+def train_shard_sets(spec: LoaderSpec) -> list[tuple[str, float, ShardSet]]:
+    """(name, weight, shard set) of every source of ``data.train``, resolved and label-checked."""
+    d = spec.data
+    sources = train_sources(d)
+    out = []
+    for src in sources:
+        key = "data.train" if len(sources) == 1 else f"data.train source {src.source}"
+        shards = resolve_shards(src.source, "train", key=key, samples_per_epoch=d.samples_per_epoch)
+        check_labels(shards, spec, key)
+        out.append((src.source, src.weight, shards))
+    return out
 
 
 def check_labels(shards: ShardSet, spec: LoaderSpec, key: str) -> None:

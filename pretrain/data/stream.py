@@ -244,3 +244,71 @@ def _shard_units(url: str, count: int | None, first: int, n: int, retry: Retry |
     reason = next(iter(lost), ("truncated_shard",))[0]
     for _ in range(max(0, missing)):
         yield Hole(reason, shard_label(url))
+
+
+def mixture_columns(counts: list[int]) -> tuple[tuple[int, int], ...]:
+    """Global stream -> (source, its stream) for sources of ``counts[s]`` streams each, spread so
+    every stretch of consecutive streams (a rank's block) holds the sources about in proportion:
+    source s's k-th stream sits at (k + 1/2) / counts[s] of the way."""
+    keyed = sorted(((k + 0.5) / n, s, k) for s, n in enumerate(counts) for k in range(n))
+    return tuple((s, k) for _, s, k in keyed)
+
+
+def split_streams(total: int, weights: list[float], names: list[str]) -> list[int]:
+    """``total`` streams shared among sources in proportion to ``weights`` (largest remainder,
+    at least one each): a source's share of every global batch is its streams / ``total``."""
+    if total < len(weights):
+        raise UserError(f"data.train mixes {len(weights)} sources but has only {total} streams: set data.streams "
+                        f"to at least {len(weights)} (a divisor of train.global_batch)")
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [max(1, int(x)) for x in exact]
+    while sum(counts) > total:
+        counts[max(range(len(counts)), key=lambda i: counts[i] - exact[i])] -= 1
+    for i in sorted(range(len(counts)), key=lambda i: counts[i] - exact[i])[:total - sum(counts)]:
+        counts[i] += 1
+    for n, name in zip(counts, names, strict=True):
+        if n < 1:
+            raise UserError(f"data.train: source {name} gets no stream of {total}: raise its weight or data.streams")
+    return counts
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The global streams of a run: one :class:`Streams` per source of ``data.train`` and which
+    global stream is which source's (:func:`mixture_columns`); a single source is a mixture of one.
+    Source ``s`` supplies ``streams_s x rows`` samples of every step, exactly, and cycles through
+    its own epochs (a small source with a large weight repeats sooner)."""
+
+    sources: tuple[Streams, ...]
+    names: tuple[str, ...]
+    columns: tuple[tuple[int, int], ...]
+    rows: int
+
+    @property
+    def count(self) -> int:
+        return len(self.columns)
+
+    @property
+    def counted(self) -> bool:
+        """Every source has per-shard counts (positions follow from the rows consumed)."""
+        return all(s.per_epoch is not None for s in self.sources)
+
+    def start(self, c: int, rows: int) -> tuple[int, int] | None:
+        """(epoch, item) global stream ``c`` is at after ``rows`` rows (None: its source is not counted)."""
+        source = self.sources[self.columns[c][0]]
+        return source.start(rows) if source.per_epoch is not None else None
+
+    def items(self, c: int, start: tuple[int, int], buffer: int, retry: Retry | None = None) -> Iterator[StreamItem]:
+        s, k = self.columns[c]
+        return self.sources[s].items(k, start, buffer, retry)
+
+    def shard_names(self, epoch: int, c: int) -> list[str]:
+        s, k = self.columns[c]
+        return self.sources[s].shard_names(epoch, k)
+
+    def source_of(self, c: int) -> str:
+        return self.names[self.columns[c][0]]
+
+    def weights(self) -> dict[str, float]:
+        """Each source's exact share of every global batch."""
+        return {name: sum(1 for s, _ in self.columns if s == i) / self.count for i, name in enumerate(self.names)}

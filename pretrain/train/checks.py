@@ -26,8 +26,8 @@ import torch
 from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.data.config import unread_settings
-from pretrain.data.loader import check_labels, plan_streams
-from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
+from pretrain.data.loader import check_labels, plan_streams, train_shard_sets
+from pretrain.data.shard_sets import ShardSet, check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
@@ -71,39 +71,63 @@ def check_batch(cfg: Config, world_size: int) -> Check:
 
 
 def check_data(cfg: Config, world_size: int) -> list[Check]:
-    """``data.train`` and ``data.val`` resolve (as the loaders resolve them), their labels fit the
-    model, and every dataloader worker of every rank gets a training shard of its own."""
+    """``data.train`` (every source of a mixture) and ``data.val`` resolve (as the loaders resolve
+    them), their first samples are readable with labels that fit the model, the mixture's sources
+    share one class table, and the global sample stream fits the layout (``data.streams``)."""
     spec = cfg.loader()
     checks = []
-    train = None
     unread = check_unread_settings(cfg)
-    for key, source, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
-        if not source:
-            checks.append(Check(key, SKIP, "not set: no evaluation"))
-            continue
-        if source == "synthetic":
-            checks.append(unread if unread is not None and unread.name == key else
-                          Check(key, SKIP, "synthetic data: no shards to check"))
-            continue
+    if cfg.data.train == "synthetic":
+        checks.append(unread if unread is not None and unread.name == "data.train" else
+                      Check("data.train", SKIP, "synthetic data: no shards to check"))
+        train = None
+    else:
+        train, check = _check_train(cfg, spec, world_size)
+        checks.append(check)
+    key, source = "data.val", cfg.data.val
+    if not source:
+        checks.append(Check(key, SKIP, "not set: no evaluation"))
+    elif source == "synthetic":
+        checks.append(unread if unread is not None and unread.name == key else
+                      Check(key, SKIP, "synthetic data: no shards to check"))
+    else:
         try:
-            shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
+            shards = resolve_shards(source, "val", key=key, samples_per_epoch=cfg.data.samples_per_epoch)
             check_labels(shards, spec, key)
             probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
-            if split == "train":
-                streams = plan_streams(shards, cfg.for_world(world_size).loader(), world_size)
-                train = shards
-            elif train is not None:
+            if train is not None:
                 check_same_classes(train, shards, "data.train", key)
+            count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+            checks.append(Check(key, PASS, "; ".join([f"{len(shards.urls)} shards, {count}", *shards.notes]),
+                                data={"shards": len(shards.urls)}))
         except UserError as err:
             checks.append(Check(key, FAIL, str(err)))  # the message names the key and the fix
-            continue
-        count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
-        detail = f"{len(shards.urls)} shards, {count}"
-        if split == "train":
-            detail += (f", {streams.count} streams of {streams.rows} samples a step, {streams.count // world_size} "
-                       f"per rank (data.streams)")
-        checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
     return checks + check_fewshot(cfg)
+
+
+def _check_train(cfg: Config, spec, world_size: int) -> tuple[ShardSet | None, Check]:
+    """The training sources and their streams: (the first source's shards, the check)."""
+    try:
+        sources = train_shard_sets(spec)
+        for name, _, shards in sources:
+            key = "data.train" if len(sources) == 1 else f"data.train source {name}"
+            probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
+            check_same_classes(sources[0][2], shards, f"data.train source {sources[0][0]}", key)
+        plan = plan_streams(sources, cfg.for_world(world_size).loader(), world_size)
+    except UserError as err:
+        return None, Check("data.train", FAIL, str(err))  # the message names the key and the fix
+    weights = plan.weights()
+    parts = []
+    for name, _, shards in sources:
+        count = f"{shards.samples} samples" if shards.samples is not None and not shards.estimated \
+            else "samples unknown"
+        share = f" ({100 * weights[name]:.1f}% of every batch)" if len(sources) > 1 else ""
+        parts.append("; ".join([f"{name + ': ' if len(sources) > 1 else ''}{len(shards.urls)} shards, {count}{share}",
+                                *shards.notes]))
+    detail = " | ".join(parts) + (f"; {plan.count} streams of {plan.rows} samples a step, "
+                                  f"{plan.count // world_size} per rank (data.streams)")
+    return sources[0][2], Check("data.train", PASS, detail,
+                                data={"shards": sum(len(s.urls) for _, _, s in sources)})
 
 
 def check_unread_settings(cfg: Config) -> Check | None:

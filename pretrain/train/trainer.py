@@ -159,11 +159,13 @@ class Trainer:
             log.write({"kind": "event", "step": start, "event": "preempted"})
             self.train_data.close()
             return 0
-        for key, source in (("data.train", self.train_data), ("data.val", self.eval_data)):
-            shards = getattr(source, "shards", None)
-            if shards is not None:
-                count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
-                log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
+        train = getattr(self.train_data, "source", self.train_data)  # under the device prefetcher
+        for line in train.describe() if hasattr(train, "describe") else []:
+            log.console(line)
+        shards = getattr(self.eval_data, "shards", None)
+        if shards is not None:
+            count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+            log.console("; ".join([f"data.val: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
@@ -372,6 +374,8 @@ class Trainer:
         parts = Comm.all_gather_object(self.train_data.stats())
         out = {"epoch": max(p["epoch"] for p in parts), "bad_samples": sum(p["bad_samples"] for p in parts),
                "bad_by_reason": sum_counts([p["bad_by_reason"] for p in parts])}
+        if "samples_by_source" in parts[0]:
+            out["samples_by_source"] = sum_counts([p["samples_by_source"] for p in parts])
         by_shard = sum_counts([p["bad_by_shard"] for p in parts])
         if by_shard:
             out["bad_by_shard"] = dict(sorted(by_shard.items(), key=lambda kv: -kv[1])[:_SHARDS_SHOWN])
