@@ -387,10 +387,11 @@ class ShardTrain:
             rows = range(i * micro, (i + 1) * micro)
             good = [r for r in rows if keys[r] is not None]
             first = parts[0][0]
-            images = torch.empty((micro, 3, size, size), dtype=torch.uint8, device=first.device,
-                                 pin_memory=first.device.type == "cpu" and torch.cuda.is_available())
-            if first.device.type == "cpu":
-                images = images.contiguous(memory_format=torch.channels_last)
+            if first.device.type == "cpu":  # channels-last rows: (S, S, 3) each, copied as runs of whole rows
+                hwc = torch.empty((micro, size, size, 3), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                images = hwc.permute(0, 3, 1, 2)
+            else:
+                images = torch.empty((micro, 3, size, size), dtype=torch.uint8, device=first.device)
             if not good:  # not one usable sample in it: the rank's last usable one fills it
                 if self._spare is None:
                     raise UserError(f"rank {self.rank}: no usable sample in its first micro batch from "
@@ -400,10 +401,19 @@ class ShardTrain:
                 batches.append(Batch(images, _targets([target] * micro, self.spec), [key] * micro))
                 continue
             fill = [r if keys[r] is not None else next((g for g in good if g > r), good[0]) for r in rows]
-            for j, r in enumerate(fill):
-                w, row = order[r]
-                src, where = parts[w]
-                images[j].copy_(src[where[row]])
+            sources = [(order[r][0], parts[order[r][0]][1][order[r][1]]) for r in fill]  # (piece, row in it)
+            j = 0
+            while j < micro:  # each run of consecutive rows of one piece is one copy
+                w, at = sources[j]
+                n = 1
+                while j + n < micro and sources[j + n] == (w, at + n):
+                    n += 1
+                src = parts[w][0]
+                if first.device.type == "cpu":
+                    hwc[j:j + n].copy_(src[at:at + n].permute(0, 2, 3, 1))
+                else:
+                    images[j:j + n].copy_(src[at:at + n])
+                j += n
             batch = Batch(images, _targets([targets[r] for r in fill], self.spec), [keys[r] for r in fill])
             self._spare = (images[-1:].clone(), targets[fill[-1]], keys[fill[-1]])
             batches.append(batch)
