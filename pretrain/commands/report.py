@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pretrain.core.errors import UserError
 from pretrain.core.help_text import doc_help
-from pretrain.train.metrics import METRICS_FILE
+from pretrain.train.sinks import METRICS_FILE
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.checkpoint.layout import read_meta, tags_of
-from pretrain.train.metrics import read_records
+from pretrain.train.sinks import read_records
 
 SUMMARY_FILE = "summary.json"
 WORST_SHARDS = 10

@@ -32,7 +32,7 @@ from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
 from pretrain.train.fewshot import check_width, feature_width, resolve_dataset
-from pretrain.train.metrics import check_sink_package, enabled_sinks
+from pretrain.train.sinks import check_sink_package, enabled_sinks
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 GIB = 1 << 30

@@ -4,16 +4,12 @@ Every ``train.log_every`` steps rank 0 appends one JSON object to ``run.dir/metr
 at least ``step, loss, lr, grad_norm, images_per_s, mfu, data_wait_frac`` (``mfu`` is null
 without a known peak, e.g. on CPU unless ``log.peak_flops`` is given). Eval, few-shot and event
 records carry a ``kind`` field ("eval", "fewshot", "event"). Every record goes through one call,
-:meth:`MetricsLog.write`, to every sink: metrics.jsonl always, TensorBoard and Weights & Biases
-when ``log.tensorboard`` / ``log.wandb`` turn them on (:data:`SINKS`); the two receive the same
-scalars (:func:`scalars`). ``vitscale report`` reads metrics.jsonl back (:func:`read_records`).
+:meth:`MetricsLog.write`, to every sink (:mod:`pretrain.train.sinks`): metrics.jsonl always,
+TensorBoard and Weights & Biases when ``log.tensorboard`` / ``log.wandb`` turn them on.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import math
 import resource
 import sys
 import time
@@ -21,12 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.core.errors import UserError
-from pretrain.core.files import write_atomic
 from pretrain.model.costs import mfu, peak_flops_for
-
-METRICS_FILE = "metrics.jsonl"
-_AXES = ("step", "time", "kind", "event")  # what places a record; not a scalar of it
+from pretrain.train.sinks import METRICS_FILE, SINKS, JsonlSink, enabled_sinks
 
 
 def peak_memory_gb() -> float:
@@ -103,154 +95,6 @@ class HealthWindow:
         return text
 
 
-def scalars(record: dict) -> dict[str, float]:
-    """The numbers of one metrics record as flat tags, what TensorBoard and W&B receive.
-
-    A tag is ``<kind>/<key>``, the kind being ``train`` for the step records, ``eval``,
-    ``fewshot`` (``fewshot/<name>/<k>shot``) and ``event/<event name>`` for events
-    (``event/checkpoint/blocked_s``); a dict of numbers goes one level deeper
-    (``train/bad_by_reason/truncated_shard``). ``step`` and ``time`` are the axes, not tags; None
-    (``mfu`` without a known peak), non-finite numbers, booleans, strings and lists are left out."""
-    kind = record.get("kind", "train")
-    prefix = f"event/{record.get('event', 'other')}" if kind == "event" else kind
-    out: dict[str, float] = {}
-
-    def add(tag: str, value) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[tag] = value
-
-    for key, value in record.items():
-        if key in _AXES:
-            continue
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                add(f"{prefix}/{key}/{sub}", v)
-        else:
-            add(f"{prefix}/{key}", value)
-    return out
-
-
-def read_records(run_dir: Path) -> tuple[list[dict], int]:
-    """The records of ``run_dir/metrics.jsonl`` in file order, and how many lines could not be
-    read (a run killed mid-write leaves a partial last line; a copy may be cut anywhere). A
-    missing file is no records."""
-    try:
-        lines = (Path(run_dir) / METRICS_FILE).read_text(errors="replace").splitlines()
-    except OSError:
-        return [], 0
-    records, bad = [], 0
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += bool(line.strip())
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            bad += 1
-    return records, bad
-
-
-class JsonlSink:
-    """``run.dir/metrics.jsonl``: one strict-JSON object per record (NaN/Inf become null). A disk
-    that fills up or turns read-only drops records with one warning; training goes on."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS_FILE
-        self.warned = False
-
-    def write(self, record: dict) -> None:
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(finite) + "\n")
-        except OSError as err:  # a full or read-only disk must not stop training; the checkpoint says why
-            if not self.warned:
-                print(f"metrics: cannot append to {self.path}: {err.strerror or err}; records are dropped",
-                      file=sys.stderr)
-                self.warned = True
-
-    def close(self, failed: bool = False) -> None:
-        pass
-
-
-class TensorBoardSink:
-    """``log.tensorboard``: :func:`scalars` of every record under ``run.dir/tb``."""
-
-    package, extra = "tensorboard", "tensorboard"
-
-    def __init__(self, run_dir: Path, log, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
-
-    def write(self, record: dict) -> None:
-        for tag, value in scalars(record).items() if "step" in record else ():
-            self.writer.add_scalar(tag, value, record["step"])
-
-    def close(self, failed: bool = False) -> None:
-        self.writer.close()
-
-
-class WandbSink:
-    """``log.wandb``: :func:`scalars` of every record to a Weights & Biases run, against ``step``.
-
-    The run id is kept in ``run.dir/wandb_id``, so a resumed job continues the same W&B run
-    (``resume="allow"``); steps run again after a resume are logged again, as in metrics.jsonl
-    (the W&B charts use ``step`` as their x axis, not W&B's own row counter). W&B's files go
-    under ``run.dir/wandb``; ``WANDB_MODE=offline`` keeps everything there (``wandb sync``
-    uploads it later, one directory per job segment). W&B's console capture is off: the
-    console stays ours."""
-
-    package, extra = "wandb", "wandb"
-    ID_FILE = "wandb_id"
-
-    def __init__(self, run_dir: Path, log, config: dict):
-        import wandb
-
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        id_file = run_dir / self.ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else ""
-        if not run_id:
-            run_id = wandb.util.generate_id()
-            write_atomic(id_file, run_id + "\n")
-        self.run = wandb.init(project=log.wandb_project, name=log.wandb_name or run_dir.resolve().name, id=run_id,
-                              resume="allow", dir=str(run_dir), config=config,
-                              settings=wandb.Settings(console="off", quiet=True))
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
-
-    def write(self, record: dict) -> None:
-        values = scalars(record)
-        if values and "step" in record:
-            self.run.log({"step": record["step"], **values})
-
-    def close(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
-
-
-# ``log.<key>: true`` turns a sink on; metrics.jsonl is always written
-SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
-
-
-def enabled_sinks(log) -> list[str]:
-    """The keys of :data:`SINKS` the ``log`` config section turns on."""
-    return [key for key in SINKS if getattr(log, key)]
-
-
-def check_sink_package(key: str) -> None:
-    """:class:`UserError` naming the package when sink ``key``'s library cannot be imported."""
-    sink = SINKS[key]
-    module = "torch.utils.tensorboard" if key == "tensorboard" else sink.package
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"log.{key}=true needs the {sink.package} package, which is not installed: pip install "
-                        f"'vitscale[{sink.extra}]' (or set log.{key}=false)") from None
-
-
 class MetricsLog:
     """Rank 0 sends every record to its sinks (metrics.jsonl, plus TensorBoard / W&B when the
     ``log`` section turns them on; :data:`SINKS`) and prints the console lines; other ranks
@@ -266,7 +110,6 @@ class MetricsLog:
         if self.rank != 0 or self.log_cfg is None:
             return
         for key in enabled_sinks(self.log_cfg):
-            check_sink_package(key)
             self.sinks.append(SINKS[key](self.run_dir, self.log_cfg, config))
 
     def write(self, record: dict) -> None:

@@ -216,7 +216,8 @@ class Trainer:
                                 peak, self.world)
         pending: list[torch.Tensor] = []
         self.engine.train(True)
-        self.health = HealthWindow(state.step, self._data_stats().get("bad_samples", 0), state.bad_steps_total)
+        self.lost_shown = self._data_stats().get("bad_samples", 0)  # a resumed run's earlier losses were shown
+        self.health = HealthWindow(state.step, self.lost_shown, state.bad_steps_total)
         log.start_progress(t.steps, state.step, cfg.log.progress)
         while state.step < t.steps:
             step = state.step + 1
