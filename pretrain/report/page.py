@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from pathlib import Path
 
 from pretrain.core.errors import UserError
@@ -69,8 +70,8 @@ def _draw(plt, figure: dict, colours: dict[str, str], several: bool, path: Path)
         ax.set_ylabel(panel["ylabel"], fontsize=9)
         ax.tick_params(labelsize=8)
         if not panel["series"]:
-            ax.text(0.5, 0.5, panel["empty"], ha="center", va="center", transform=ax.transAxes, color="0.5",
-                    fontsize=12)
+            ax.text(0.5, 0.5, textwrap.fill(panel["empty"], 36), ha="center", va="center", transform=ax.transAxes,
+                    color="0.5", fontsize=11)
             ax.set_xticks([])
             ax.set_yticks([])
             continue

@@ -136,7 +136,7 @@ def figure_data(runs: list[RunData]) -> dict:
         "throughput": {"title": "Throughput", "panels": [
             _panel("images/s", "images/s", [_series(r, train_records(r), "images_per_s", "images/s") for r in runs]),
             _panel("MFU", "model FLOPs utilisation", [_series(r, train_records(r), "mfu", "mfu") for r in runs],
-                   percent=True)]},
+                   percent=True, empty=_mfu_empty(runs))]},
         "data_wait": {"title": "Data wait", "panels": [
             _panel("data-wait share of wall time", "share", [_series(r, train_records(r), "data_wait_frac",
                                                                      "data wait") for r in runs], percent=True)]},
@@ -152,6 +152,12 @@ def figure_data(runs: list[RunData]) -> dict:
                    [_series(r, records_of(r, "event", "checkpoint"), "blocked_s", "blocked_s", "stem")
                     for r in runs])]},
     }
+
+
+def _mfu_empty(runs: list[RunData]) -> str:
+    """Why the MFU panel can be empty: ``mfu`` is null without a known peak (CPU, an unknown GPU)."""
+    logged = any("mfu" in r for run in runs for r in train_records(run))
+    return "no data: mfu is null without a known peak FLOP/s (set log.peak_flops)" if logged else "no data"
 
 
 def _resumes(runs: list[RunData]) -> list[dict]:
