@@ -75,12 +75,19 @@ def report_data(runs: list[RunData]) -> dict:
 # ---- record selection ----
 
 def train_records(run: RunData) -> list[dict]:
-    return [r for r in run.records if "kind" not in r and "step" in r]
+    """The step records (no ``kind``), in file order."""
+    return [r for r in run.records if "kind" not in r and _placed(r)]
 
 
 def records_of(run: RunData, kind: str, event: str | None = None) -> list[dict]:
-    return [r for r in run.records if r.get("kind") == kind and "step" in r and
+    """The records of ``kind`` (and ``event``), in file order."""
+    return [r for r in run.records if r.get("kind") == kind and _placed(r) and
             (event is None or r.get("event") == event)]
+
+
+def _placed(record: dict) -> bool:
+    """Whether a record has a step to be plotted at (a damaged line may parse to anything)."""
+    return _is_number(record.get("step"))
 
 
 def _newest_per_step(records: list[dict]) -> list[dict]:
@@ -214,15 +221,14 @@ def _worst_shards(run: RunData) -> dict:
                                                                                            dict)), None)
     if counts is None and run.summary is not None and isinstance(run.summary.get("bad_by_shard"), dict):
         counts = run.summary["bad_by_shard"]
-    top = sorted((counts or {}).items(), key=lambda kv: -kv[1])[:WORST_SHARDS]
+    top = sorted(((k, n) for k, n in (counts or {}).items() if _is_number(n)), key=lambda kv: -kv[1])[:WORST_SHARDS]
     return {"run": run.name, "label": "lost samples", "style": "bar", "x": [k for k, _ in top],
             "y": [n for _, n in top]}
 
 
 def _skipped(run: RunData) -> list[dict]:
     """The run's count of skipped steps at each logged step, and each skip as a point."""
-    events = [r for r in run.records if r.get("kind") == "event" and str(r.get("event", "")).endswith("_skipped")
-              and "step" in r]
+    events = [r for r in records_of(run, "event") if str(r.get("event", "")).endswith("_skipped")]
     points = {"run": run.name, "label": "skipped step", "style": "points", "x": [e["step"] for e in events],
               "y": [e.get("bad_steps_total") for e in events]}
     return [_series(run, train_records(run), "bad_steps_total", "skipped steps", "steps"), points]
