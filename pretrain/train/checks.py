@@ -1,5 +1,5 @@
 """The checks that run before any process starts: config, batch arithmetic, data, run dir,
-disk, attention backend.
+disk, attention backend, logging sinks.
 
 ``vitscale pretrain`` / ``finetune`` run them in the launching process and stop with one line per
 failure (exit 2) before spawning ranks; ``vitscale preflight`` prints them as a table (adding the
@@ -32,6 +32,7 @@ from pretrain.model.costs import param_count
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
 from pretrain.train.fewshot import check_width, feature_width, resolve_dataset
+from pretrain.train.sinks import check_sink_package, enabled_sinks
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 GIB = 1 << 30
@@ -282,21 +283,35 @@ def check_sdpa(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str
     return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
 
 
+def check_log_sinks(cfg: Config) -> list[Check]:
+    """Every sink the ``log`` section turns on (``log.tensorboard``, ``log.wandb``) can import its
+    library here; a FAIL names the package to install."""
+    checks = []
+    for key in enabled_sinks(cfg.log):
+        try:
+            check_sink_package(key)
+        except UserError as err:
+            checks.append(Check(f"log.{key}", FAIL, str(err)))
+            continue
+        checks.append(Check(f"log.{key}", PASS, "installed"))
+    return checks
+
+
 def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: bool | None = None) -> list[Check]:
-    """Config, batch arithmetic, data, run dir (+ disk), SDPA backend.
+    """Config, batch arithmetic, data, run dir (+ disk), logging sinks, SDPA backend.
 
     ``probe_gpu``: whether the SDPA check may run tiny tensors on this rank's GPU; by default
     only inside a rank (``LOCAL_RANK`` set), never in a launcher process that spawns ranks."""
     probe = ("LOCAL_RANK" in os.environ) if probe_gpu is None else probe_gpu
     return [describe_config(cfg), check_batch(cfg, world_size), *check_data(cfg, world_size), *check_run_dir(cfg),
-            check_sdpa(cfg, runs_here, probe)]
+            *check_log_sinks(cfg), check_sdpa(cfg, runs_here, probe)]
 
 
 def raise_on_failure(checks: list[Check]) -> None:
     """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
     failed = [c for c in checks if c.status == FAIL]
     if len(failed) == 1 and (failed[0].name in ("batch", "data.train", "data.val") or
-                             failed[0].name.startswith("fewshot.")):
+                             failed[0].name.startswith(("fewshot.", "log."))):
         raise UserError(failed[0].detail)  # these details already name the key and the fix
     if failed:
         lines = [f"{c.name}: {c.detail}" + (f" -> fix: {c.fix}" if c.fix else "") for c in failed]

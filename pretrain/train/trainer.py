@@ -40,6 +40,7 @@ import torch
 from pretrain.checkpoint.layout import TRAINING_FORMAT, CheckpointManager
 from pretrain.checkpoint.resume import ResumeSource, find_resume_source
 from pretrain.core.errors import UserError
+from pretrain.core.version import package_version
 from pretrain.data.loader import counts_by, sum_counts
 from pretrain.data.pipeline import build_eval_data, build_train_data
 from pretrain.model.costs import model_costs
@@ -51,7 +52,14 @@ from pretrain.train.engine import Comm, Engine, all_reduce_
 from pretrain.train.faults import Faults
 from pretrain.train.fewshot_eval import build_fewshot
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
-from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
+from pretrain.train.metrics import (
+    HealthWindow,
+    MetricsLog,
+    Throughput,
+    device_peak_flops,
+    format_train_line,
+    peak_memory_gb,
+)
 from pretrain.train.mixing import build_mixer
 from pretrain.train.prefetch import DevicePrefetcher
 from pretrain.train.schedule import lr_at
@@ -75,13 +83,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     """One rank of a pretraining or fine-tuning run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop, prepare_model=None):
+    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop, prepare_model=None,
+                 recipe: str | None = None):
         self.given = cfg
         self.cfg = cfg.for_world(world)
         self.mode, self.rank, self.world, self.stop = mode, rank, world, stop
         self.prepare_model = prepare_model
+        self.recipe = recipe  # what --config named, for the start record
         self.run_dir = Path(cfg.run.dir)
-        self.log = MetricsLog(self.run_dir, rank, cfg.log.tensorboard)
+        self.log = MetricsLog(self.run_dir, rank, cfg.log)
         self.faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
         self.ckpt = CheckpointManager(self.run_dir, rank, world, cfg.checkpoint.keep, Comm())
         self.state = LoopState()
@@ -146,10 +156,21 @@ class Trainer:
         return self.state.step
 
     def run(self, resume: str | None, no_resume: bool) -> int:
+        """The whole run on this rank; the logging sinks are closed however it ends."""
+        failed = True
+        try:
+            code = self._run(resume, no_resume)
+            failed = False
+            return code
+        finally:
+            self.log.close(failed)
+
+    def _run(self, resume: str | None, no_resume: bool) -> int:
         cfg, log = self.cfg, self.log
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.given, self.run_dir / "config.yaml")
+            log.open({**self.given.to_dict(), "recipe": self.recipe, "mode": self.mode, "world_size": self.world})
         source = find_resume_source(self.ckpt, resume, no_resume, identity(cfg, self.mode), self.world, log)
         self._build(source)
         start = self._restore(source) if source is not None else 0
@@ -170,6 +191,10 @@ class Trainer:
         log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {'bf16' if cfg.train.bf16 else 'fp32'}, steps {start + 1}..{cfg.train.steps}, "
                     f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
+        log.write({"kind": "event", "step": start, "event": "start", "mode": self.mode, "model": cfg.model.label(),
+                   "recipe": self.recipe, "world_size": self.world, "zero_stage": cfg.zero.stage,
+                   "total_steps": cfg.train.steps, "global_batch": cfg.train.micro_batch * cfg.train.grad_accum *
+                   self.world, "version": package_version()})
         t0 = time.perf_counter()
         self._train()
         if not self.preempted:
@@ -181,7 +206,6 @@ class Trainer:
                 self.fewshot.run(self.engine, self.state.step)
             self._summary(time.perf_counter() - t0)
         self.train_data.close()
-        log.close()
         return 0
 
     # ---- the loop ----
@@ -192,6 +216,8 @@ class Trainer:
                                 peak, self.world)
         pending: list[torch.Tensor] = []
         self.engine.train(True)
+        self.lost_shown = self._data_stats().get("bad_samples", 0)  # a resumed run's earlier losses were shown
+        self.health = HealthWindow(state.step, self.lost_shown, state.bad_steps_total)
         log.start_progress(t.steps, state.step, cfg.log.progress)
         while state.step < t.steps:
             step = state.step + 1
@@ -201,6 +227,7 @@ class Trainer:
             t0 = time.perf_counter()
             batches = [self.train_data.next_batch() for _ in range(t.grad_accum)]
             wait = time.perf_counter() - t0
+            self.health.add(wait=wait)
             if self.keys_log is not None:
                 self.keys_log(step, batches)
             if self.faults.stop(step):
@@ -297,6 +324,7 @@ class Trainer:
         path = self.ckpt.save(self.engine, step, self.ckpt_meta, self.components.state_dict(),
                               before_publish=self.faults.save_pause(step), background=background)
         self.save_blocked_s = round(time.perf_counter() - t0, 3)  # how long training stood still
+        self.health.add(blocked=self.save_blocked_s)
         if path is not None:
             self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path),
                             "blocked_s": self.save_blocked_s})
@@ -334,6 +362,8 @@ class Trainer:
         self.best.update(record)
         self.log.write(record)
         self.log.console(eval_line(record))
+        lost = self._data_stats().get("bad_samples", 0)  # every rank evaluates: the gather is safe here
+        self.log.console(self.health.line(step, lost, self.state.bad_steps_total))
 
     def _log_train(self, pending: list[torch.Tensor], lr: float) -> None:
         """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
