@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.parts import PARTS_DIR
+from launch.slurm import check_sbatch_inputs
 from pretrain.core.errors import UserError
 
 
@@ -53,14 +54,7 @@ class ShardsArrayJob:
         for flag, value in (("--cpus-per-task", self.cpus_per_task), ("--max-parallel", self.max_parallel)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} {value}: must be >= 1")
-        for path in (self.out, self.workdir):
-            if any(c.isspace() for c in str(path)):
-                raise UserError(f"path {str(path)!r} contains whitespace, which #SBATCH lines cannot quote: "
-                                f"choose an OUT / working directory without spaces")
-        for opt in self.extra_sbatch:
-            if not opt.startswith("-"):
-                raise UserError(f"--extra-sbatch item {opt!r} is not an sbatch option; write e.g. "
-                                f"--extra-sbatch=\"--mem=64G --constraint=cpu\"")
+        check_sbatch_inputs((self.out, self.workdir), "OUT", self.extra_sbatch, "--mem=64G --constraint=cpu")
         if any(a == "--part" or a.startswith("--part=") for a in self.write_args):
             raise UserError("the array sets --part for each task; leave it out of the write options")
 
