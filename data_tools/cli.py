@@ -1,4 +1,4 @@
-"""``vitscale shards {write,index,verify,stats,synth}``: offline work on WebDataset shard sets.
+"""``vitscale shards {write,merge,index,verify,stats,dedup,synth}``: offline work on WebDataset shard sets.
 
 ``main(argv) -> int`` is called by the top-level ``vitscale`` dispatcher, which turns a
 :class:`~pretrain.core.errors.UserError` into a one-paragraph message and exit status 2.
@@ -18,7 +18,7 @@ from pretrain.data.shards import SKIPPED_FILE
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitscale shards",
                                      description="write, verify and describe WebDataset shard folders")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,index,verify,stats,synth}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{write,merge,index,verify,stats,dedup,synth}")
 
     write = sub.add_parser("write", help="write an ImageFolder tree or CSV/JSONL manifest as shards")
     write.add_argument("src", type=Path, help="ImageFolder directory, or manifest .csv / .jsonl")
@@ -43,7 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--force", action="store_true",
                        help="write into OUT even if it holds another dataset (its shards are replaced)")
     write.add_argument("--seed", type=int, default=0, help="seed for the split and the sample order")
+    write.add_argument("--part", default=None, metavar="I/N",
+                       help="write only part I (0..N-1) of N: every part plans the whole set the same way and "
+                            "writes its own shards, so N machines (a SLURM array) write one set; the last part to "
+                            "finish merges (else `vitscale shards merge OUT`); the result is byte-identical to "
+                            "one machine's")
     write.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    merge = sub.add_parser("merge", help="join the parts written with `shards write --part I/N` into index.json")
+    merge.add_argument("out", type=Path, help="the OUT folder every part wrote into")
 
     index = sub.add_parser("index", help="write index.json for shards you already have (the shards are not changed)")
     index.add_argument("out", metavar="SET", help="folder, brace pattern or glob of local .tar shards")
@@ -67,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--workers", type=int, default=default_workers(), metavar="W")
     stats.add_argument("--no-progress", action="store_true")
+    dedup = sub.add_parser("dedup", help="find training images that are near-copies of evaluation images (perceptual "
+                                          "hash) and write TRAIN/dedup.json, the keys the training loader skips")
+    dedup.add_argument("train", metavar="TRAIN", help="the training set: " + set_help)
+    dedup.add_argument("--against", action="append", required=True, metavar="VAL",
+                       help="an evaluation set (" + set_help + "); repeat for several")
+    dedup.add_argument("--threshold", type=int, default=None, metavar="D",
+                       help="near-duplicate when the Hamming distance of the 64-bit pHashes is <= D (default 10)")
+    dedup.add_argument("--train-split", default="train", metavar="NAME", help="split of TRAIN to check (default train; "
+                       "a set with one split uses it)")
+    dedup.add_argument("--against-split", default="val", metavar="NAME", help="split of each VAL (default val; a set "
+                       "with one split uses it)")
+    dedup.add_argument("--output", type=Path, default=None, metavar="FILE",
+                       help="where the list goes (default TRAIN/dedup.json, where the loader reads it)")
+    dedup.add_argument("--examples", type=int, default=10, metavar="K", help="example pairs printed (default 10)")
+    dedup.add_argument("--workers", type=int, default=default_workers(), metavar="W")
+    dedup.add_argument("--no-progress", action="store_true")
+
     synth = sub.add_parser("synth", help="write the built-in synthetic task as an ImageFolder of JPEGs")
     synth.add_argument("out", type=Path)
     synth.add_argument("--classes", type=int, default=10)
@@ -77,6 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_write_args(argv: list[str]) -> None:
+    """Parse ``SRC OUT [options]`` as ``shards write`` would (argparse exits 2 naming a wrong
+    option) and build its options, so a generated job script cannot fail on them later."""
+    from data_tools.shard_writer import WriteOptions
+
+    args = _parser().parse_args(["write", *argv])
+    WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes, workers=1,
+                 resize_max=args.resize_max, quality=args.quality, val_fraction=args.val_fraction, seed=args.seed,
+                 split=args.split)
+
+
 def _synth(args: argparse.Namespace) -> int:
     from data_tools.synth import write_synthetic_folder
 
@@ -85,23 +121,54 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace) -> int:
-    from data_tools.shard_writer import WriteOptions, write_shards
-
-    options = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
-                           workers=args.workers, resize_max=args.resize_max, quality=args.quality,
-                           val_fraction=args.val_fraction, seed=args.seed, split=args.split, force=args.force,
-                           progress=not args.no_progress, classes_from=args.classes)
-    summary = write_shards(args.src, args.out, options)
-    index = summary.index
+def _index_line(out: Path, index: dict) -> str:
     parts = [f"{split} {info['samples']} samples in {len(info['shards'])} shards "
              f"({info['bytes'] / 1e6:.1f} MB)" for split, info in index["splits"].items()]
     kind = "multi-label" if index["multi_label"] else "single-label"
-    print(f"wrote {args.out}: {'; '.join(parts)}; {index['num_classes']} classes ({kind})")
-    print(f"shards written {summary.shards_written}, reused from an earlier run {summary.shards_reused}")
+    return f"{out}: {'; '.join(parts)}; {index['num_classes']} classes ({kind})"
+
+
+def _write(args: argparse.Namespace) -> int:
+    from data_tools.parts import parse_part, record_path
+    from data_tools.shard_writer import WriteOptions, write_shards
+
+    part = parse_part(args.part) if args.part is not None else None
+    options = WriteOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                           workers=args.workers, resize_max=args.resize_max, quality=args.quality,
+                           val_fraction=args.val_fraction, seed=args.seed, split=args.split, force=args.force,
+                           progress=not args.no_progress, classes_from=args.classes, part=part)
+    summary = write_shards(args.src, args.out, options)
+    if part is not None:
+        files = summary.shards
+        what = f"{files[0]} .. {files[-1]}" if files else "no shards (more parts than shards)"
+        print(f"part {part[0]}/{part[1]} of {args.out}: {what}; written {summary.shards_written}, reused "
+              f"{summary.shards_reused}; recorded in {record_path(args.out, *part)}")
+    if summary.index is not None:
+        print(("all parts done, merged: " if part is not None else "wrote ") + _index_line(args.out, summary.index))
+    else:
+        print(f"not merged yet: {summary.not_merged}")
+    if part is None:
+        print(f"shards written {summary.shards_written}, reused from an earlier run {summary.shards_reused}")
     if summary.skipped:
         reasons = ", ".join(f"{n} {r}" for r, n in summary.skip_reasons().most_common())
-        print(f"skipped {len(summary.skipped)} images ({reasons}); list in {args.out / SKIPPED_FILE}")
+        where = args.out / SKIPPED_FILE if summary.index is not None else record_path(args.out, *part)
+        print(f"skipped {len(summary.skipped)} images ({reasons}); list in {where}")
+    return 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from data_tools.dedup import dedup, format_report
+
+    report = dedup(args.train, args.against, args.threshold, args.workers, args.train_split, args.against_split,
+                   args.output, not args.no_progress)
+    print(format_report(report, args.examples))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from data_tools.shard_writer import merge_parts
+
+    print("merged " + _index_line(args.out, merge_parts(args.out)))
     return 0
 
 
@@ -139,4 +206,7 @@ def _stats(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (without the leading ``shards``) and run the subcommand; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return {"write": _write, "index": _index, "verify": _verify, "stats": _stats, "synth": _synth}[args.command](args)
+    commands = {"write": _write, "merge": _merge, "index": _index, "verify": _verify, "stats": _stats,
+                "dedup": _dedup, "synth": _synth}
+    return commands[args.command](args)
+

@@ -66,8 +66,9 @@ def decode_image(data: bytes, draft_to: Callable[[int, int], tuple[int, int]] | 
     ``draft_to(w, h)`` lets a JPEG decode at a DCT-reduced scale no smaller than that size; the
     whole bitstream is still read, so truncation and corruption are still caught.
     """
+    buffer = io.BytesIO(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(buffer)
         original = img.size
         if draft_to is not None and img.format in ("JPEG", "MPO"):
             img.draft(img.mode, draft_to(*original))
@@ -75,7 +76,8 @@ def decode_image(data: bytes, draft_to: Callable[[int, int], tuple[int, int]] | 
     except Image.DecompressionBombError as err:
         raise SkipSample(f"image too large for PIL: {err}") from None
     except Exception as err:  # any decoder failure means the file is unusable
-        raise SkipSample(f"not decodable by PIL ({type(err).__name__}: {err})") from None
+        detail = str(err).replace(f" {buffer!r}", "")  # no memory address: skipped.jsonl is deterministic
+        raise SkipSample(f"not decodable by PIL ({type(err).__name__}: {detail})") from None
     return img, original
 
 

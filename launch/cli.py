@@ -1,4 +1,6 @@
-"""``vitscale launch slurm | deepspeed | accelerate``: a run config + a cluster -> a launch.
+"""``vitscale launch slurm | deepspeed | accelerate``: a run config + a cluster -> a launch;
+``vitscale launch slurm-array --shards-write SRC OUT --parts N``: a shard set written by a SLURM
+job array (:mod:`launch.shards_array`).
 
 Each subcommand loads ``--config`` with the ``section.key=value`` overrides, checks the global
 batch arithmetic for the launch's world size, and (unless ``--dry-run``) writes the resolved
@@ -12,6 +14,8 @@ Examples::
         --partition gpu --time 48:00:00 --cpus-per-task 64 --submit train.steps=90000
     vitscale launch deepspeed --config configs/x.yaml --hostfile hosts.txt --dry-run
     vitscale launch accelerate --config configs/x.yaml --nodes 2 --gpus-per-node 8 --master-addr node-001
+    vitscale launch slurm-array --shards-write /data/in21k /data/in21k-shards --parts 16 --cpus-per-task 32 \
+        --partition cpu --time 12:00:00 --submit -- --resize-max 512 --quality 90
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from launch import accelerate_cfg, hostfile, slurm
+from launch import accelerate_cfg, hostfile, shards_array, slurm
 from pretrain.core.errors import UserError
 from pretrain.train.config import Config
 from pretrain.train.config_file import load_config, save_config
@@ -189,17 +193,73 @@ def accelerate_main(argv: list[str]) -> int:
     return 0
 
 
+def slurm_array_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="vitscale launch slurm-array",
+        description="Write (and optionally submit) a SLURM job array that writes a shard set in N parts "
+                    "(`vitscale shards write SRC OUT --part I/N` per task) and a merge job that runs after it. "
+                    "Options after `--` go to `shards write` (e.g. -- --resize-max 512 --quality 90).")
+    ap.add_argument("--shards-write", nargs=2, required=True, metavar=("SRC", "OUT"), type=Path,
+                    help="the source (ImageFolder or manifest) and the output folder, as for `shards write`")
+    ap.add_argument("--parts", type=int, required=True, metavar="N", help="array tasks (machines), one part each")
+    ap.add_argument("--cpus-per-task", type=int, help="CPUs per part (its encoding processes)")
+    ap.add_argument("--max-parallel", type=int, help="run at most this many parts at once (--array=0-N%%P)")
+    ap.add_argument("--partition")
+    ap.add_argument("--time", help="time limit per part, e.g. 12:00:00")
+    ap.add_argument("--account")
+    ap.add_argument("--qos")
+    ap.add_argument("--job-name")
+    ap.add_argument("--extra-sbatch", default="",
+                    help='more sbatch options for both jobs, given with "=": --extra-sbatch="--mem=64G"')
+    ap.add_argument("--output-dir", type=Path, help="where the scripts go (default OUT/_parts/slurm)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the scripts, write nothing")
+    mode.add_argument("--submit", action="store_true", help="write the scripts and submit both (sbatch)")
+    own, write_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = ap.parse_args(own)
+    src, out = (p.absolute() for p in args.shards_write)
+    from data_tools.cli import check_write_args
+
+    check_write_args([str(src), str(out), *write_args])  # a wrong option fails here, not on the cluster
+    job = shards_array.ShardsArrayJob(
+        src=src, out=out, parts=args.parts, vitscale=tuple(vitscale_command()), workdir=Path.cwd(),
+        write_args=tuple(write_args), partition=args.partition, time=args.time, account=args.account,
+        qos=args.qos, cpus_per_task=args.cpus_per_task, job_name=args.job_name, max_parallel=args.max_parallel,
+        extra_sbatch=tuple(shlex.split(args.extra_sbatch)))
+    folder = args.output_dir.absolute() if args.output_dir else job.script_dir
+    write_path, merge_path = folder / "write.sbatch", folder / "merge.sbatch"
+    texts = {write_path: shards_array.write_script(job), merge_path: shards_array.merge_script(job)}
+    if args.dry_run:
+        for path, text in texts.items():
+            print(f"# ---- {path}\n{text}", end="")
+        print("# ---- submit with:\n" + "\n".join(shards_array.submit_lines(write_path, merge_path)))
+        return 0
+    job.script_dir.mkdir(parents=True, exist_ok=True)  # the logs go there
+    for path, text in texts.items():
+        slurm.write_script(text, path)
+    print(f"wrote {write_path} ({job.parts} array tasks) and {merge_path}\n  logs: {job.script_dir}/")
+    if args.submit:
+        array_id = slurm.submit(write_path, ("--parsable",)).split(";")[0]
+        print(f"submitted array job {array_id}")
+        print(slurm.submit(merge_path, (f"--dependency=afterok:{array_id}",)))
+    else:
+        print("submit with:\n  " + "\n  ".join(shards_array.submit_lines(write_path, merge_path)))
+    return 0
+
+
 SUBCOMMANDS = {
     "slurm": (slurm_main, "write/submit an sbatch script (one task per node, requeue on preemption)"),
     "deepspeed": (deepspeed_main, "run the DeepSpeed launcher over a hostfile"),
     "accelerate": (accelerate_main, "write an accelerate DeepSpeed config and print `accelerate launch`"),
+    "slurm-array": (slurm_array_main, "write/submit a SLURM job array writing a shard set in N parts + merge"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: vitscale launch {slurm,deepspeed,accelerate} --config FILE [options] [key=value ...]\n\n"
-    usage += "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    usage = ("usage: vitscale launch {slurm,deepspeed,accelerate} --config FILE [options] [key=value ...]\n"
+             "       vitscale launch slurm-array --shards-write SRC OUT --parts N [options] [-- write options]\n\n")
+    usage += "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0

@@ -13,7 +13,8 @@ failure, and exits 1 if anything failed:
    single-label with labels, and has no more classes than the model's features can separate.
 4. run dir: ``run.dir`` can be created and written, and its filesystem has room for
    ``checkpoint.keep + 1`` checkpoints (14 B/param with AdamW = 2 bf16 weights + 4 fp32 master
-   + 8 moments; 10 B/param with SGD).
+   + 8 moments; 10 B/param with SGD). log.tensorboard / log.wandb: the library of every logging
+   sink the config turns on imports here (a FAIL names the package).
 5. memory: the per-GPU estimate of launch/memory.py against ``--gpu-mem-gb`` (default: the local
    GPU's memory, else 80 GiB), with its breakdown.
 6. sdpa: the attention backend that runs for the configured shapes (pretrain/model/sdpa.py).

@@ -61,18 +61,23 @@ class SlurmJob:
             raise UserError(f"--gpus-per-node {self.gpus_per_node}: must be >= 1")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise UserError(f"--cpus-per-task {self.cpus_per_task}: must be >= 1")
-        for path in (self.run_dir, self.workdir):
-            if any(c.isspace() for c in str(path)):
-                raise UserError(f"path {str(path)!r} contains whitespace, which #SBATCH lines cannot "
-                                f"quote: choose a run.dir / working directory without spaces")
-        for opt in self.extra_sbatch:
-            if not opt.startswith("-"):
-                raise UserError(f"--extra-sbatch item {opt!r} is not an sbatch option; write e.g. "
-                                f"--extra-sbatch=\"--exclusive --constraint=h100\"")
+        check_sbatch_inputs((self.run_dir, self.workdir), "run.dir", self.extra_sbatch, "--exclusive --constraint=h100")
 
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "slurm"
+
+
+def check_sbatch_inputs(paths, what: str, extra_sbatch: tuple[str, ...], example: str) -> None:
+    """Paths #SBATCH lines can hold (no whitespace) and ``--extra-sbatch`` items that are options."""
+    for path in paths:
+        if any(c.isspace() for c in str(path)):
+            raise UserError(f"path {str(path)!r} contains whitespace, which #SBATCH lines cannot quote: choose a "
+                            f"{what} / working directory without spaces")
+    for opt in extra_sbatch:
+        if not opt.startswith("-"):
+            raise UserError(f"--extra-sbatch item {opt!r} is not an sbatch option; write e.g. "
+                            f"--extra-sbatch=\"{example}\"")
 
 
 def _directives(job: SlurmJob) -> list[str]:
@@ -201,13 +206,14 @@ def write_script(text: str, path: str | Path) -> Path:
     return p
 
 
-def submit(script: str | Path) -> str:
-    """``sbatch SCRIPT``; returns sbatch's output (``Submitted batch job N``)."""
+def submit(script: str | Path, options: tuple[str, ...] = ()) -> str:
+    """``sbatch [OPTIONS] SCRIPT``; returns sbatch's output (``Submitted batch job N``, or the job
+    id alone with ``--parsable``)."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise UserError(f"sbatch is not on PATH: run this on a SLURM login node, or copy {script} there "
                         f"and run `sbatch {script}`")
-    done = subprocess.run([sbatch, str(script)], capture_output=True, text=True)
+    done = subprocess.run([sbatch, *options, str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"sbatch {script} failed (exit {done.returncode}): {done.stderr.strip()}")
     return done.stdout.strip()

@@ -26,8 +26,9 @@ COMMANDS = {
     "evaluate": ("pretrain.commands.evaluate", "top-1/top-5 of a checkpoint on a shard set"),
     "convert": ("pretrain.commands.convert", "convert checkpoints between formats, verified by logits"),
     "inspect": ("pretrain.commands.inspect", "what a checkpoint or weights file holds"),
-    "shards": ("data_tools.cli", "write / index / verify / stats of WebDataset shards"),
-    "launch": ("launch.cli", "generate cluster launches: slurm, deepspeed hostfile, accelerate"),
+    "report": ("pretrain.commands.report", "figures and health of one or more runs as an HTML page"),
+    "shards": ("data_tools.cli", "write (one machine or many) / merge / index / verify / stats / dedup of shards"),
+    "launch": ("launch.cli", "cluster launches: slurm, slurm-array (shards write), deepspeed hostfile, accelerate"),
     "preflight": ("launch.preflight", "check a config against a cluster before spending GPU hours"),
     "bench": ("pretrain.commands.bench", "benchmarks: loader, train"),
 }

@@ -27,4 +27,7 @@ vs finetune --config configs/demo_finetune_cpu.yaml --init "$run/pretrain" --npr
 echo; echo "== 4. evaluate the fine-tuned model on its held-out shards"
 vs evaluate --checkpoint "$run/finetune" --data "$run/shards_ft"
 
-echo; echo "demo finished in $(( $(date +%s) - start )) s: run directory $run"
+echo; echo "== 5. see both runs: figures, health and a header table on one page -> $run/report"
+vs report "$run/pretrain" "$run/finetune" --out "$run/report"
+
+echo; echo "demo finished in $(( $(date +%s) - start )) s: run directory $run, report $run/report/index.html"

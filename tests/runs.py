@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,13 +17,30 @@ import torch
 
 from tests.helpers import ROOT, TINY, cli_env
 
-# 16 deterministic steps, a checkpoint every 5 (keep 3: 10, 15, 16 survive), sample keys recorded
+# 16 deterministic steps, a checkpoint every 5 (keep 3: 10, 15, 16 survive), sample keys recorded;
+# global batch 16 on the shards of tiny_shards() (96 samples: an epoch is 6 steps)
 RUN = [*TINY, "train.steps=16", "checkpoint.every=5", "checkpoint.keep=3", "run.deterministic=true",
-       "log.sample_keys=true"]
+       "log.sample_keys=true", "train.global_batch=16"]
+EPOCH = 96
+_SHARDS: list[Path] = []
+
+
+def tiny_shards() -> Path:
+    """A shard set written with vitscale's own writer (4 classes x 24 images of 16 px, 8 per shard:
+    12 shards), once per test process."""
+    if not _SHARDS:
+        from data_tools.shard_writer import WriteOptions, write_shards
+        from data_tools.synth import write_synthetic_folder
+
+        root = Path(tempfile.mkdtemp(prefix="vitscale-runs-"))
+        write_synthetic_folder(root / "img", classes=4, per_class=EPOCH // 4, img_size=16, seed=0)
+        write_shards(root / "img", root / "shards", WriteOptions(samples_per_shard=8, workers=1, progress=False))
+        _SHARDS.append(root / "shards")
+    return _SHARDS[0]
 
 
 def pretrain_args(run_dir: Path, *extra: str) -> list[str]:
-    return ["pretrain", *RUN, f"run.dir={run_dir}", *extra]
+    return ["pretrain", *RUN, f"data.train={tiny_shards()}", f"run.dir={run_dir}", *extra]
 
 
 def start(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 # pretrain's floors, lowest first: a module may import its own floor and the ones below
-FLOORS = ["core", "model", "data", "checkpoint", "formats", "train", "bench", "commands"]
+FLOORS = ["core", "model", "data", "checkpoint", "formats", "train", "bench", "report", "commands"]
 ROOF = {"pretrain", "pretrain.cli", "pretrain.__main__"}  # names every command; imports on demand
 OUTSIDE = ("data_tools", "launch")  # use pretrain, never the reverse
 

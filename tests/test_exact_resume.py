@@ -1,7 +1,8 @@
 """Exact resume with every stochastic piece on: the AugReg twin (``configs/demo_augreg_cpu.yaml``:
 RandAugment in the loader workers, Mixup / CutMix, drop path, EMA, label smoothing, layer decay)
-plus dropout, attention dropout and patch dropout, on shards written by the real writer, 2 gloo
-processes under ZeRO-1/2/3, with and without ``checkpoint.async_save``.
+plus dropout, attention dropout and patch dropout, on a 3:1 weighted mixture of two shard sets
+written by the real writer, 2 gloo processes under ZeRO-1/2/3, with and without
+``checkpoint.async_save``.
 
 Each case is ``kill -9`` of the whole job part-way (held before step 7, after the step-3
 checkpoint, an evaluation at step 4 and, with async save, while the step-6 save may still be in
@@ -35,6 +36,7 @@ from tests.runs import (
     latest,
     logged_step,
     losses,
+    records,
     sample_keys,
     start_command,
     wait_until,
@@ -45,17 +47,24 @@ HELD_AT = 7  # the killed run holds before this step until it is killed
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory) -> tuple[Path, Path]:
+    """Two sets with the same classes: the main one (with a val split) and a smaller second one."""
     root = tmp_path_factory.mktemp("exact")
     assert shards_main(["synth", str(root / "img"), "--classes", "4", "--per-class", "16", "--img-size", "24"]) == 0
     assert shards_main(["write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "8", "--workers", "1",
                         "--val-fraction", "0.25", "--no-progress"]) == 0
-    return root / "sh"
+    assert shards_main(["synth", str(root / "img2"), "--classes", "4", "--per-class", "6", "--img-size", "24",
+                        "--seed", "1"]) == 0
+    assert shards_main(["write", str(root / "img2"), str(root / "sh2"), "--samples-per-shard", "8", "--workers", "1",
+                        "--no-progress"]) == 0
+    return root / "sh", root / "sh2"
 
 
-def _args(run: Path, shards: Path, stage: int, async_save: bool) -> list[str]:
+def _args(run: Path, shards: tuple[Path, Path], stage: int, async_save: bool) -> list[str]:
+    """The AugReg twin on a 3:1 mixture of the two sets (every source's position must resume too)."""
+    mixture = f"[{{source: {shards[0]}, weight: 3}}, {{source: {shards[1]}, weight: 1}}]"
     return ["pretrain", "--config", "configs/demo_augreg_cpu.yaml", "--nproc-per-node", "2", f"run.dir={run}",
-            f"data.train={shards}", f"data.val={shards}", "data.workers=0", "model.img_size=16",
+            f"data.train={mixture}", f"data.val={shards[0]}", "data.workers=0", "model.img_size=16",
             "model.num_classes=4", "train.micro_batch=8", "model.dropout=0.1", "model.attn_dropout=0.1",
             "model.patch_dropout=0.25", "model.drop_path=0.1", "run.deterministic=true", f"train.steps={STEPS}",
             "train.log_every=1", "train.eval_every=4", "checkpoint.every=3", "checkpoint.keep=5",
@@ -102,6 +111,8 @@ def test_kill_9_and_relaunch_reproduce_every_stochastic_piece_bitwise(stage, asy
     assert [e["step"] for e in events(run, "resumed")] == [resume_at]
     want = reference(stage)
     assert losses(run) == losses(want)  # every step's loss, bit for bit
+    last = [r for r in records(run) if "samples_by_source" in r][-1]  # the mixture's exact 3:1, per source
+    assert last["samples_by_source"] == {str(shards[0]): 12 * last["step"], str(shards[1]): 4 * last["step"]}
     for rank in (0, 1):
         assert sample_keys(run, rank) == sample_keys(want, rank)
     assert bitwise_diff(_final(run, ema=False), _final(want, ema=False)) == []

@@ -71,9 +71,13 @@ def test_resume_mid_epoch_gives_the_identical_key_sequence(shards, stop):
     assert head + _keys(resumed, 14 - stop) == straight
 
 
-def test_too_few_shards_for_ranks_times_workers_is_an_error_with_the_fix(shards):
-    with pytest.raises(UserError, match="data.workers=4"):
-        ShardTrain(_cfg(str(shards), **{"data.workers": "8"}).loader(), 0, 2)
+def test_streams_that_do_not_fit_the_batch_or_the_ranks_are_an_error_with_the_fix(shards):
+    with pytest.raises(UserError, match=r"data.streams=3 does not divide train.global_batch=10.*data.streams"):
+        ShardTrain(_cfg(str(shards), **{"data.streams": "3"}).loader(), 0, 2)
+    with pytest.raises(UserError, match=r"data.streams=5 is not a multiple of the 2 ranks.*set data.streams=2"):
+        ShardTrain(_cfg(str(shards), **{"data.streams": "5"}).loader(), 0, 2)
+    more = ShardTrain(_cfg(str(shards), **{"data.workers": "8"}).loader(), 0, 2)  # more workers than streams
+    assert more.workers == more.plan.count // 2 and len(more.next_batch().keys) == 5
 
 
 def test_brace_pattern_without_index_is_counted(shards):
@@ -100,11 +104,11 @@ def test_corrupt_samples_are_skipped_counted_and_named(shards, tmp_path):
     bad_dir = _corrupt_copy(shards, tmp_path / "bad")
     cfg = _cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.05", "data.workers": "1"})
     src = ShardTrain(cfg.loader(), 0, 1)
-    keys = _keys(src, 14)  # exactly the 70 good samples of epoch 0
-    assert all(len(b) == 5 for b in keys)
+    keys = _keys(src, 16)  # epoch 0: the 70 good samples, each bad one's row filled from its micro batch
+    assert all(len(b) == 5 for b in keys) and len({k for b in keys for k in b}) == 70
     stats = src.stats()
     assert stats["bad_samples"] == 10 and stats["bad_by_reason"] == {"undecodable": 10}
-    _keys(src, 14)  # past the minimum sample count the share is judged
+    _keys(src, 12)  # past the minimum sample count the share is judged
     assert "train-000000.tar" in src.problem() and "max_bad_frac" in src.problem()
     lenient = ShardTrain(_cfg(str(bad_dir / "train-{000000..000007}.tar"), **{"data.max_bad_frac": "0.5",
                                                                                "data.workers": "1"}).loader(), 0, 1)
@@ -272,3 +276,124 @@ def test_decode_setting_is_checked(shards):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"data.decode.*no CUDA device.*data.decode=cpu"):
             ShardTrain(_cfg(str(shards), **{"data.decode": "gpu"}).loader(), 0, 1)
+
+
+# ---- elastic determinism: the global sample stream does not depend on ranks or workers ----
+
+def _steps(shards, world, workers, steps, **kw):
+    """Per step, the sorted keys of the whole global batch (16 samples) over ``world`` ranks."""
+    cfg = _cfg(str(shards), **{"data.workers": str(workers), "train.micro_batch": "4", **kw})
+    srcs = [ShardTrain(dataclasses.replace(cfg.loader(), grad_accum=4 // world), r, world) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        out.append(sorted(k for s in srcs for _ in range(4 // world) for k in s.next_batch().keys))
+    return out, srcs
+
+
+def test_every_step_holds_the_same_samples_on_any_ranks_and_workers(shards):
+    """1x1, 1x2, 2x1, 2x2 (ranks x workers), global batch 16: the same keys in every global step,
+    two epochs long, and each epoch holds every sample once."""
+    want, _ = _steps(shards, 1, 1, 10)
+    for world, workers in ((1, 2), (2, 1), (2, 2)):
+        got, _ = _steps(shards, world, workers, 10)
+        assert got == want, (world, workers)
+    epoch0 = [k for step in want[:5] for k in step]
+    assert len(epoch0) == 80 and len(set(epoch0)) == 80
+
+
+def test_a_2_to_1_to_2_rank_resume_repeats_and_skips_nothing(shards):
+    want, _ = _steps(shards, 2, 1, 10)
+    head, srcs = _steps(shards, 2, 1, 2)
+    parts = [s.state_dict() for s in srcs]
+    one = ShardTrain(dataclasses.replace(_cfg(str(shards), **{"train.micro_batch": "4"}).loader(), grad_accum=4), 0, 1)
+    one.reshard(parts)
+    middle = [sorted(k for _ in range(4) for k in one.next_batch().keys) for _ in range(3)]
+    two = [ShardTrain(dataclasses.replace(_cfg(str(shards), **{"train.micro_batch": "4", "data.workers": "2"})
+                                          .loader(), grad_accum=2), r, 2) for r in range(2)]
+    for src in two:
+        src.reshard([one.state_dict()])
+    tail = [sorted(k for s in two for _ in range(2) for k in s.next_batch().keys) for _ in range(5)]
+    assert head + middle + tail == want
+    assert sum(s.stats()["samples_seen"] for s in two) == 160  # rank 0 carries the earlier ranks' counts
+
+
+def test_a_set_without_counts_keeps_each_streams_place_across_layouts(shards, tmp_path):
+    """Remote shards without an index: streams read whole shards and the checkpoint keeps every
+    stream's (epoch, item); a 2 -> 1 rank resume continues each one where it was."""
+    import shutil
+
+    from tests.shard_server import ShardServer
+
+    bare = tmp_path / "bare"  # the tars alone, no index.json beside them
+    bare.mkdir()
+    for tar in shards.glob("train-*.tar"):
+        shutil.copy(tar, bare / tar.name)
+    server = ShardServer(bare)
+    try:
+        url = server.url("train-{000000..000007}.tar")
+        kw = {"data.samples_per_epoch": "80", "data.streams": "4"}
+        want, _ = _steps(url, 2, 1, 6, **kw)
+        head, srcs = _steps(url, 2, 1, 2, **kw)
+        assert not srcs[0].plan.counted
+        one = ShardTrain(dataclasses.replace(_cfg(url, **{"train.micro_batch": "4", **kw}).loader(), grad_accum=4),
+                         0, 1)
+        one.reshard([s.state_dict() for s in srcs])
+        tail = [sorted(k for _ in range(4) for k in one.next_batch().keys) for _ in range(4)]
+        assert head + tail == want
+    finally:
+        server.close()
+
+
+# ---- weighted mixtures: part of the same global stream ----
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("second")
+    write_synthetic_folder(root / "img", classes=4, per_class=5, img_size=16, seed=3, start=1000)  # own keys
+    write_shards(root / "img", root / "sh", WriteOptions(samples_per_shard=5, workers=1, progress=False))
+    return root / "sh"
+
+
+def _mix(shards, second):
+    return f"[{{source: {shards}, weight: 3}}, {{source: {second}, weight: 1}}]"
+
+
+def test_a_mixture_gives_each_source_its_exact_share_of_every_step_on_any_layout(shards, second):
+    """3:1 over 80 + 20 samples, global batch 16 (4 streams: 3 + 1): every step holds 12 samples of
+    the first set and 4 of the second, the small set cycles four times as fast, and the key sets
+    are the same for 1 or 2 ranks, 1 or 2 workers."""
+    mix = _mix(shards, second)
+    want, srcs = _steps(mix, 1, 1, 10, **{"data.streams": "4"})
+    first_keys = {s.key for s in _all_samples(shards)}
+    for step in want:
+        assert sum(k in first_keys for k in step) == 12
+    assert srcs[0].stats()["samples_by_source"] == {str(shards): 120, str(second): 40}
+    for world, workers in ((2, 1), (2, 2)):
+        got, _ = _steps(mix, world, workers, 10, **{"data.streams": "4"})
+        assert got == want, (world, workers)
+
+
+def test_a_mixture_resumes_every_source_exactly(shards, second):
+    mix = _mix(shards, second)
+    cfg = _cfg(mix, **{"data.streams": "5", "data.workers": "1"})  # 4 + 1 streams of one row
+    straight = _keys(ShardTrain(cfg.loader(), 0, 1), 20)
+    first = ShardTrain(cfg.loader(), 0, 1)
+    head = _keys(first, 7)
+    resumed = ShardTrain(cfg.loader(), 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _keys(resumed, 13) == straight
+
+
+def test_a_mixture_names_a_wrong_source_and_refuses_duplicates(shards, tmp_path):
+    with pytest.raises(UserError, match=r"data.train source .*nowhere"):
+        ShardTrain(_cfg(f"[{{source: {shards}}}, {{source: {tmp_path / 'nowhere'}}}]").loader(), 0, 1)
+    with pytest.raises(UserError, match=r"data.train.*names a source twice"):
+        _cfg(f"[{{source: {shards}}}, {{source: {shards}}}]")
+    with pytest.raises(UserError, match=r"data.train\[.*\].weight"):
+        _cfg(f"[{{source: {shards}, weight: 0}}]")
+
+
+def _all_samples(shards: Path):
+    from pretrain.data.shards import iter_tar_samples
+
+    return [s for tar in sorted(shards.glob("train-*.tar")) for s in iter_tar_samples(tar)]

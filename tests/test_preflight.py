@@ -86,17 +86,16 @@ def written(tmp_path_factory) -> Path:
     return root / "sh"
 
 
-def test_too_few_shards_for_ranks_times_workers(written, recipe, capsys):
-    n = len(list(written.glob("train-*.tar")))
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.workers=4", "--nodes", "1",
-                      "--gpus-per-node", "2")
-    assert rc == 1 and n < 8
+def test_streams_the_ranks_do_not_divide_fail_with_the_fix(written, recipe, capsys):
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.streams=3", "train.global_batch=48",
+                      "--nodes", "1", "--gpus-per-node", "2")
+    assert rc == 1
     data = checks["data.train"]
-    assert data["status"] == "FAIL" and f"has {n} shards but 2 ranks x 4 workers need at least 8" in data["detail"]
-    assert f"data.workers={n // 2}" in data["detail"] and "--samples-per-shard" in data["detail"]
-    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", f"data.workers={n // 2}", "--nodes", "1",
-                      "--gpus-per-node", "2")
-    assert checks["data.train"]["status"] == "PASS"
+    assert data["status"] == "FAIL" and "data.streams=3 is not a multiple of the 2 ranks" in data["detail"]
+    assert "set data.streams=" in data["detail"]
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={written}", "data.workers=8", "--nodes", "1",
+                      "--gpus-per-node", "2")  # more workers than a rank's streams: the extra ones are not started
+    assert checks["data.train"]["status"] == "PASS" and "streams of" in checks["data.train"]["detail"]
 
 
 def _sources(written: Path) -> dict[str, str]:
@@ -367,3 +366,14 @@ def test_allreduce_smoke_inside_a_two_rank_job(recipe):
     assert checks["all-reduce"]["status"] == "PASS" and "2 ranks agree" in checks["all-reduce"]["detail"]
     assert (report["nodes"], report["gpus_per_node"]) == (1, 2)
     assert outs[1][0] == "", "only rank 0 prints the report"
+
+
+def test_a_mixture_is_checked_source_by_source(written, recipe, capsys, tmp_path):
+    mix = f"[{{source: {written}, weight: 3}}, {{source: '{written}/train-{{000000..000001}}.tar', weight: 1}}]"
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={mix}", "--nodes", "1", "--gpus-per-node", "2")
+    detail = checks["data.train"]["detail"]
+    assert checks["data.train"]["status"] == "PASS" and "% of every batch" in detail and "streams of" in detail
+    bad = f"[{{source: {written}}}, {{source: '{tmp_path}/none-{{0..3}}.tar'}}]"
+    rc, checks = _run(capsys, recipe, *TINY, f"data.train={bad}", "--nodes", "1", "--gpus-per-node", "2")
+    assert rc == 1 and checks["data.train"]["status"] == "FAIL"
+    assert f"data.train source {tmp_path}/none-{{0..3}}.tar" in checks["data.train"]["detail"]

@@ -119,7 +119,7 @@ def _samples(folder: Path) -> list:
 @pytest.mark.parametrize("key,value,expect", [
     ("data.val", "{val}/../nowhere", "data.val="),
     ("data.train", "{train}/train-{{000000..000099}}.tar", "data.train: 92 of 100 shards do not exist"),
-    ("data.train", "{val}", "data.train has 3 shards but 2 ranks x 2 workers need at least 4"),
+    ("data.streams", "3", "data.streams=3 does not divide train.global_batch=16"),
 ])
 def test_a_wrong_data_path_stops_before_any_rank_starts(imagenet, tmp_path, key, value, expect):
     """One line naming the key, exit 2, in the launching process: no run dir, no rank, no traceback."""

@@ -20,9 +20,10 @@ What a resume restores, and what is guaranteed:
   step (the LR schedule is a pure function of it), the loop counters (bad steps), the loader
   state, the EMA and the RNG states of every rank. Every random draw of a step (the model's
   dropout, attention dropout, drop path and patch dropout, Mixup / CutMix, each sample's crop,
-  flip and RandAugment) is seeded by (seed, step, rank, micro batch or sample), never by a
-  generator's history, so nothing that runs between steps (a loader starting, an evaluation, a
-  background save) can shift it. With the same config the resumed run is the uninterrupted run:
+  flip and RandAugment) is seeded by (seed, step, micro batch of the global batch) or (seed,
+  epoch, sample key), never by a rank, a worker or a generator's history, so nothing that runs
+  between steps (a loader starting, an evaluation, a background save) can shift it. With the
+  same config the resumed run is the uninterrupted run:
   on CPU with ``run.deterministic=true`` the losses and the EMA are bitwise equal step for step
   and every rank sees the same sample keys (tested under ZeRO-1/2/3, ``tests/test_exact_resume.py``);
   on GPU up to kernel nondeterminism. A checkpoint that lacks a component of the run (loop,
@@ -31,14 +32,15 @@ What a resume restores, and what is guaranteed:
 - Another world size (N -> M processes, any ZeRO stage): rank 0 converts the checkpoint once
   into ``checkpoints/universal/<tag>`` (DeepSpeed's universal format; the other ranks wait, at
   most ``run.timeout_s``) and every rank loads it: fp32 master weights, Adam moments and step,
-  the step, loop counters. The loader state comes from rank 0's file. The synthetic source
-  counts samples over all ranks, so it continues with exactly the next unseen sample; the shard
-  loader resumes at the same number of samples into its epoch (see
-  :mod:`pretrain.data.loader`: nothing repeated or skipped beyond the batches in flight, but
-  the rest of that epoch is filled from the new shard layout). The global RNG streams are
-  re-seeded from (seed, rank, step). The loss continues on course but not bitwise. With
-  ``train.global_batch`` set (and ``train.grad_accum`` left to be derived) the global batch stays
-  the same; otherwise a changed global batch is listed in the warning.
+  the step, loop counters. The synthetic source counts samples over all ranks, so it continues
+  with exactly the next unseen sample; the shard loader's global sample stream does not depend
+  on the world size (:mod:`pretrain.data.stream`): with the same ``train.global_batch`` every
+  step holds the same samples as it would have on the old world size, nothing repeated or
+  skipped, and with the same ``train.micro_batch`` the same micro batches with the same Mixup /
+  CutMix and dropout draws, so the losses agree up to floating-point reduction order. The
+  global RNG streams are re-seeded from (seed, rank, step). With ``train.global_batch`` set (and
+  ``train.grad_accum`` left to be derived) the global batch stays the same; otherwise a changed
+  global batch is listed in the warning.
 
 This module knows checkpoints, not run configs: the run describes itself with an ``identity``
 dict (:func:`pretrain.train.config.identity`: model spec, ZeRO stage, optimizer, mode, resolved

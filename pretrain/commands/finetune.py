@@ -129,7 +129,8 @@ def main(argv: list[str]) -> int:
     def worker() -> int:
         from pretrain.train.worker import run_worker
 
-        return run_worker(cfg, "finetune", args.resume, args.no_resume, prepare_model=prepare)
+        return run_worker(cfg, "finetune", args.resume, args.no_resume, prepare_model=prepare,
+                          recipe=args.config)
 
     return launch_or_run("finetune", argv, args, cfg, worker)
 

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     def worker() -> int:
         from pretrain.train.worker import run_worker
 
-        return run_worker(cfg, "pretrain", args.resume, args.no_resume)
+        return run_worker(cfg, "pretrain", args.resume, args.no_resume, recipe=args.config)
 
     return launch_or_run("pretrain", argv, args, cfg, worker)
 

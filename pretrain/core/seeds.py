@@ -3,7 +3,8 @@
 A resumed run must draw exactly what the uninterrupted run drew at the same point, whatever else
 consumed torch's or Python's global generators in between (a DataLoader drawing its base seed
 when it starts, an evaluation, a checkpoint). So every stochastic piece of a training step takes
-its seed from :func:`derive_seed` of (purpose, run seed, step, rank, micro batch).
+its seed from :func:`derive_seed` of (purpose, run seed, step, micro batch of the global batch) or,
+for a sample's augmentation, of (run seed, epoch, sample key): never of a rank or worker.
 """
 
 from __future__ import annotations

@@ -17,8 +17,22 @@ DECODERS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
+class TrainSource:
+    """One source of a weighted mixture (``data.train: [{source: ..., weight: ...}, ...]``)."""
+
+    source: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        require(isinstance(self.source, str) and bool(self.source.strip()) and self.source != "synthetic",
+                "data.train[].source", self.source, "give a shard folder, pattern or URL list")
+        require(self.weight > 0, f"data.train[{self.source}].weight", self.weight, "must be > 0")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str = "synthetic"  # "synthetic" or a shard set (see pretrain.data.shards)
+    # "synthetic", a shard set (see pretrain.data.shard_sets), or a weighted mixture of shard sets
+    train: str | tuple[TrainSource, ...] = "synthetic"
     val: str | None = "synthetic"  # the same; null: no evaluation
     workers: int = 4
     samples_per_epoch: int | None = None  # needed for remote shards without index.json
@@ -36,9 +50,13 @@ class DataConfig:
     retry_max_s: float = 30.0  # longest wait between two reconnects (waits double from 0.5 s)
     read_timeout_s: float = 60.0  # longest wait for a remote connect or read
     stall_timeout_s: float = 600.0  # a rank that gets no batch for this long stops the job
+    streams: int | None = None  # canonical streams of the training order (None: see pretrain.data.stream.auto_streams)
 
     def __post_init__(self):
         require(bool(self.train), "data.train", self.train, "give 'synthetic' or a shard folder/pattern")
+        if not isinstance(self.train, str):
+            names = [t.source for t in self.train]
+            require(len(set(names)) == len(names), "data.train", names, "names a source twice")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         require(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch",
                 self.samples_per_epoch, "must be > 0, or null for indexed shard sets")
@@ -55,7 +73,14 @@ class DataConfig:
         require(self.retries >= 0, "data.retries", self.retries, "must be >= 0 (0: no retry)")
         require(self.retry_max_s > 0, "data.retry_max_s", self.retry_max_s, "must be > 0 seconds")
         require(self.read_timeout_s > 0, "data.read_timeout_s", self.read_timeout_s, "must be > 0 seconds")
+        require(self.streams is None or self.streams > 0, "data.streams", self.streams,
+                "must be > 0 (a divisor of train.global_batch that the number of ranks divides), or null")
         require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be > 0 seconds")
+
+
+def train_sources(data: DataConfig) -> list[TrainSource]:
+    """``data.train`` as a list of weighted sources (a single shard set: one of weight 1)."""
+    return [TrainSource(data.train)] if isinstance(data.train, str) else list(data.train)
 
 
 @dataclass(frozen=True)
@@ -113,6 +138,7 @@ _SHARD_SETTINGS = {
     "data.eval_crop_pct": (("val", "fewshot"), ()),
     "data.label_key": (("train", "val"), ()),
     "data.stall_timeout_s": (("train",), ()),
+    "data.streams": (("train",), ()),
     "data.retries": (("train", "val", "fewshot"), ()),
     "data.retry_max_s": (("train", "val", "fewshot"), ()),
     "data.read_timeout_s": (("train", "val", "fewshot"), ()),
@@ -149,6 +175,7 @@ class LoaderSpec:
     eval_batches: int | None = None  # cap on eval batches per rank (None: the whole set)
     augment: AugmentConfig = AugmentConfig()
     decode_device: str = "cuda"  # where data.decode=gpu decodes: the rank's current CUDA device (tests: "cpu")
+    grad_accum: int = 1  # micro batches per rank and step (global batch = micro_batch x grad_accum x world)
 
     @property
     def workers(self) -> int:

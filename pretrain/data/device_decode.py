@@ -41,6 +41,7 @@ from pretrain.data.transforms import (
     decode_crop,
     eval_transform,
     inception_crop_box,
+    pixel_box,
     train_transform,
 )
 
@@ -69,9 +70,9 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _int_box(box: tuple[float, float, float, float], width: int, height: int) -> IntBox:
-    left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
-    return (left, top, max(1, min(width - left, round(box[0] + box[2]) - left)),
-            max(1, min(height - top, round(box[1] + box[3]) - top)))
+    """(left, top, width, height) ``box`` in whole pixels, rounded as the CPU decoders round."""
+    left, top, right, bottom = pixel_box((box[0], box[1], box[0] + box[2], box[1] + box[3]), width, height)
+    return left, top, right - left, bottom - top
 
 
 def plan_train(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.05, 1.0),

@@ -12,13 +12,13 @@ boundary is a :class:`SlotRef`: four small numbers.
 Buffers are channels-last (each image's pixels are ``(S, S, 3)``, as the resize writes them), so
 batches are uint8 ``(B, 3, S, S)`` tensors with channels-last strides.
 
-A slot is rewritten ``slots`` batches later, and the receiving side copies a batch out before
-then: DataLoader's pin-memory thread calls :meth:`SlotRef.pin_memory` on arrival, and without
-pinning the rank process calls :meth:`SlotRef.receive`. That order holds because a torch
-DataLoader serving in order (the default) asks worker ``w`` for its batch ``k + prefetch_factor``
-only after the rank process has received the worker's batch ``k`` (and the pin thread works in
-arrival order), so with ``slots >= prefetch_factor + 2`` a worker never writes into a batch that
-has not been copied out.
+A slot is rewritten ``slots`` batches later, and the receiving side copies a batch out of
+:meth:`SlotRef.view` before it asks the DataLoader for more than one further batch of that worker
+(the training loader copies the rows of each step's pieces into its micro batches: pinned memory
+when there is a GPU, so that is the only copy). That order holds because a torch DataLoader serving
+in order (the default) asks worker ``w`` for its batch ``k + prefetch_factor`` only after the rank
+process has received the worker's batch ``k``, so with ``slots >= prefetch_factor + 2`` a worker
+never writes into a batch that has not been copied out.
 
 Memory: ``workers x slots`` batches of shared memory per rank (the training loader uses
 ``slots = prefetch_factor + 2 = 6``; e.g. 4 workers x 6 x 256 images x 147 KiB = 0.9 GiB at
@@ -75,16 +75,3 @@ class SlotRef:
     def view(self) -> torch.Tensor:
         """The batch in place (rank process only; rewritten ``slots`` batches later)."""
         return _OPEN[self.key].buffer[self.worker, self.slot, :self.rows]
-
-    def pin_memory(self, device: str | None = None) -> torch.Tensor:
-        """A pinned copy (DataLoader's pin-memory thread calls this)."""
-        return self.view().pin_memory()
-
-    def receive(self) -> torch.Tensor:
-        """A copy the rank process may keep."""
-        return self.view().clone()
-
-
-def receive(images: torch.Tensor | SlotRef) -> torch.Tensor:
-    """A worker batch's images as a tensor the rank process may keep (pinned ones already are)."""
-    return images.receive() if isinstance(images, SlotRef) else images

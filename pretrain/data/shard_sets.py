@@ -51,6 +51,7 @@ class ShardSet:
     num_classes: int | None = None  # known from an index
     notes: tuple[str, ...] = ()  # how a split was chosen, for the log
     classes: tuple[str, ...] | None = None  # class names by index, known from classes.json
+    estimated: bool = False  # counts are data.samples_per_epoch spread evenly, not read from an index
 
     @property
     def samples(self) -> int | None:
@@ -157,10 +158,11 @@ def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
     if len({s.multi_label for s in labelled}) > 1:
         raise UserError(f"{key}={spec!r} mixes single-label and multi-label shard sets")
     counts: tuple[int, ...] | None
+    estimated = False
     if all(s.counts is not None for s in sets):
         counts = tuple(c for s in sets for c in s.counts)
     elif samples_per_epoch:
-        counts = tuple([samples_per_epoch // len(urls)] * len(urls))
+        counts, estimated = tuple([samples_per_epoch // len(urls)] * len(urls)), True
     else:
         raise UserError(f"{key}={spec!r} names remote shards without an index: set data.samples_per_epoch "
                         f"to the number of samples they hold")
@@ -170,7 +172,7 @@ def resolve_shards(spec: str, split: str = "train", *, key: str = "data.train",
                         f"(`vitscale shards write ... --classes FIRST_SHARD_FOLDER`)")
     return ShardSet(urls, counts, labelled[0].multi_label if labelled else None,
                     max((s.num_classes for s in labelled), default=None),
-                    tuple(n for s in sets for n in s.notes), tables.pop() if tables else None)
+                    tuple(n for s in sets for n in s.notes), tables.pop() if tables else None, estimated)
 
 
 def check_same_classes(ref: ShardSet, other: ShardSet, ref_key: str, other_key: str) -> None:

@@ -15,6 +15,10 @@ A folder written by ``vitscale shards write SRC OUT``::
                                   "skipped", "options"}
     OUT/skipped.jsonl            one {"path", "reason"} per source image that was left out
     OUT/.progress/               per-shard sidecars that let an interrupted write resume
+    OUT/_parts/                  with ``shards write --part I/N``: one record per finished part
+                                 (data_tools.parts), joined into index.json by ``shards merge``
+    OUT/dedup.json               after ``shards dedup``: training keys the loader leaves out
+                                 (pretrain.data.exclusions)
 
 A sample is consecutive tar members sharing a key. The key and extension follow WebDataset's own
 rule (``webdataset.tariterators.base_plus_ext``): the key is the member path up to the first dot

@@ -82,7 +82,8 @@ class SyntheticTrain:
         return {"kind": "synthetic", "epoch": 0, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        # a checkpoint of a shard run (data.train changed since): continue at its global sample count
+        self.position = int(state.get("position", state.get("global_samples", 0)))
 
     def stats(self) -> dict:
         return {}

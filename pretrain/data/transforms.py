@@ -129,7 +129,9 @@ def _to_chw_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
 
-def _pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+def pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` = (l, t, r, b) in float pixels, rounded to whole pixels inside a ``width`` x
+    ``height`` image, at least one pixel each way (every decoder crops with this)."""
     left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
     return left, top, min(width, max(left + 1, round(box[2]))), min(height, max(top + 1, round(box[3])))
 
@@ -162,10 +164,10 @@ def resize_box(img: np.ndarray | Image.Image, box: Box, size: int, flip: bool = 
         pil = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
         return out.copy_(_to_chw_uint8(pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil))
     if isinstance(img, np.ndarray):
-        left, top, right, bottom = _pixel_box(box, img.shape[1], img.shape[0])
+        left, top, right, bottom = pixel_box(box, img.shape[1], img.shape[0])
         crop = img[top:bottom, left:right]  # a view: no copy of the region
     else:
-        left, top, right, bottom = _pixel_box(box, img.width, img.height)
+        left, top, right, bottom = pixel_box(box, img.width, img.height)
         crop = np.array(img.crop((left, top, right, bottom)), dtype=np.uint8)
     _resize_into(torch.from_numpy(crop.transpose(2, 0, 1)[None]), out[None])  # (1, 3, h, w) -> (1, 3, S, S)
     return out.copy_(out.flip(-1)) if flip else out

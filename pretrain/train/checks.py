@@ -1,5 +1,5 @@
 """The checks that run before any process starts: config, batch arithmetic, data, run dir,
-disk, attention backend, and with ``model.fp8`` whether FP8 can run.
+disk, attention backend, logging sinks, and with ``model.fp8`` whether FP8 can run.
 
 ``vitscale pretrain`` / ``finetune`` run them in the launching process and stop with one line per
 failure (exit 2) before spawning ranks; ``vitscale preflight`` prints them as a table (adding the
@@ -27,13 +27,14 @@ from pretrain.checkpoint.layout import checkpoint_bytes
 from pretrain.core.errors import UserError
 from pretrain.core.system import gpu_compute_capability
 from pretrain.data.config import unread_settings
-from pretrain.data.loader import check_labels, check_layout
-from pretrain.data.shard_sets import check_same_classes, probe_shards, resolve_shards
+from pretrain.data.loader import check_labels, plan_streams, train_shard_sets
+from pretrain.data.shard_sets import ShardSet, check_same_classes, probe_shards, resolve_shards
 from pretrain.model.costs import param_count
 from pretrain.model.fp8 import MIN_CAPABILITY, fp8_blocker, torchao_blocker
 from pretrain.model.sdpa import SdpaReport, flash_blockers, sdpa_report
 from pretrain.train.config import Config
 from pretrain.train.fewshot import check_width, feature_width, resolve_dataset
+from pretrain.train.sinks import check_sink_package, enabled_sinks
 
 PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
 GIB = 1 << 30
@@ -74,38 +75,63 @@ def check_batch(cfg: Config, world_size: int) -> Check:
 
 
 def check_data(cfg: Config, world_size: int) -> list[Check]:
-    """``data.train`` and ``data.val`` resolve (as the loaders resolve them), their labels fit the
-    model, and every dataloader worker of every rank gets a training shard of its own."""
+    """``data.train`` (every source of a mixture) and ``data.val`` resolve (as the loaders resolve
+    them), their first samples are readable with labels that fit the model, the mixture's sources
+    share one class table, and the global sample stream fits the layout (``data.streams``)."""
     spec = cfg.loader()
     checks = []
-    train = None
     unread = check_unread_settings(cfg)
-    for key, source, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
-        if not source:
-            checks.append(Check(key, SKIP, "not set: no evaluation"))
-            continue
-        if source == "synthetic":
-            checks.append(unread if unread is not None and unread.name == key else
-                          Check(key, SKIP, "synthetic data: no shards to check"))
-            continue
+    if cfg.data.train == "synthetic":
+        checks.append(unread if unread is not None and unread.name == "data.train" else
+                      Check("data.train", SKIP, "synthetic data: no shards to check"))
+        train = None
+    else:
+        train, check = _check_train(cfg, spec, world_size)
+        checks.append(check)
+    key, source = "data.val", cfg.data.val
+    if not source:
+        checks.append(Check(key, SKIP, "not set: no evaluation"))
+    elif source == "synthetic":
+        checks.append(unread if unread is not None and unread.name == key else
+                      Check(key, SKIP, "synthetic data: no shards to check"))
+    else:
         try:
-            shards = resolve_shards(source, split, key=key, samples_per_epoch=cfg.data.samples_per_epoch)
+            shards = resolve_shards(source, "val", key=key, samples_per_epoch=cfg.data.samples_per_epoch)
             check_labels(shards, spec, key)
             probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
-            if split == "train":
-                check_layout(shards, world_size, max(1, cfg.data.workers))
-                train = shards
-            elif train is not None:
+            if train is not None:
                 check_same_classes(train, shards, "data.train", key)
+            count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+            checks.append(Check(key, PASS, "; ".join([f"{len(shards.urls)} shards, {count}", *shards.notes]),
+                                data={"shards": len(shards.urls)}))
         except UserError as err:
             checks.append(Check(key, FAIL, str(err)))  # the message names the key and the fix
-            continue
-        count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
-        detail = f"{len(shards.urls)} shards, {count}"
-        if split == "train":
-            detail += f", for {world_size} ranks x {max(1, cfg.data.workers)} workers"
-        checks.append(Check(key, PASS, "; ".join([detail, *shards.notes]), data={"shards": len(shards.urls)}))
     return checks + check_fewshot(cfg)
+
+
+def _check_train(cfg: Config, spec, world_size: int) -> tuple[ShardSet | None, Check]:
+    """The training sources and their streams: (the first source's shards, the check)."""
+    try:
+        sources = train_shard_sets(spec)
+        for name, _, shards in sources:
+            key = "data.train" if len(sources) == 1 else f"data.train source {name}"
+            probe_shards(shards, key, multi_label=cfg.data.multi_label, label_key=cfg.data.label_key)
+            check_same_classes(sources[0][2], shards, f"data.train source {sources[0][0]}", key)
+        plan = plan_streams(sources, cfg.for_world(world_size).loader(), world_size)
+    except UserError as err:
+        return None, Check("data.train", FAIL, str(err))  # the message names the key and the fix
+    weights = plan.weights()
+    parts = []
+    for name, _, shards in sources:
+        count = f"{shards.samples} samples" if shards.samples is not None and not shards.estimated \
+            else "samples unknown"
+        share = f" ({100 * weights[name]:.1f}% of every batch)" if len(sources) > 1 else ""
+        parts.append("; ".join([f"{name + ': ' if len(sources) > 1 else ''}{len(shards.urls)} shards, {count}{share}",
+                                *shards.notes]))
+    detail = " | ".join(parts) + (f"; {plan.count} streams of {plan.rows} samples a step, "
+                                  f"{plan.count // world_size} per rank (data.streams)")
+    return sources[0][2], Check("data.train", PASS, detail,
+                                data={"shards": sum(len(s.urls) for _, _, s in sources)})
 
 
 def check_unread_settings(cfg: Config) -> Check | None:
@@ -260,6 +286,20 @@ def check_sdpa(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str
     return Check("sdpa", WARN, f"{what}: expected flash on Ampere/Hopper in bf16", fix)
 
 
+def check_log_sinks(cfg: Config) -> list[Check]:
+    """Every sink the ``log`` section turns on (``log.tensorboard``, ``log.wandb``) can import its
+    library here; a FAIL names the package to install."""
+    checks = []
+    for key in enabled_sinks(cfg.log):
+        try:
+            check_sink_package(key)
+        except UserError as err:
+            checks.append(Check(f"log.{key}", FAIL, str(err)))
+            continue
+        checks.append(Check(f"log.{key}", PASS, "installed"))
+    return checks
+
+
 def check_fp8(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str | None = None,
               capability: tuple[int, int] | None = None) -> Check:
     """Whether ``model.fp8`` can train where the ranks run (:func:`pretrain.model.fp8.fp8_blocker`):
@@ -290,22 +330,22 @@ def check_fp8(cfg: Config, runs_here: bool, probe_gpu: bool = True, device: str 
 
 
 def run_cheap_checks(cfg: Config, world_size: int, runs_here: bool, probe_gpu: bool | None = None) -> list[Check]:
-    """Config, batch arithmetic, data, run dir (+ disk), SDPA backend, and FP8 when ``model.fp8``
-    is on.
+    """Config, batch arithmetic, data, run dir (+ disk), logging sinks, SDPA backend, and FP8 when
+    ``model.fp8`` is on.
 
     ``probe_gpu``: whether the SDPA and FP8 checks may touch this rank's GPU; by default only
     inside a rank (``LOCAL_RANK`` set), never in a launcher process that spawns ranks."""
     probe = ("LOCAL_RANK" in os.environ) if probe_gpu is None else probe_gpu
     fp8 = [check_fp8(cfg, runs_here, probe)] if cfg.model.fp8 != "off" else []
     return [describe_config(cfg), check_batch(cfg, world_size), *check_data(cfg, world_size), *check_run_dir(cfg),
-            check_sdpa(cfg, runs_here, probe), *fp8]
+            *check_log_sinks(cfg), check_sdpa(cfg, runs_here, probe), *fp8]
 
 
 def raise_on_failure(checks: list[Check]) -> None:
     """One :class:`UserError` listing every FAIL with its fix; nothing if none failed."""
     failed = [c for c in checks if c.status == FAIL]
     if len(failed) == 1 and (failed[0].name in ("batch", "data.train", "data.val") or
-                             failed[0].name.startswith("fewshot.")):
+                             failed[0].name.startswith(("fewshot.", "log."))):
         raise UserError(failed[0].detail)  # these details already name the key and the fix
     if failed:
         lines = [f"{c.name}: {c.detail}" + (f" -> fix: {c.fix}" if c.fix else "") for c in failed]

@@ -298,13 +298,20 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LogConfig:
     peak_flops: float | None = None  # dense bf16 per device; None: from the device table (null on CPU); FP8 at 2x
-    tensorboard: bool = False
+    tensorboard: bool = False  # scalars under run.dir/tb (needs the tensorboard package)
+    wandb: bool = False  # the same scalars to Weights & Biases (needs wandb; WANDB_MODE=offline keeps them local)
+    wandb_project: str = "vitscale"
+    wandb_name: str | None = None  # None: run.dir's folder name
     progress: bool = True
     sample_keys: bool = False  # debug: each rank appends its batch keys per step to sample_keys_rank{r}.jsonl
 
     def __post_init__(self):
         _check(self.peak_flops is None or self.peak_flops > 0, "log.peak_flops", self.peak_flops,
                "must be > 0 FLOP/s, e.g. 989e12 for an H100")
+        _check(isinstance(self.wandb_project, str) and self.wandb_project.strip(), "log.wandb_project",
+               self.wandb_project, "give the W&B project name, e.g. vit-pretrain")
+        _check(self.wandb_name is None or (isinstance(self.wandb_name, str) and self.wandb_name.strip()),
+               "log.wandb_name", self.wandb_name, "give a run name, or null for run.dir's folder name")
 
 
 @dataclass(frozen=True)
@@ -364,7 +371,7 @@ class Config:
     def loader(self) -> LoaderSpec:
         """What the input pipelines are built from (see :mod:`pretrain.data.config`)."""
         return LoaderSpec(self.data, self.train.micro_batch, self.model.img_size, self.model.num_classes,
-                          self.run.seed, self.train.eval_batches, self.augment)
+                          self.run.seed, self.train.eval_batches, self.augment, grad_accum=self.train.grad_accum or 1)
 
     def for_world(self, world_size: int) -> Config:
         """This config with ``train.grad_accum`` resolved for ``world_size`` ranks (derived from

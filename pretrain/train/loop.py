@@ -79,11 +79,14 @@ def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classe
     """Forward/backward over the micro batches and one optimizer step, with one host sync.
 
     Images cross to the device and are normalised there; ``mixer`` (Mixup / CutMix) then mixes
-    micro batch ``i`` as a pure function of (seed, ``step``, ``rank``, ``i``), and the model's own
+    micro batch ``i`` as a pure function of (seed, ``step``, ``m``), where ``m = rank x A + i`` is
+    the micro batch's place in the global batch (``A`` micro batches per rank: the canonical micro
+    batch of :mod:`pretrain.data.stream`, the same images on any world size), and the model's own
     noise (dropout, attention dropout, drop path, patch dropout) is drawn inside
-    :func:`~pretrain.model.vit.seeded_noise` with a seed derived from the same four: a resumed run
-    draws exactly what the uninterrupted one drew, whatever else used torch's global generator in
-    between (a DataLoader starting draws its base seed from it). A micro batch whose
+    :func:`~pretrain.model.vit.seeded_noise` with a seed derived from the same three: a resumed run,
+    also on another world size with the same micro batch, draws exactly what the uninterrupted one
+    drew, whatever else used torch's global generator in between (a DataLoader starting draws its
+    base seed from it). A micro batch whose
     loss is not finite contributes an exact zero (its gradients stay finite). Before the optimizer
     step one all-reduce agrees, over all ranks, on whether any rank saw such a loss and on the
     caller's ``flags`` (stop request, bad data; returned maxed in ``flags``), and one host sync
@@ -96,11 +99,12 @@ def run_step(engine: Engine, micro_batches: list[Batch], cfg: Config, num_classe
     bad = torch.zeros((), device=engine.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
+        m = rank * len(micro_batches) + i  # the canonical micro batch
         images = engine.to_device(batch.images)
         targets = _targets(batch, cfg, num_classes).to(images.device)
         if mixer is not None:
-            images, targets = mixer(images, targets, step, rank, i)
-        with seeded_noise(derive_seed("noise", cfg.run.seed, step, rank, i), images.device):
+            images, targets = mixer(images, targets, step, m)
+        with seeded_noise(derive_seed("noise", cfg.run.seed, step, m), images.device):
             logits = engine.model_forward(images)
         loss = classification_loss(logits, targets, cfg.train.loss, cfg.train.label_smoothing)
         if fault is not None:

@@ -1,16 +1,16 @@
-"""Run metrics: throughput, MFU, data-wait share, memory; written to console and JSONL.
+"""Run metrics: throughput, MFU, data-wait share, memory, run health; where they are written.
 
 Every ``train.log_every`` steps rank 0 appends one JSON object to ``run.dir/metrics.jsonl`` with
 at least ``step, loss, lr, grad_norm, images_per_s, mfu, data_wait_frac`` (``mfu`` is null
 without a known peak, e.g. on CPU unless ``log.peak_flops`` is given; with ``model.fp8`` it is
-measured against the bf16 / FP8 mixed peak, see :mod:`pretrain.model.costs`). Eval and event records
-carry a ``kind`` field ("eval", "event").
+measured against the bf16 / FP8 mixed peak, see :mod:`pretrain.model.costs`). Eval, few-shot and
+event records carry a ``kind`` field ("eval", "fewshot", "event"). Every record goes through one
+call, :meth:`MetricsLog.write`, to every sink (:mod:`pretrain.train.sinks`): metrics.jsonl always,
+TensorBoard and Weights & Biases when ``log.tensorboard`` / ``log.wandb`` turn them on.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import resource
 import sys
 import time
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.model.costs import mfu, mixed_peak, peak_flops_for
+from pretrain.train.sinks import METRICS_FILE, SINKS, JsonlSink, enabled_sinks
 
 
 def peak_memory_gb() -> float:
@@ -67,40 +68,57 @@ class Throughput:
         }
 
 
-class MetricsLog:
-    """Rank 0 writes JSONL (+ TensorBoard when enabled); other ranks write nothing."""
+class HealthWindow:
+    """What the console's health line at an evaluation sums up: lost samples, skipped steps, the
+    data-wait share of the wall time and the seconds checkpoints held training up, since the
+    previous evaluation (or this process's start)."""
 
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = False):
-        self.rank = rank
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
-        if rank == 0 and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("log.tensorboard=true but tensorboard is not installed: pip install 'vitscale[tensorboard]'",
-                      file=sys.stderr)
-            else:
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+    def __init__(self, step: int, lost: int, skipped: int):
+        self.reset(step, lost, skipped)
+
+    def reset(self, step: int, lost: int, skipped: int) -> None:
+        self.step, self.lost, self.skipped = step, lost, skipped
+        self.t0 = time.perf_counter()
+        self.wait = self.blocked = 0.0
+
+    def add(self, wait: float = 0.0, blocked: float = 0.0) -> None:
+        self.wait += wait
+        self.blocked += blocked
+
+    def line(self, step: int, lost: int, skipped: int) -> str:
+        """The line for an evaluation at ``step`` (``lost``, ``skipped``: the run's totals now);
+        the window then starts again."""
+        share = self.wait / max(time.perf_counter() - self.t0, 1e-9)
+        text = (f"health @ step {step} (since step {self.step}): {lost - self.lost} lost samples, "
+                f"{skipped - self.skipped} skipped steps, data-wait {100 * min(share, 1.0):.1f}%, "
+                f"checkpoint blocking {self.blocked:.2f} s")
+        self.reset(step, lost, skipped)
+        return text
+
+
+class MetricsLog:
+    """Rank 0 sends every record to its sinks (metrics.jsonl, plus TensorBoard / W&B when the
+    ``log`` section turns them on; :data:`SINKS`) and prints the console lines; other ranks
+    write nothing. The optional sinks start with :meth:`open`, once the run dir exists."""
+
+    def __init__(self, run_dir: Path, rank: int, log=None):
+        self.rank, self.run_dir, self.log_cfg = rank, Path(run_dir), log
+        self.path = self.run_dir / METRICS_FILE
+        self.sinks: list = [JsonlSink(self.run_dir)] if rank == 0 else []
+
+    def open(self, config: dict) -> None:
+        """Start the optional sinks (rank 0); ``config`` is what W&B records as the run's config."""
+        if self.rank != 0 or self.log_cfg is None:
+            return
+        for key in enabled_sinks(self.log_cfg):
+            self.sinks.append(SINKS[key](self.run_dir, self.log_cfg, config))
 
     def write(self, record: dict) -> None:
         if self.rank != 0:
             return
         record = {"time": round(time.time(), 3), **record}
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(finite) + "\n")  # strict JSON: NaN/Inf become null
-        except OSError as err:  # a full or read-only disk must not stop training; the checkpoint says why
-            if not getattr(self, "_warned", False):
-                print(f"metrics: cannot append to {self.path}: {err.strerror or err}; records are dropped",
-                      file=sys.stderr)
-                self._warned = True
-        if self.tb is not None and "step" in record:
-            prefix = record.get("kind", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        for sink in self.sinks:
+            sink.write(record)
 
     def start_progress(self, total: int, initial: int, enabled: bool) -> None:
         """A step progress bar (stderr) on rank 0 when stderr is a terminal; log lines print above it."""
@@ -127,10 +145,12 @@ class MetricsLog:
             self.bar.close()
             self.bar = None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the progress bar and the sinks (``failed``: the run ends with an error)."""
         self.stop_progress()
-        if self.tb is not None:
-            self.tb.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close(failed)
 
 
 def format_train_line(rec: dict, total_steps: int) -> str:
@@ -139,4 +159,5 @@ def format_train_line(rec: dict, total_steps: int) -> str:
     gn_txt = "n/a" if gn is None else f"{gn:.3f}"
     return (f"step {rec['step']:>6}/{total_steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
             f"gnorm {gn_txt}  {rec['images_per_s']:.1f} img/s  mfu {mfu_txt}  "
-            f"data-wait {100 * rec['data_wait_frac']:.1f}%  mem {rec.get('peak_mem_gb', 0):.2f} GB")
+            f"data-wait {100 * rec['data_wait_frac']:.1f}%  mem {rec.get('peak_mem_gb', 0):.2f} GB"
+            + (f"  excluded {rec['excluded']}" if rec.get("excluded") else ""))

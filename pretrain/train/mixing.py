@@ -7,8 +7,8 @@ For a micro batch: with probability ``augment.mix_prob`` it is mixed with itself
 the pasted area); Mixup blends the whole images with weight lam. Targets become dense rows mixed
 with the same lam: for the softmax loss one-hot rows (label smoothing applied before mixing, so
 the two compose) that sum to 1; for the sigmoid / multi-label loss multi-hot rows, which stay in
-[0, 1]. Every draw comes from a generator seeded by (seed, step, rank, micro batch): the same
-step after a resume mixes exactly as before, independently of timing.
+[0, 1]. Every draw comes from a generator seeded by (seed, step, canonical micro batch): the same
+step after a resume, also on another world size, mixes exactly as before, independently of timing.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def cutmix_box(height: int, width: int, lam: float, rng: random.Random) -> tuple
 
 @dataclass(frozen=True)
 class Mixer:
-    """``mixer(images, targets, step, rank, micro)`` -> (mixed images, dense target rows)."""
+    """``mixer(images, targets, step, micro)`` -> (mixed images, dense target rows); ``micro`` is
+    the micro batch's place in the global batch (rank x accumulation steps + its index)."""
 
     aug: AugmentConfig
     num_classes: int
@@ -52,10 +53,10 @@ class Mixer:
     smoothing: float
     seed: int
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, rank: int,
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int,
                  micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = dense_targets(targets, self.num_classes, self.loss, self.smoothing if self.loss == "softmax" else 0.0)
-        rng = random.Random(derive_seed("mix", self.seed, step, rank, micro))
+        rng = random.Random(derive_seed("mix", self.seed, step, micro))
         if rng.random() >= self.aug.mix_prob:
             return images, rows
         a = self.aug

@@ -40,6 +40,7 @@ import torch
 from pretrain.checkpoint.layout import TRAINING_FORMAT, CheckpointManager
 from pretrain.checkpoint.resume import ResumeSource, find_resume_source
 from pretrain.core.errors import UserError
+from pretrain.core.version import package_version
 from pretrain.data.loader import counts_by, sum_counts
 from pretrain.data.pipeline import build_eval_data
 from pretrain.model.costs import model_costs
@@ -51,7 +52,14 @@ from pretrain.train.engine import Comm, Engine, all_reduce_
 from pretrain.train.faults import Faults
 from pretrain.train.fewshot_eval import build_fewshot
 from pretrain.train.loop import SampleKeysLog, eval_line, evaluate, run_step
-from pretrain.train.metrics import MetricsLog, Throughput, device_peak_flops, format_train_line, peak_memory_gb
+from pretrain.train.metrics import (
+    HealthWindow,
+    MetricsLog,
+    Throughput,
+    device_peak_flops,
+    format_train_line,
+    peak_memory_gb,
+)
 from pretrain.train.mixing import build_mixer
 from pretrain.train.prefetch import train_source
 from pretrain.train.schedule import lr_at
@@ -75,13 +83,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     """One rank of a pretraining or fine-tuning run (see the module docstring)."""
 
-    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop, prepare_model=None):
+    def __init__(self, cfg: Config, mode: str, rank: int, world: int, stop, prepare_model=None,
+                 recipe: str | None = None):
         self.given = cfg
         self.cfg = cfg.for_world(world)
         self.mode, self.rank, self.world, self.stop = mode, rank, world, stop
         self.prepare_model = prepare_model
+        self.recipe = recipe  # what --config named, for the start record
         self.run_dir = Path(cfg.run.dir)
-        self.log = MetricsLog(self.run_dir, rank, cfg.log.tensorboard)
+        self.log = MetricsLog(self.run_dir, rank, cfg.log)
         self.faults = Faults(os.environ.get("VITSCALE_FAULT"), rank)
         self.ckpt = CheckpointManager(self.run_dir, rank, world, cfg.checkpoint.keep, Comm())
         self.state = LoopState()
@@ -145,10 +155,21 @@ class Trainer:
         return self.state.step
 
     def run(self, resume: str | None, no_resume: bool) -> int:
+        """The whole run on this rank; the logging sinks are closed however it ends."""
+        failed = True
+        try:
+            code = self._run(resume, no_resume)
+            failed = False
+            return code
+        finally:
+            self.log.close(failed)
+
+    def _run(self, resume: str | None, no_resume: bool) -> int:
         cfg, log = self.cfg, self.log
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.given, self.run_dir / "config.yaml")
+            log.open({**self.given.to_dict(), "recipe": self.recipe, "mode": self.mode, "world_size": self.world})
         source = find_resume_source(self.ckpt, resume, no_resume, identity(cfg, self.mode), self.world, log)
         self._build(source)
         start = self._restore(source) if source is not None else 0
@@ -158,15 +179,21 @@ class Trainer:
             log.write({"kind": "event", "step": start, "event": "preempted"})
             self.train_data.close()
             return 0
-        for key, source in (("data.train", self.train_data), ("data.val", self.eval_data)):
-            shards = getattr(source, "shards", None)
-            if shards is not None:
-                count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
-                log.console("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
+        train = getattr(self.train_data, "source", self.train_data)  # under the device prefetcher
+        for line in train.describe() if hasattr(train, "describe") else []:
+            log.console(line)
+        shards = getattr(self.eval_data, "shards", None)
+        if shards is not None:
+            count = f"{shards.samples} samples" if shards.samples is not None else "samples unknown"
+            log.console("; ".join([f"data.val: {len(shards.urls)} shards, {count}", *shards.notes]))
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         log.console(f"{self.mode}: {cfg.model.label()} {self.costs['params'] / 1e6:.2f}M params, {procs}, ZeRO-"
                     f"{cfg.zero.stage}, {self.precision}, steps {start + 1}..{cfg.train.steps}, "
                     f"{self.given.batch_line(self.world)}, run dir {self.run_dir}")
+        log.write({"kind": "event", "step": start, "event": "start", "mode": self.mode, "model": cfg.model.label(),
+                   "recipe": self.recipe, "world_size": self.world, "zero_stage": cfg.zero.stage,
+                   "total_steps": cfg.train.steps, "global_batch": cfg.train.micro_batch * cfg.train.grad_accum *
+                   self.world, "version": package_version()})
         t0 = time.perf_counter()
         self._train()
         if not self.preempted:
@@ -178,7 +205,6 @@ class Trainer:
                 self.fewshot.run(self.engine, self.state.step)
             self._summary(time.perf_counter() - t0)
         self.train_data.close()
-        log.close()
         return 0
 
     # ---- the loop ----
@@ -189,6 +215,8 @@ class Trainer:
                                 peak, self.world)
         pending: list[torch.Tensor] = []
         self.engine.train(True)
+        self.lost_shown = self._data_stats().get("bad_samples", 0)  # a resumed run's earlier losses were shown
+        self.health = HealthWindow(state.step, self.lost_shown, state.bad_steps_total)
         log.start_progress(t.steps, state.step, cfg.log.progress)
         while state.step < t.steps:
             step = state.step + 1
@@ -198,6 +226,7 @@ class Trainer:
             t0 = time.perf_counter()
             batches = [self.train_data.next_batch() for _ in range(t.grad_accum)]
             wait = time.perf_counter() - t0
+            self.health.add(wait=wait)
             if self.keys_log is not None:
                 self.keys_log(step, batches)
             if self.faults.stop(step):
@@ -294,6 +323,7 @@ class Trainer:
         path = self.ckpt.save(self.engine, step, self.ckpt_meta, self.components.state_dict(),
                               before_publish=self.faults.save_pause(step), background=background)
         self.save_blocked_s = round(time.perf_counter() - t0, 3)  # how long training stood still
+        self.health.add(blocked=self.save_blocked_s)
         if path is not None:
             self.log.write({"kind": "event", "step": step, "event": "checkpoint", "path": str(path),
                             "blocked_s": self.save_blocked_s})
@@ -331,6 +361,8 @@ class Trainer:
         self.best.update(record)
         self.log.write(record)
         self.log.console(eval_line(record))
+        lost = self._data_stats().get("bad_samples", 0)  # every rank evaluates: the gather is safe here
+        self.log.console(self.health.line(step, lost, self.state.bad_steps_total))
 
     def _log_train(self, pending: list[torch.Tensor], lr: float) -> None:
         """One metrics record; ``loss`` is the mean over all ranks and the applied steps since the
@@ -360,19 +392,25 @@ class Trainer:
             self.log.console(f"data: {lost} sample{'s' if lost > 1 else ''} lost since the last line "
                              f"({rec['bad_samples']} in all: {_counts_line(rec['bad_by_reason'])}; worst shards "
                              f"{_counts_line(rec.get('bad_by_shard', {}), 3)})")
-        self.last_data = {k: rec[k] for k in ("bad_samples", "bad_by_reason", "bad_by_shard") if k in rec}
+        self.last_data = {k: rec[k] for k in ("bad_samples", "bad_by_reason", "bad_by_shard", "excluded") if k in rec}
         self.meter.reset()
 
     def _data_stats(self) -> dict:
-        """The loader's bad-sample counts summed over all ranks (shard data only)."""
+        """The loader's bad-sample counts summed over all ranks (shard data only), and the samples
+        its dedup.json excluded (``excluded``, only once there are any)."""
         if self.cfg.data.train == "synthetic":
             return {}
         parts = Comm.all_gather_object(self.train_data.stats())
         out = {"epoch": max(p["epoch"] for p in parts), "bad_samples": sum(p["bad_samples"] for p in parts),
                "bad_by_reason": sum_counts([p["bad_by_reason"] for p in parts])}
+        if "samples_by_source" in parts[0]:
+            out["samples_by_source"] = sum_counts([p["samples_by_source"] for p in parts])
         by_shard = sum_counts([p["bad_by_shard"] for p in parts])
         if by_shard:
             out["bad_by_shard"] = dict(sorted(by_shard.items(), key=lambda kv: -kv[1])[:_SHARDS_SHOWN])
+        excluded = sum(p.get("excluded", 0) for p in parts)
+        if excluded:
+            out["excluded"] = excluded
         return out
 
     def _summary(self, seconds: float) -> None:
@@ -398,6 +436,8 @@ class Trainer:
             f"images/s       {_fmt(state.images_per_s, '.1f')}",
             *([f"lost samples   {self.last_data['bad_samples']} ({_counts_line(self.last_data['bad_by_reason'])})"]
               if self.last_data.get("bad_samples") else []),
+            *([f"excluded       {self.last_data['excluded']} (near-copies of evaluation images, dedup.json)"]
+              if self.last_data.get("excluded") else []),
             *([f"fewshot        {self.fewshot.line()}"] if self.fewshot is not None else []),
             f"run directory  {self.run_dir}",
         ]), flush=True)

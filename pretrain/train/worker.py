@@ -36,16 +36,18 @@ class StopFlag:
         self.raised = True
 
 
-def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model=None) -> int:
+def run_worker(cfg: Config, mode: str, resume: str | None, no_resume: bool, prepare_model=None,
+               recipe: str | None = None) -> int:
     """One rank of the job. Returns 0 when the run finished or was preempted (saved); the rank
-    then leaves the process group in step with the others (see :func:`leave_job`)."""
+    then leaves the process group in step with the others (see :func:`leave_job`). ``recipe``:
+    what ``--config`` named, recorded in the run's start record."""
     stop = StopFlag()
     quiet_third_party(int(os.environ.get("RANK", "0")))
     rank, world, _ = init_distributed(cfg.run.timeout_s)
     try:
         from pretrain.train.trainer import Trainer
 
-        code = Trainer(cfg, mode, rank, world, stop, prepare_model).run(resume, no_resume)
+        code = Trainer(cfg, mode, rank, world, stop, prepare_model, recipe).run(resume, no_resume)
         leave_job()
         return code
     except torch.distributed.DistError as err:
