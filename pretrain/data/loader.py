@@ -504,7 +504,8 @@ class ShardTrain:
                 f"every batch)"
             lines.append("; ".join([f"{key}: {len(shards.urls)} shards, {count}", *shards.notes]))
         lines.append(f"data order: {self.plan.count} streams (data.streams) of {self.plan.rows} samples a step, "
-                     f"{len(self.columns)} on each of {self.world} ranks, read by {self.workers} workers per rank")
+                     f"{len(self.columns)} on each of {self.world} ranks, read by {self.workers} "
+                     f"worker{'s' if self.workers > 1 else ''} per rank")
         return lines
 
     def stats(self) -> dict:
