@@ -44,11 +44,9 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node NPROC SCRIPT ARGS`` on a free port, in the
+    """``python -m torch.distributed.run --nproc-per-node NPROC --standalone SCRIPT ARGS`` (its own free port), in the
     test environment; fails the test (with the output) on a non-zero exit."""
-    from pretrain.train.spawn import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",  # own free port
            str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import psutil
@@ -224,7 +225,11 @@ def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
     from torch.distributed.run import config_from_args, parse_args
 
     nproc = args.nproc_per_node or default_nproc()
-    port = args.master_port or (free_port() if args.nnodes == 1 else 29500)
+    # one node without a given port: torchrun's standalone rendezvous binds a free port itself (no
+    # window between finding a free port and using it, in which a parallel job could take it)
+    standalone = args.nnodes == 1 and not args.master_port
+    rendezvous = (["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--rdzv-id={uuid.uuid4()}"] if standalone
+                  else [f"--master-addr={args.master_addr}", f"--master-port={args.master_port or 29500}"])
     errors = tempfile.mkdtemp(prefix="vitscale-errors-")
     os.environ.update({"VITSCALE_SPAWNER": "1", "PYTHONUNBUFFERED": "1", ERROR_DIR_ENV: errors,
                        LAUNCHER_ENV: str(os.getpid()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -232,8 +237,8 @@ def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     torchrun = parse_args([f"--nproc-per-node={nproc}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
-                           f"--master-addr={args.master_addr}", f"--master-port={port}", "--max-restarts=0",
-                           "--monitor-interval=0.1", "-m", "pretrain", command, *argv])
+                           *rendezvous, "--max-restarts=0", "--monitor-interval=0.1", "-m", "pretrain", command,
+                           *argv])
     config, cmd, cmd_args = config_from_args(torchrun)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     outcome: dict = {}
