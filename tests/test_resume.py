@@ -158,8 +158,8 @@ def test_world_size_and_worker_changes_change_nothing_about_the_data(reference, 
 
 def test_damaged_checkpoints_are_refused_or_skipped(reference, tmp_path):
     """A byte-flipped file in the newest checkpoint and a truncated one in the next: --resume of the
-    damaged one exits 2 naming the file; auto-resume falls back to the newest intact one (step 10)
-    and reproduces the run from there."""
+    damaged one exits 2 naming the file; with garbage in `latest` too, auto-resume falls back to the
+    newest intact one (step 10) and reproduces the run from there."""
     run = tmp_path / "run"
     ck = run / "checkpoints"
     shutil.copytree(reference / "checkpoints", ck)
@@ -174,9 +174,11 @@ def test_damaged_checkpoints_are_refused_or_skipped(reference, tmp_path):
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert str(flipped) in bad.stderr and "sha256" in bad.stderr
 
+    (ck / "latest").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # and `latest` itself overwritten with garbage
     good = vitscale(*pretrain_args(run), check=True)
+    assert "does not name a checkpoint tag" in good.stdout
     assert str(flipped) in good.stdout and str(truncated) in good.stdout and "truncated" in good.stdout
-    assert len(events(run, "checkpoint_rejected")) == 2
+    assert len(events(run, "checkpoint_rejected")) == 3  # latest, step 16, step 15
     assert _resumed_at(run) == [10]
     want = losses(reference)
     assert losses(run) == {s: want[s] for s in range(11, 17)}
