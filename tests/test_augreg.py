@@ -209,10 +209,11 @@ def test_zero3_ema_is_the_average_of_the_gathered_master_weights(zero3_ema):
     assert summary["eval_ema_top1"] == evals[-1]["ema_top1"]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero1_and_zero2_ema_too(stage, tmp_path):
+def test_zero2_ema_too(tmp_path):
+    """ZeRO-2 (ZeRO-1 partitions the fp32 master weights the EMA follows the same way; its EMA is
+    compared bitwise across a kill -9 in tests/test_exact_resume.py)."""
     run = tmp_path / "run"
-    _ema_run(run, stage, 5, "checkpoint.every=1")
+    _ema_run(run, 2, 5, "checkpoint.every=1")
     _check_chain(run, 5)
 
 
