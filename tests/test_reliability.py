@@ -80,6 +80,9 @@ def _environ(p: psutil.Process) -> dict:
 
 
 def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    """A second job on a held run dir is one line; kill -9 of the first job's launcher ends its
+    ranks within seconds (parent-death signal) and leaves the lock with a dead holder, which the
+    next job takes over."""
     run = tmp_path / "run"
     first = start(run, *LONG)
     try:
@@ -92,8 +95,14 @@ def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_
         assert holder["pid"] == first.pid and holder["command"] == "pretrain"
         steps = [r["step"] for r in read_metrics(run) if "loss" in r]
         assert steps == sorted(set(steps)), "the refused job wrote nothing into the run"
+        ranks = _ranks(first)
+        assert len(ranks) == 2
+        first.kill()  # kill -9 of the launcher alone
+        first.wait(10)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks outlived their launcher: {alive}"
     finally:
-        kill_job(first)  # kill -9 of every process: the lock file stays, its holder is gone
+        kill_job(first)
     assert (run / ".vitscale.lock").is_file()
     third = vitscale("pretrain", *TINY, "train.steps=3", "checkpoint.every=0", "data.val=null", f"run.dir={run}")
     assert third.returncode == 0, third.stderr[-2000:]
@@ -115,21 +124,6 @@ def test_repeated_sigterm_to_the_launchers_process_group_saves_and_exits_0(tmp_p
     assert events(run, "preempted") and latest(run).startswith("step_")
     assert "SignalException" not in output(run) and "Traceback" not in output(run)
     assert not (run / ".vitscale.lock").exists()
-
-
-def test_kill_9_of_the_launcher_ends_its_ranks(tmp_path):
-    run = tmp_path / "run"
-    proc = start(run, *LONG)
-    try:
-        wait_until(lambda: logged_step(run, 2), proc, what="step 2")
-        ranks = _ranks(proc)
-        assert len(ranks) == 2
-        proc.kill()
-        proc.wait(10)
-        gone, alive = psutil.wait_procs(ranks, timeout=10)
-        assert not alive, f"ranks outlived their launcher: {alive}"
-    finally:
-        kill_job(proc)
 
 
 # ---------------------------------------------------------------- damaged shards are counted exactly

@@ -72,10 +72,11 @@ from pretrain.core.help_text import doc_help
 from pretrain.core.system import available_cpus
 from pretrain.data import jpeg
 from pretrain.data.config import AugmentConfig, DataConfig, LoaderSpec
-from pretrain.data.loader import ShardTrain, die_with_parent
+from pretrain.data.loader import ShardTrain
 from pretrain.data.shard_sets import ShardSet, resolve_shards
 from pretrain.data.shards import iter_tar_samples
 from pretrain.data.transforms import prepare_rand_augment
+from pretrain.data.workers import die_with_parent
 
 SEED = 0
 _WINDOWS = 5

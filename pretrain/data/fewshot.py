@@ -45,6 +45,7 @@ from pretrain.data.shards import (
 )
 from pretrain.data.stream import read_shard
 from pretrain.data.transforms import eval_transform
+from pretrain.data.workers import worker_options
 
 _ANY_CLASS = 1 << 31  # the label range check happens against the set's class count afterwards
 
@@ -240,7 +241,7 @@ class SelectedImages:
     def __iter__(self) -> Iterator[tuple[int, Batch]]:
         if self._loader is None:
             n = self.readers if self.workers else 0
-            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=n, persistent_workers=n > 0)
+            self._loader = DataLoader(self.dataset, batch_size=None, persistent_workers=n > 0, **worker_options(n))
         produced = 0
         self.bad = {}
         for b in self._loader:

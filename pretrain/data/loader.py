@@ -36,9 +36,7 @@ the same way, but are counted apart, as ``excluded``.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -67,18 +65,12 @@ from pretrain.data.stream import (
     split_streams,
 )
 from pretrain.data.transforms import eval_transform, train_transform
+from pretrain.data.workers import worker_options
 
 _MIN_SEEN_FOR_BAD_CHECK = 100
 _PREFETCH = 4  # batches in flight per worker
 _POLL_S = 1.0  # how often a rank waiting for a batch looks at the stop flag and the stall clock
 _STOP_GRACE_S = 10.0  # a stop signal while no batch comes: how long the batch still may take
-
-
-def die_with_parent(_worker_id: int = 0) -> None:
-    """``worker_init_fn``: the kernel kills a DataLoader worker when its rank dies (Linux), so a
-    ``kill -9`` of the job never leaves a worker behind reading shards."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def sample_target(sample: TarSample, num_classes: int, multi_label: bool,
@@ -305,9 +297,8 @@ class ShardTrain:
         self.spec.pipeline.prepare()  # imports (torchvision) before the workers fork
         ds = _TrainStreams(self.plan, self.spec, self._pieces, dict(self.positions), self._buffers, self.exclusion)
         # no pin-memory thread: the rank copies each piece's rows once, straight into a pinned micro batch
-        loader = DataLoader(ds, batch_size=None, num_workers=n, pin_memory=False,
-                            prefetch_factor=_PREFETCH if n else None, persistent_workers=False,
-                            timeout=_POLL_S if n else 0, worker_init_fn=die_with_parent if n else None)
+        loader = DataLoader(ds, batch_size=None, pin_memory=False, prefetch_factor=_PREFETCH if n else None,
+                            persistent_workers=False, timeout=_POLL_S if n else 0, **worker_options(n))
         self._it = iter(loader)
 
     def _next(self) -> dict:
@@ -695,8 +686,7 @@ class ShardEval:
             total = min(total, spec.eval_batches)
         mine = list(range(self.rank, len(shards.urls), self.world))
         loader = DataLoader(_EvalShards(shards, spec, mine, workers), batch_size=None,
-                            num_workers=workers if spec.workers else 0,
-                            worker_init_fn=die_with_parent if spec.workers else None)
+                            **worker_options(workers if spec.workers else 0))
         produced = 0
         self.bad = {}
         for b in loader:
