@@ -149,7 +149,7 @@ class _TrainStreams(IterableDataset):
         try:
             yield from self._pieces(row)
         except UserError as err:  # handed to the rank as it is (a worker's exception would carry a traceback)
-            yield {"error": str(err), "worker": row}
+            yield {"error": str(err)}
 
     def _pieces(self, row: int) -> Iterator[dict]:
         torch.set_num_threads(1)
@@ -188,7 +188,7 @@ class _TrainStreams(IterableDataset):
             batch = pack([i for i in images if i is not None], spec.img_size) if gpu \
                 else buffers.hand_over(row, len(images))
             yield {"images": batch, "targets": _stack_targets(targets, spec), "keys": keys, "shards": shards,
-                   "worker": row, "pos": pos, "epoch": max(e for e, _ in pos.values()), "bad": bad,
+                   "pos": pos, "epoch": max(e for e, _ in pos.values()), "bad": bad,
                    "excluded": self.exclusion.take()}
 
 
