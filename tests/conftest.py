@@ -8,8 +8,13 @@ are collected first (:data:`LONGEST_FIRST`), which keeps the parallel suite's ta
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
 
 import pytest
+
+from tests.helpers import SHARED_ENV
 
 _LAUNCHES = ('vitscale("pretrain"', 'vitscale("finetune"', 'vitscale("evaluate"', 'vitscale("bench"', "torchrun(",
              "start(", "Popen(", "--nproc-per-node", "pretrain_args(", "_run(", "launch_main(")
@@ -30,6 +35,21 @@ LONGEST_FIRST = ("test_resume.py", "test_reliability.py", "test_augreg.py", "tes
                  "test_bench_train.py", "test_exact_resume.py", "test_fewshot.py", "test_end_to_end.py",
                  "test_user_flows.py", "test_report.py", "test_fp8.py", "test_fault_tolerance.py",
                  "test_finetune_surgery.py", "test_zero_engine.py", "test_convert_deepspeed.py")
+
+
+def pytest_configure(config) -> None:
+    """One folder for the runs tests share (tests/runs.py: shared), made by the first pytest
+    process; pytest-xdist workers inherit it from the controller's environment."""
+    if SHARED_ENV not in os.environ:
+        os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="vitscale-shared-")
+        config._vitscale_shared = os.environ[SHARED_ENV]
+
+
+def pytest_unconfigure(config) -> None:
+    folder = getattr(config, "_vitscale_shared", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ[SHARED_ENV]
 
 
 def pytest_collection_modifyitems(items) -> None:

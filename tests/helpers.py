@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_ENV = "VITSCALE_TEST_SHARED"  # set by tests/conftest.py: the folder of the runs tests share (tests/runs.py)
 
 TINY = ["model.name=vit_test4", "model.img_size=16", "model.num_classes=4", "data.val_samples=64",
         "train.micro_batch=8", "train.log_every=1", "train.eval_every=0", "optim.lr=0.003",

@@ -4,39 +4,65 @@ jobs (parent -> torchrun agent -> ranks), and read what they left in the run dir
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import torch
 
-from tests.helpers import ROOT, TINY, cli_env
+from tests.helpers import ROOT, SHARED_ENV, TINY, cli_env, vitscale
 
 # 16 deterministic steps, a checkpoint every 5 (keep 3: 10, 15, 16 survive), sample keys recorded;
 # global batch 16 on the shards of tiny_shards() (96 samples: an epoch is 6 steps)
 RUN = [*TINY, "train.steps=16", "checkpoint.every=5", "checkpoint.keep=3", "run.deterministic=true",
        "log.sample_keys=true", "train.global_batch=16"]
 EPOCH = 96
-_SHARDS: list[Path] = []
+
+
+def shared(name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``NAME`` of this test session, made once by ``make(folder)`` whichever test (on
+    whichever pytest-xdist worker) asks first; the others wait for it (a file lock) and reuse it.
+    What is shared is read, never changed: a test that needs to change it copies it first."""
+    root = Path(os.environ[SHARED_ENV])
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            make(folder)
+            done.touch()
+    return folder
 
 
 def tiny_shards() -> Path:
     """A shard set written with vitscale's own writer (4 classes x 24 images of 16 px, 8 per shard:
-    12 shards), once per test process."""
-    if not _SHARDS:
+    12 shards), once per test session."""
+    def make(root: Path) -> None:
         from data_tools.shard_writer import WriteOptions, write_shards
         from data_tools.synth import write_synthetic_folder
 
-        root = Path(tempfile.mkdtemp(prefix="vitscale-runs-"))
         write_synthetic_folder(root / "img", classes=4, per_class=EPOCH // 4, img_size=16, seed=0)
         write_shards(root / "img", root / "shards", WriteOptions(samples_per_shard=8, workers=1, progress=False))
-        _SHARDS.append(root / "shards")
-    return _SHARDS[0]
+
+    return shared("tiny-shards", make) / "shards"
+
+
+def reference_run() -> Path:
+    """The uninterrupted run of :data:`RUN` (2 processes, ZeRO-2), once per test session: what the
+    resume, multi-node and fault tests compare with. Read it; copy what a test would change."""
+    def make(folder: Path) -> None:
+        vitscale(*pretrain_args(folder / "run"), check=True)
+
+    run = shared("reference-zero2", make) / "run"
+    assert sorted(losses(run)) == list(range(1, 17))
+    return run
 
 
 def pretrain_args(run_dir: Path, *extra: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Resume on the real path: `vitscale pretrain` (torchrun, 2 gloo processes, DeepSpeed ZeRO bf16)
 killed, preempted or damaged, then relaunched with the same command.
 
-Each case compares with one uninterrupted 16-step run on a tiny shard set (``reference``): same
+Each case compares with one uninterrupted 16-step run on a tiny shard set (``reference``, made
+once per session: tests/runs.py): same
 losses bit for bit and the same sample keys on every rank when the world size is unchanged; the
 same samples in every step and the losses up to reduction order when the world size or the
 number of loader workers changes.
@@ -29,6 +30,7 @@ from tests.runs import (
     losses,
     output,
     pretrain_args,
+    reference_run,
     sample_keys,
     start,
     wait_until,
@@ -38,11 +40,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run = tmp_path_factory.mktemp("reference") / "run"
-    vitscale(*pretrain_args(run), check=True)
-    assert sorted(losses(run)) == list(range(1, 17))
-    return run
+def reference():
+    return reference_run()  # shared with the multi-node test
 
 
 def _resumed_at(run) -> list[int]:
