@@ -17,7 +17,7 @@ from pretrain.formats.deepspeed_ckpt import consolidate_ema
 from pretrain.model.vit import build_model, spec_for
 from pretrain.train.engine import param_groups
 from pretrain.train.mixing import Mixer, build_mixer
-from tests.helpers import TINY, cli_env, read_metrics, vitscale
+from tests.helpers import TINY, cli_env, read_metrics, vitscale, vitscale_here
 
 # ---------------------------------------------------------------- Mixup / CutMix
 
@@ -249,10 +249,10 @@ def test_ema_weights_export_evaluate_and_start_a_finetune(zero3_ema, tmp_path):
 
     sd, _, _ = load_safetensors(out)
     assert _max_diff(sd, _weights(zero3_ema, 10, ema=True)) == 0.0
-    proc = vitscale("convert", str(out), str(tmp_path / "x.safetensors"), "--to", "safetensors", "--ema")
+    proc = vitscale_here("convert", str(out), str(tmp_path / "x.safetensors"), "--to", "safetensors", "--ema")
     assert proc.returncode == 2 and "holds one set of weights" in proc.stderr
-    proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(out),
-                    "finetune.init_weights=ema", f"run.dir={tmp_path / 'ft'}")
+    proc = vitscale_here("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(out),
+                         "finetune.init_weights=ema", f"run.dir={tmp_path / 'ft'}")
     assert proc.returncode == 2 and "finetune.init_weights=ema needs a vitscale training checkpoint" in proc.stderr
 
 

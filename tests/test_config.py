@@ -5,7 +5,7 @@ import yaml
 
 from pretrain.core.errors import UserError
 from pretrain.train.config_file import load_config
-from tests.helpers import ROOT, vitscale
+from tests.helpers import ROOT, vitscale_here
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -62,14 +62,14 @@ def test_global_batch_checked_against_world_size():
 
 
 def test_cli_config_error_is_one_line_without_traceback(tmp_path: Path):
-    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "model.dpth=2", f"run.dir={tmp_path}")
+    proc = vitscale_here("pretrain", "--config", "configs/demo_cpu.yaml", "model.dpth=2", f"run.dir={tmp_path}")
     assert proc.returncode == 2
     assert "did you mean 'depth'" in proc.stderr and "Traceback" not in proc.stderr
-    missing = vitscale("pretrain", "--config", str(tmp_path / "nope.yaml"))
+    missing = vitscale_here("pretrain", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"img_size": "big"}}))
-    proc = vitscale("pretrain", "--config", str(bad))
+    proc = vitscale_here("pretrain", "--config", str(bad))
     assert proc.returncode == 2 and "model.img_size='big'" in proc.stderr
 
 
@@ -88,15 +88,15 @@ def test_synthetic_data_refuses_settings_it_would_ignore(tmp_path: Path):
     assert "vitscale shards synth" in detail
     assert unread("data.workers=1", "fewshot.datasets=[{name: a, train: /a, val: /a}]") is None  # few-shot reads it
     assert unread("data.train=/some/shards", "data.eval_crop_pct=0.875")[0] == "data.val"
-    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "augment.randaug_layers=2",
-                    "--nproc-per-node", "2", f"run.dir={tmp_path / 'r'}")
+    proc = vitscale_here("pretrain", "--config", "configs/demo_cpu.yaml", "augment.randaug_layers=2",
+                         "--nproc-per-node", "2", f"run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and not (tmp_path / "r").exists()
     [line] = proc.stderr.strip().splitlines()
     assert "data.train=synthetic reads none of augment.randaug_layers=2" in line and "Traceback" not in line
 
 
 def test_global_batch_mismatch_fails_before_spawning(tmp_path: Path):
-    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "train.global_batch=32",
-                    "--nproc-per-node", "2", f"run.dir={tmp_path / 'r'}")
+    proc = vitscale_here("pretrain", "--config", "configs/demo_cpu.yaml", "train.global_batch=32",
+                         "--nproc-per-node", "2", f"run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and "world size 2" in proc.stderr
     assert not (tmp_path / "r").exists()

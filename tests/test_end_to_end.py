@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, read_metrics, vitscale
+from tests.helpers import TINY, read_metrics, vitscale, vitscale_here
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "images_per_s", "mfu", "data_wait_frac"}
 
@@ -14,10 +14,10 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "images_per_s", "mfu", "data_w
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
-    vitscale("shards", "synth", str(root / "img"), "--classes", "4", "--per-class", "60", "--img-size", "16",
-             check=True)
-    vitscale("shards", "write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "50",
-             "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
+    vitscale_here("shards", "synth", str(root / "img"), "--classes", "4", "--per-class", "60", "--img-size", "16",
+                  check=True)
+    vitscale_here("shards", "write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "50",
+                  "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
     run = root / "pre"
     proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
                     f"run.dir={run}", f"data.train={root / 'sh'}", f"data.val={root / 'sh'}", "data.workers=1",
@@ -63,10 +63,10 @@ def test_evaluate_json_reports_top1(pretrained):
 
 
 def test_finetune_at_higher_resolution_on_new_labels_then_evaluate(pretrained, tmp_path):
-    vitscale("shards", "synth", str(tmp_path / "img"), "--classes", "3", "--per-class", "60", "--img-size", "24",
-             "--seed", "1", check=True)
-    vitscale("shards", "write", str(tmp_path / "img"), str(tmp_path / "sh"), "--samples-per-shard", "40",
-             "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
+    vitscale_here("shards", "synth", str(tmp_path / "img"), "--classes", "3", "--per-class", "60", "--img-size", "24",
+                  "--seed", "1", check=True)
+    vitscale_here("shards", "write", str(tmp_path / "img"), str(tmp_path / "sh"), "--samples-per-shard", "40",
+                  "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
     run = tmp_path / "ft"
     proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(pretrained["run"]),
                     "--nproc-per-node", "2", f"run.dir={run}", "model.img_size=24", "model.num_classes=3",
@@ -83,13 +83,13 @@ def test_finetune_at_higher_resolution_on_new_labels_then_evaluate(pretrained, t
 
 
 def test_finetune_with_mismatched_backbone_fails_naming_the_key(pretrained, tmp_path):
-    proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(pretrained["run"]),
-                    "--nproc-per-node", "1", f"run.dir={tmp_path / 'ft'}", "model.width=32", "model.heads=2")
+    proc = vitscale_here("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(pretrained["run"]),
+                         "--nproc-per-node", "1", f"run.dir={tmp_path / 'ft'}", "model.width=32", "model.heads=2")
     assert proc.returncode == 2 and "cls_token" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ft").exists()
 
 
 def test_finetune_needs_init(tmp_path: Path):
-    proc = vitscale("finetune", "--config", "configs/demo_finetune_cpu.yaml", f"run.dir={tmp_path}")
+    proc = vitscale_here("finetune", "--config", "configs/demo_finetune_cpu.yaml", f"run.dir={tmp_path}")
     assert proc.returncode == 2 and "--init SOURCE" in proc.stderr
 

@@ -24,7 +24,7 @@ from pretrain.train.checks import check_fewshot, raise_on_failure
 from pretrain.train.config_file import load_config, save_config
 from pretrain.train.fewshot import Catalog, Rows, plan
 from pretrain.train.fewshot_config import FewshotConfig, FewshotDataset
-from tests.helpers import TINY, read_metrics, vitscale
+from tests.helpers import TINY, read_metrics, vitscale, vitscale_here
 
 # ---------------------------------------------------------------- the solver
 
@@ -263,8 +263,8 @@ def test_evaluate_fewshot_reads_timm_weights_and_uses_their_pre_logits(sets, tmp
 
 
 def test_a_wrong_fewshot_path_stops_before_any_rank_starts(tmp_path):
-    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", *TINY, f"run.dir={tmp_path / 'run'}",
-                    "train.steps=2", _datasets(("pets", tmp_path / "nope")))
+    proc = vitscale_here("pretrain", "--config", "configs/demo_cpu.yaml", *TINY, f"run.dir={tmp_path / 'run'}",
+                         "train.steps=2", _datasets(("pets", tmp_path / "nope")))
     lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "fewshot.datasets[pets].train=" in lines[0] and "does not exist" in lines[0]

@@ -314,13 +314,13 @@ def test_finetune_takes_the_architecture_of_a_timm_file(tmp_path):
 def test_finetune_names_the_key_a_timm_file_cannot_tell(tmp_path):
     """Width 48 is no known variant and a timm state dict does not store the head count: the
     message names model.heads, before any process starts."""
-    from tests.helpers import vitscale
+    from tests.helpers import vitscale_here
 
     pytest.importorskip("timm")
     _timm_file(tmp_path / "w48.safetensors", embed_dim=48, num_heads=3)
     (tmp_path / "ft.yaml").write_text(_RECIPE_WITHOUT_MODEL_NAME)
-    proc = vitscale("finetune", "--config", str(tmp_path / "ft.yaml"), "--init", str(tmp_path / "w48.safetensors"),
-                    "--nproc-per-node", "1", f"run.dir={tmp_path / 'run'}")
+    proc = vitscale_here("finetune", "--config", str(tmp_path / "ft.yaml"), "--init", str(tmp_path / "w48.safetensors"),
+                         "--nproc-per-node", "1", f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "set model.heads=N" in proc.stderr and "Traceback" not in proc.stderr
     assert "converted first" not in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ import pytest
 from data_tools.cli import main as shards_main
 from pretrain import cli
 from pretrain.data.loader import sum_counts
-from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale
+from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale, vitscale_here
 from tests.runs import (
     events,
     job_processes,
@@ -47,7 +47,7 @@ def test_writing_another_source_over_a_shard_set_is_refused_unless_forced(tmp_pa
     write = ["write", "--samples-per-shard", "5", "--workers", "1", "--no-progress"]
     assert shards_main([write[0], str(a), str(out), *write[1:]]) == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
-    proc = vitscale("shards", write[0], str(b), str(out), *write[1:])
+    proc = vitscale_here("shards", write[0], str(b), str(out), *write[1:])
     assert proc.returncode == 2 and f"holds shards of {a.resolve()}" in proc.stderr and "--force" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before  # nothing lost
     (out / "train-000001.tar").unlink()  # an interrupted write of the same source resumes
@@ -59,7 +59,7 @@ def test_writing_another_source_over_a_shard_set_is_refused_unless_forced(tmp_pa
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("mine")
-    proc = vitscale("shards", write[0], str(a), str(other), *write[1:])
+    proc = vitscale_here("shards", write[0], str(a), str(other), *write[1:])
     assert proc.returncode == 2 and "not written by `vitscale shards write`" in proc.stderr
     assert (other / "todo.txt").read_text() == "mine"
 
@@ -302,7 +302,7 @@ def test_a_read_only_run_dir_is_refused_before_anything_starts(small_disk):
     run.mkdir()  # a run dir that exists (a first run would have made it) on a disk that turns read-only
     (run / "config.yaml").write_text("# the earlier run's\n")
     assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
-    proc = vitscale("pretrain", *TINY, "train.steps=4", "data.val=null", f"run.dir={run}")
+    proc = vitscale_here("pretrain", *TINY, "train.steps=4", "data.val=null", f"run.dir={run}")
     assert proc.returncode == 2
     assert "cannot write in" in proc.stderr and "Read-only" in proc.stderr and "Traceback" not in proc.stderr
 

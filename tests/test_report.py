@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, cli_env, vitscale
+from tests.helpers import TINY, cli_env, vitscale, vitscale_here
 
 EVAL_EVERY = 4
 
@@ -28,10 +28,10 @@ EVAL_EVERY = 4
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("report")
-    vitscale("shards", "synth", str(root / "img"), "--classes", "4", "--per-class", "60", "--img-size", "16",
-             check=True)
-    vitscale("shards", "write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "50",
-             "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
+    vitscale_here("shards", "synth", str(root / "img"), "--classes", "4", "--per-class", "60", "--img-size", "16",
+                  check=True)
+    vitscale_here("shards", "write", str(root / "img"), str(root / "sh"), "--samples-per-shard", "50",
+                  "--val-fraction", "0.2", "--workers", "1", "--no-progress", check=True)
     cut = root / "sh" / "train-000002.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a shard cut short: its tail is lost
     run = root / "run"

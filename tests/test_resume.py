@@ -20,7 +20,7 @@ import torch
 
 from pretrain.checkpoint.layout import verify_checkpoint
 from tests.helpers import TINY as RUN_TINY
-from tests.helpers import cli_env, vitscale
+from tests.helpers import cli_env, vitscale, vitscale_here
 from tests.runs import (
     EPOCH,
     copy_checkpoint,
@@ -169,7 +169,7 @@ def test_damaged_checkpoints_are_refused_or_skipped(reference, tmp_path):
     truncated = next((ck / "step_00000015").glob("*rank_1_*optim_states.pt"))
     truncated.write_bytes(truncated.read_bytes()[:1000])
 
-    bad = vitscale(*pretrain_args(run, "--nproc-per-node", "1", "--resume", str(ck / "step_00000016")))
+    bad = vitscale_here(*pretrain_args(run, "--nproc-per-node", "1", "--resume", str(ck / "step_00000016")))
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert str(flipped) in bad.stderr and "sha256" in bad.stderr
 
@@ -190,7 +190,7 @@ def test_checkpoint_that_does_not_fit_the_config_is_refused(reference, tmp_path)
     for override, message in [("model.num_classes=5", "does not match the config's model"),
                               ("zero.stage=3", "ZeRO stage 2"),
                               ("--no-resume", "already holds checkpoints")]:
-        proc = vitscale(*pretrain_args(run, "--nproc-per-node", "1", override))
+        proc = vitscale_here(*pretrain_args(run, "--nproc-per-node", "1", override))
         assert proc.returncode == 2, (override, proc.stderr[-2000:])
         assert message in proc.stderr, (override, proc.stderr[-2000:])
     assert latest(run) == "step_00000016" and not events(run, "resumed")

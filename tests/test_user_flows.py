@@ -13,7 +13,7 @@ from PIL import Image
 
 from pretrain.data.shards import decode_label, iter_tar_samples
 from pretrain.data.synthetic import synthetic_uint8
-from tests.helpers import TINY, read_metrics, vitscale
+from tests.helpers import TINY, read_metrics, vitscale, vitscale_here
 
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361")
 SIZES = ((40, 30), (36, 48), (44, 44), (32, 40))  # ImageNet-like: mixed sizes and aspect ratios
@@ -38,8 +38,8 @@ def imagenet(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("imagenet")
     _imagenet_tree(root / "raw", {"train": 40, "val": 12})
     for split in ("train", "val"):
-        vitscale("shards", "write", str(root / "raw" / split), str(root / "shards" / split), "--samples-per-shard",
-                 "20", "--workers", "1", "--no-progress", check=True)
+        vitscale_here("shards", "write", str(root / "raw" / split), str(root / "shards" / split), "--samples-per-shard",
+                      "20", "--workers", "1", "--no-progress", check=True)
     return {"root": root, "train": root / "shards" / "train", "val": root / "shards" / "val"}
 
 
@@ -66,16 +66,16 @@ def test_imagenet_train_and_val_folders_sharded_separately_train_and_evaluate(im
 
 def test_split_names_and_what_stats_and_verify_show(imagenet, tmp_path):
     out = tmp_path / "val"
-    vitscale("shards", "write", str(imagenet["root"] / "raw" / "val"), str(out), "--split", "val",
-             "--samples-per-shard", "20", "--workers", "1", "--no-progress", check=True)
+    vitscale_here("shards", "write", str(imagenet["root"] / "raw" / "val"), str(out), "--split", "val",
+                  "--samples-per-shard", "20", "--workers", "1", "--no-progress", check=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
     assert list(json.loads((out / "index.json").read_text())["splits"]) == ["val"]
-    stats = json.loads(vitscale("shards", "stats", str(out), "--json", "--workers", "1", "--no-progress",
-                                check=True).stdout)
+    stats = json.loads(vitscale_here("shards", "stats", str(out), "--json", "--workers", "1", "--no-progress",
+                                     check=True).stdout)
     assert stats["splits"] == {"val": {"samples": 48, "shards": 3, "bytes": stats["splits"]["val"]["bytes"]}}
-    verify = vitscale("shards", "verify", str(out), "--workers", "1", "--no-progress", check=True).stdout
+    verify = vitscale_here("shards", "verify", str(out), "--workers", "1", "--no-progress", check=True).stdout
     assert "split val: 48 good samples of 48 in 3 shards" in verify
-    train = vitscale("shards", "stats", str(imagenet["train"]), "--workers", "1", "--no-progress", check=True)
+    train = vitscale_here("shards", "stats", str(imagenet["train"]), "--workers", "1", "--no-progress", check=True)
     assert "train: 160 samples in 8 shards" in train.stdout
 
 
@@ -90,20 +90,20 @@ def test_a_val_folder_with_other_classes_is_refused_until_written_with_the_train
                     else [])
     alone, aligned = tmp_path / "alone", tmp_path / "aligned"
     write = ("--samples-per-shard", "20", "--workers", "1", "--no-progress")
-    vitscale("shards", "write", str(raw), str(alone), *write, check=True)
+    vitscale_here("shards", "write", str(raw), str(alone), *write, check=True)
     args = ("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
             f"data.train={imagenet['train']}", "data.workers=1", "data.crop_scale_min=0.6", "train.steps=2")
-    proc = vitscale(*args, f"data.val={alone}", f"run.dir={tmp_path / 'run1'}")
+    proc = vitscale_here(*args, f"data.val={alone}", f"run.dir={tmp_path / 'run1'}")
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "data.val: its class table differs from data.train's (3 vs 4 classes; index 0 is" in line
     assert "--classes" in line and not (tmp_path / "run1").exists()
 
-    bad = vitscale("shards", "write", str(imagenet["root"] / "raw" / "train"), str(tmp_path / "x"), "--classes",
-                   str(alone), *write)
+    bad = vitscale_here("shards", "write", str(imagenet["root"] / "raw" / "train"), str(tmp_path / "x"), "--classes",
+                        str(alone), *write)
     assert bad.returncode == 2 and f"--classes {alone}: the source has 1 classes that table lacks" in bad.stderr
 
-    vitscale("shards", "write", str(raw), str(aligned), "--classes", str(imagenet["train"]), *write, check=True)
+    vitscale_here("shards", "write", str(raw), str(aligned), "--classes", str(imagenet["train"]), *write, check=True)
     index = json.loads((aligned / "index.json").read_text())
     assert index["num_classes"] == 4
     labels = {decode_label(s.files, 4, False) for s in _samples(aligned)}
@@ -125,9 +125,9 @@ def test_a_wrong_data_path_stops_before_any_rank_starts(imagenet, tmp_path, key,
     """One line naming the key, exit 2, in the launching process: no run dir, no rank, no traceback."""
     run = tmp_path / "run"
     value = value.format(val=imagenet["val"], train=imagenet["train"])
-    proc = vitscale("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
-                    f"data.train={imagenet['train']}", f"data.val={imagenet['val']}", "data.workers=2",
-                    f"run.dir={run}", f"{key}={value}")
+    proc = vitscale_here("pretrain", "--config", "configs/demo_cpu.yaml", "--nproc-per-node", "2", *TINY,
+                         f"data.train={imagenet['train']}", f"data.val={imagenet['val']}", "data.workers=2",
+                         f"run.dir={run}", f"{key}={value}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0] and lines[0].startswith("vitscale pretrain: error: ")

@@ -28,7 +28,7 @@ from pretrain.data.config import DataConfig, LoaderSpec
 from pretrain.data.loader import ShardTrain
 from pretrain.data.shard_sets import resolve_shards
 from pretrain.data.stream import Retry, read_shard
-from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale
+from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale, vitscale_here
 from tests.shard_server import ShardServer
 
 CLASSES, SHARDS, PER_SHARD = 4, 4, 16
@@ -124,8 +124,8 @@ def test_shards_index_writes_an_index_in_place_without_changing_a_byte(sets, tmp
 
 def test_a_set_without_readable_labels_is_one_line_before_any_rank_starts(sets, tmp_path):
     t0 = time.monotonic()
-    proc = vitscale("pretrain", *TINY, f"data.train={sets['img2dataset']}", "data.val=null", "train.steps=2",
-                    f"run.dir={tmp_path / 'run'}", timeout=120)
+    proc = vitscale_here("pretrain", *TINY, f"data.train={sets['img2dataset']}", "data.val=null", "train.steps=2",
+                         f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "data.train" in err and "sample 000000000 has members .jpg, .json, .txt" \

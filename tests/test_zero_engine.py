@@ -46,8 +46,8 @@ def test_zero3_gathers_a_block_at_a_time_and_compile_under_zero3_is_refused_befo
     block = 4 * 1280 * 1280 + 2 * 1280 * 5120 + 9 * 1280 + 5120
     assert zero["stage3_prefetch_bucket_size"] == block == 19_677_440
     assert zero["stage3_max_live_parameters"] == 3 * block and zero["stage3_param_persistence_threshold"] == 12_800
-    from tests.helpers import TINY, vitscale
+    from tests.helpers import TINY, vitscale_here
 
-    proc = vitscale("pretrain", *TINY, "zero.stage=3", "model.compile=true", f"run.dir={tmp_path / 'run'}")
+    proc = vitscale_here("pretrain", *TINY, "zero.stage=3", "model.compile=true", f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "model.compile=True" in proc.stderr and "zero.stage=2" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
