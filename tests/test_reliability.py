@@ -1,14 +1,13 @@
 """Faults and misuse a real cluster and a hurried user produce: a wrong path over a shard set, two
-jobs on one run dir, signals to the launcher (twice, to its process group, kill -9), damaged
-shards, a damaged `latest`, impossible values, a full or read-only disk. Real processes, tiny."""
+jobs on one run dir (and kill -9 of the holder's launcher), damaged shards, a damaged `latest`,
+impossible values, a full or read-only disk. Real processes, tiny. Every signal to the launcher
+(repeated SIGTERM to its process group, Ctrl-C twice, kill -9) is tests/test_spawn.py's."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from pretrain import cli
 from pretrain.data.loader import sum_counts
 from tests.helpers import ROOT, TINY, cli_env, read_metrics, vitscale, vitscale_here
 from tests.runs import (
-    events,
     job_processes,
     kill_job,
     latest,
@@ -107,23 +105,6 @@ def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_
     third = vitscale("pretrain", *TINY, "train.steps=3", "checkpoint.every=0", "data.val=null", f"run.dir={run}")
     assert third.returncode == 0, third.stderr[-2000:]
     assert not (run / ".vitscale.lock").exists(), "released at exit"
-
-
-def test_repeated_sigterm_to_the_launchers_process_group_saves_and_exits_0(tmp_path):
-    """How SLURM stops a job step: SIGTERM to every process of the group, possibly more than once."""
-    run = tmp_path / "run"
-    proc = start(run, *LONG)
-    try:
-        wait_until(lambda: logged_step(run, 2), proc, what="step 2")
-        os.killpg(proc.pid, signal.SIGTERM)
-        os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(120)
-    finally:
-        kill_job(proc)
-    assert rc == 0, output(run)[-2000:]
-    assert events(run, "preempted") and latest(run).startswith("step_")
-    assert "SignalException" not in output(run) and "Traceback" not in output(run)
-    assert not (run / ".vitscale.lock").exists()
 
 
 # ---------------------------------------------------------------- damaged shards are counted exactly

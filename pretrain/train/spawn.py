@@ -215,10 +215,11 @@ def _has_cuda() -> bool:
         return False
 
 
-def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
-    """Run ``python -m pretrain COMMAND argv`` on ``nproc_per_node`` local ranks (see the module
+def spawn(args: argparse.Namespace, command: str, argv: list[str], module: str = "pretrain") -> int:
+    """Run ``python -m MODULE COMMAND argv`` on ``nproc_per_node`` local ranks (see the module
     docstring); the exit status is the job's: 0 when every rank finished or was preempted and
-    saved, 2 for a user error, 1 otherwise."""
+    saved, 2 for a user error, 1 otherwise. ``module`` is the ranks' entry point: ``pretrain``
+    (the CLI) for every job; the launcher's own tests give a rank that imports no DeepSpeed."""
     check_launch_args(args)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -237,7 +238,7 @@ def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     torchrun = parse_args([f"--nproc-per-node={nproc}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
-                           *rendezvous, "--max-restarts=0", "--monitor-interval=0.1", "-m", "pretrain", command,
+                           *rendezvous, "--max-restarts=0", "--monitor-interval=0.1", "-m", module, command,
                            *argv])
     config, cmd, cmd_args = config_from_args(torchrun)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -256,6 +257,11 @@ def spawn(args: argparse.Namespace, command: str, argv: list[str]) -> int:
     thread.start()
     while thread.is_alive():
         thread.join(0.2)
+    # the job is over: a late stop request (SLURM repeats SIGTERM) has nothing left to stop. Ignore
+    # it, or Python's finalization, which resets signals that have Python handlers to the default
+    # action, would let it kill this process on its way out (status 143 for a job that ended well)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         if "error" in outcome:
             raise outcome["error"]
