@@ -18,6 +18,7 @@ from pretrain.model.vit import build_model, spec_for
 from pretrain.train.engine import param_groups
 from pretrain.train.mixing import Mixer, build_mixer
 from tests.helpers import TINY, cli_env, read_metrics, vitscale, vitscale_here
+from tests.runs import check_ema_chain
 
 # ---------------------------------------------------------------- Mixup / CutMix
 
@@ -187,34 +188,12 @@ def zero3_ema(tmp_path_factory) -> Path:
     return run
 
 
-def _check_chain(run: Path, steps: int, skipped: tuple[int, ...] = ()) -> None:
-    """EMA_t = 0.8 EMA_{t-1} + 0.2 W_t, W_t the gathered fp32 master weights, in float64 from
-    EMA_1 on; a skipped step changes neither."""
-    want = {k: v.double() for k, v in _weights(run, 1, ema=True).items()}
-    for t in range(2, steps + 1):
-        w, got = _weights(run, t, ema=False), _weights(run, t, ema=True)
-        if t in skipped:
-            assert _max_diff(w, _weights(run, t - 1, ema=False)) == 0.0
-            assert _max_diff(got, _weights(run, t - 1, ema=True)) == 0.0
-            continue
-        want = {k: 0.8 * want[k] + 0.2 * w[k].double() for k in want}
-        assert _max_diff(got, want) <= 1e-6, (t, _max_diff(got, want))
-
-
 def test_zero3_ema_is_the_average_of_the_gathered_master_weights(zero3_ema):
-    _check_chain(zero3_ema, 10, skipped=(4,))
+    check_ema_chain(zero3_ema, 10, 0.8, skipped=(4,))
     evals = read_metrics(zero3_ema, "eval")
     assert [e["step"] for e in evals] == [5, 10] and all("ema_top1" in e and "top1" in e for e in evals)
     summary = json.loads((zero3_ema / "summary.json").read_text())
     assert summary["eval_ema_top1"] == evals[-1]["ema_top1"]
-
-
-def test_zero2_ema_too(tmp_path):
-    """ZeRO-2 (ZeRO-1 partitions the fp32 master weights the EMA follows the same way; its EMA is
-    compared bitwise across a kill -9 in tests/test_exact_resume.py)."""
-    run = tmp_path / "run"
-    _ema_run(run, 2, 5, "checkpoint.every=1")
-    _check_chain(run, 5)
 
 
 def test_evaluating_the_ema_does_not_disturb_training(zero3_ema, tmp_path):
@@ -228,7 +207,8 @@ def test_evaluating_the_ema_does_not_disturb_training(zero3_ema, tmp_path):
     assert losses == ema_losses
 
 
-# kill -9 and relaunch with EMA (bitwise EMA weights, ZeRO-1/2/3): tests/test_exact_resume.py
+# ZeRO-2's EMA chain (with skipped steps): tests/test_fault_tolerance.py; kill -9 and relaunch with EMA
+# (bitwise EMA weights, ZeRO-1/2/3): tests/test_exact_resume.py
 
 
 def test_ema_continues_exactly_after_a_2_to_1_process_resume(zero3_ema, tmp_path):

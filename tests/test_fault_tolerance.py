@@ -8,7 +8,18 @@ import torch
 
 from pretrain.formats import consolidate_deepspeed
 from tests.helpers import cli_env, vitscale
-from tests.runs import events, kill_job, latest, logged_step, output, rank_process, records, start, wait_until
+from tests.runs import (
+    check_ema_chain,
+    events,
+    kill_job,
+    latest,
+    logged_step,
+    output,
+    rank_process,
+    records,
+    start,
+    wait_until,
+)
 from tests.runs import pretrain_args as _args
 
 pytestmark = pytest.mark.slow
@@ -30,10 +41,11 @@ def _run(run, fault: str, *extra: str):
 
 
 def test_nonfinite_gradient_or_loss_skips_the_step_on_every_rank(tmp_path):
-    """ZeRO-2: a NaN gradient norm with a finite loss (step 3, all ranks) and a NaN loss on rank 1
-    only (step 5) are both skipped on every rank and counted; the weights do not move."""
+    """ZeRO-2 with an EMA: a NaN gradient norm with a finite loss (step 3, all ranks) and a NaN loss
+    on rank 1 only (step 5) are both skipped on every rank and counted; neither the weights nor
+    the EMA move, and every other step's EMA is the average of the gathered master weights."""
     run = tmp_path / "run"
-    proc = _run(run, "nangrad@3;nan@5:rank1", "train.steps=7")
+    proc = _run(run, "nangrad@3;nan@5:rank1", "train.steps=7", "ema.decay=0.8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [e["step"] for e in events(run, "nonfinite_grad_skipped")] == [3]
     assert [e["step"] for e in events(run, "nonfinite_loss_skipped")] == [5]
@@ -43,6 +55,7 @@ def test_nonfinite_gradient_or_loss_skips_the_step_on_every_rank(tmp_path):
     w = {s: _weights(run, s) for s in range(2, 7)}
     assert _same(w[2], w[3]) and _same(w[4], w[5])
     assert not _same(w[3], w[4]) and not _same(w[5], w[6])
+    check_ema_chain(run, 7, 0.8, skipped=(3, 5))
 
 
 def test_repeated_nonfinite_steps_stop_the_run_and_keep_finite_checkpoints(tmp_path):
