@@ -85,7 +85,7 @@ def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_
     first = start(run, *LONG)
     try:
         wait_until(lambda: logged_step(run, 2), first, what="step 2")
-        second = vitscale("pretrain", *TINY, *LONG, f"run.dir={run}")
+        second = vitscale_here("pretrain", *TINY, *LONG, f"run.dir={run}")  # refused before it starts anything
         assert second.returncode == 2
         line = second.stderr.strip()
         assert "\n" not in line and "is in use by `vitscale pretrain` (pid" in line and "--force-unlock" in line
@@ -102,7 +102,8 @@ def test_a_second_job_on_the_same_run_dir_is_refused_and_a_dead_holders_lock_is_
     finally:
         kill_job(first)
     assert (run / ".vitscale.lock").is_file()
-    third = vitscale("pretrain", *TINY, "train.steps=3", "checkpoint.every=0", "data.val=null", f"run.dir={run}")
+    third = vitscale("pretrain", *TINY, "train.steps=3", "checkpoint.every=0", "data.val=null", f"run.dir={run}",
+                     "--nproc-per-node", "1")
     assert third.returncode == 0, third.stderr[-2000:]
     assert not (run / ".vitscale.lock").exists(), "released at exit"
 
