@@ -316,9 +316,11 @@ class ShardTrain:
             if signalled is None and self.interrupted():
                 signalled = now
             if signalled is not None and now - signalled > _STOP_GRACE_S:
+                self._abandon()
                 raise UserError(f"stop signal received while rank {self.rank} waited {now - t0:.0f} s for a batch "
                                 f"from {self._streams_line()}: exiting without a save (the latest checkpoint stays)")
             if now - t0 > self.spec.data.stall_timeout_s:
+                self._abandon()
                 raise UserError(f"rank {self.rank} got no batch for {now - t0:.0f} s (data.stall_timeout_s="
                                 f"{self.spec.data.stall_timeout_s:g}) from {self._streams_line()}; check that "
                                 f"storage, or raise data.stall_timeout_s")
@@ -525,6 +527,21 @@ class ShardTrain:
         if self._buffers is not None:
             self._buffers.close()
             self._buffers = None
+
+    def _abandon(self) -> None:
+        """Close, killing the reader processes first: this rank gives up on them (a stall, or a
+        stop signal while no batch comes), and they are stuck in reads that may not end for
+        ``data.read_timeout_s``; the DataLoader's own shutdown would wait 5 s for each."""
+        it = self._it
+        if getattr(it, "_worker_pids_set", False):  # torch's iterator (private): unwatch, then kill
+            from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+            _remove_worker_pids(id(it))  # else its SIGCHLD handler reports the kill as a worker failure
+            it._worker_pids_set = False
+            for worker in it._workers:
+                if worker.is_alive():
+                    worker.kill()
+        self.close()
 
 
 def _targets(rows: list, spec: LoaderSpec) -> torch.Tensor:
