@@ -2,7 +2,8 @@
 # Both set up their own environment first (scripts/setup_env.sh).
 PY := $(if $(VIRTUAL_ENV),python,.venv/bin/python)
 
-# test files run on up to 4 pytest workers (one per core), a file's tests on one worker (shared runs)
+# test files run on up to 4 pytest workers (one per core), a file's tests on one worker (shared runs), the
+# longest files first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order)
 JOBS := $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup demo test test-fast lint wheel-check
@@ -13,7 +14,7 @@ demo: setup
 	@PY=$(PY) bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-fast: setup  # the inner loop: no test that starts processes
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow" tests

@@ -28,13 +28,16 @@ def _launches(fn) -> bool:
     return any(s in source for s in _LAUNCHES)
 
 
-# The longest files (`make test`'s --durations, summed per file, on the 2-core machine), longest
-# first. Only the order changes: pytest-xdist (--dist loadfile) hands files to workers in collection
-# order, so a long file collected last would run alone at the end while the other workers idle.
-LONGEST_FIRST = ("test_resume.py", "test_reliability.py", "test_augreg.py", "test_users_data.py",
-                 "test_bench_train.py", "test_exact_resume.py", "test_fewshot.py", "test_end_to_end.py",
-                 "test_user_flows.py", "test_report.py", "test_fp8.py", "test_fault_tolerance.py",
-                 "test_finetune_surgery.py", "test_zero_engine.py", "test_convert_deepspeed.py")
+# The longest files (`make test`'s per-file wall time on the 2-core machine), longest first. Only
+# the order changes: pytest-xdist (--dist loadfile --no-loadscope-reorder, see the Makefile) hands
+# files to workers in collection order, so a long file collected last would run alone at the end
+# while the other worker idles. (Without --no-loadscope-reorder, xdist orders files by their
+# number of tests instead, which says nothing about their time.)
+LONGEST_FIRST = ("test_resume.py", "test_users_data.py", "test_exact_resume.py", "test_reliability.py",
+                 "test_augreg.py", "test_bench_train.py", "test_report.py", "test_user_flows.py", "test_fewshot.py",
+                 "test_end_to_end.py", "test_fp8.py", "test_fault_tolerance.py", "test_finetune_surgery.py",
+                 "test_zero_engine.py", "test_spawn.py", "test_convert_deepspeed.py", "test_multinode.py",
+                 "test_launch.py", "test_dedup.py")
 
 
 def pytest_configure(config) -> None:
