@@ -15,7 +15,6 @@ from pretrain.data.config import AugmentConfig
 from pretrain.formats import consolidate_deepspeed
 from pretrain.formats.deepspeed_ckpt import consolidate_ema
 from pretrain.model.vit import build_model, spec_for
-from pretrain.train.engine import param_groups
 from pretrain.train.mixing import Mixer, build_mixer
 from tests.helpers import TINY, cli_env, read_metrics, vitscale, vitscale_here
 from tests.runs import check_ema_chain
@@ -126,6 +125,8 @@ def test_randaugment_gives_a_sample_the_same_bytes_with_1_or_2_workers_and_after
 def test_layer_decay_groups_for_vit_h14_follow_the_rule():
     model = build_model(spec_for("vit_h14", num_classes=1000), device="meta")
     decay, depth = 0.75, 32
+    from pretrain.train.engine import param_groups  # imports DeepSpeed
+
     groups = param_groups(model, 0.05, decay)
     named = dict(model.named_parameters())
     ids = [id(p) for g in groups for p in g["params"]]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from sklearn.linear_model import RidgeClassifier
 
 from data_tools.cli import main as shards_main
 from pretrain.core.errors import UserError
@@ -46,6 +45,8 @@ def test_solver_predicts_exactly_what_sklearn_ridge_classifier_predicts(n, d, k,
     cache = lsq.fit(x, y, k, standardize=standardize)
     z, zt = (x - cache.mean) / cache.scale, (xt - cache.mean) / cache.scale
     for l2 in (1e-2, 1.0, 30.0, 1e3, 1e5):
+        from sklearn.linear_model import RidgeClassifier
+
         oracle = RidgeClassifier(alpha=l2).fit(z, y)
         ours = lsq.predict(cache, xt, l2)
         np.testing.assert_array_equal(ours, oracle.predict(zt))

@@ -16,7 +16,11 @@ from pretrain.formats.inspect import inspect
 from pretrain.model.surgery import finetune_state_dict
 from pretrain.model.vit import build_model, spec_for
 
-open_clip = pytest.importorskip("open_clip")
+
+def _open_clip():
+    """open_clip, imported when a test needs it (not at collection: it takes seconds)."""
+    return pytest.importorskip("open_clip")
+
 
 # the image tower has vit_test4's dimensions (width 64, depth 2, MLP 128, 4 heads, patch 4)
 VISION = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}
@@ -32,7 +36,7 @@ def clip_model(cfg: dict):
     """open_clip's own CLIP model with random weights; the image tower's LayerNorms, biases and
     embeddings moved off their init values, so that a mapping mistake shows."""
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", **cfg).eval()
+    model = _open_clip().create_model("ViT-B-32", **cfg).eval()
     with torch.no_grad():
         for p in model.visual.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -82,7 +86,7 @@ def test_an_openai_style_hub_folder_reads_quick_gelu_from_its_config(tmp_path):
     assert detect_format(tmp_path / "hub") == "openclip"
     sd, spec, meta = read_weights(tmp_path / "hub")
     assert spec.act == "quick_gelu" and spec.heads == 4 and "warnings" not in meta
-    loaded = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").eval()
+    loaded = _open_clip().create_model(f"local-dir:{tmp_path / 'hub'}").eval()
     with torch.no_grad():
         ref = loaded.encode_image(X)
     assert (features(sd, spec) - ref).abs().max().item() < 1e-5
@@ -98,11 +102,11 @@ def test_convert_verifies_against_open_clip_both_ways(tmp_path, capsys):
     ours = tmp_path / "tower.safetensors"
     assert convert.main([str(tmp_path / "hub"), str(ours), "--to", "safetensors", "--verify", "--atol", "1e-5"]) == 0
     out = capsys.readouterr().out
-    assert f"oracle open_clip {open_clip.__version__} create_model('local-dir:') encode_image on the source" in out
+    assert f"oracle open_clip {_open_clip().__version__} create_model('local-dir:') encode_image on the source" in out
     back = tmp_path / "back_openclip.safetensors"
     assert convert.main([str(ours), str(back), "--to", "openclip", "--verify", "--atol", "1e-5"]) == 0
     out = capsys.readouterr().out
-    assert f"oracle open_clip {open_clip.__version__} VisionTransformer image features on the output" in out
+    assert f"oracle open_clip {_open_clip().__version__} VisionTransformer image features on the output" in out
     assert "verify: passed" in out
     assert detect_format(back) == "openclip"
     assert read_weights(back)[1] == read_weights(ours)[1]
