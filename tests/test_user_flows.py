@@ -118,7 +118,7 @@ def test_a_val_folder_with_other_classes_is_refused_until_written_with_the_train
     assert index["num_classes"] == 4
     labels = {decode_label(s.files, 4, False) for s in _samples(aligned)}
     assert labels == {1, 2, 3}  # the train set's indices of the three classes present
-    vitscale(*args, f"data.val={aligned}", f"run.dir={tmp_path / 'run2'}", check=True)
+    vitscale(*args, f"data.val={aligned}", f"run.dir={tmp_path / 'run2'}", "--nproc-per-node", "1", check=True)
 
 
 def _samples(folder: Path) -> list:
