@@ -55,8 +55,8 @@ def test_load_model_from_run_dir_matches_the_run(pretrained):
 
 
 def test_evaluate_json_reports_top1(pretrained):
-    proc = vitscale("evaluate", "--checkpoint", str(pretrained["run"]), "--data", str(pretrained["shards"]),
-                    "--json", check=True)
+    proc = vitscale_here("evaluate", "--checkpoint", str(pretrained["run"]), "--data", str(pretrained["shards"]),
+                         "--workers", "0", "--json", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((pretrained["run"] / "summary.json").read_text())
     assert result["top1"] == pytest.approx(summary["eval_top1"], abs=0.02)
@@ -78,7 +78,8 @@ def test_finetune_at_higher_resolution_on_new_labels_then_evaluate(pretrained, t
     event = [r for r in read_metrics(run, "event") if r.get("event") == "finetune_init"][0]
     assert sorted(event["new"]) == ["head.bias", "head.weight"]
     assert sorted(event["dropped"]) == ["head.bias", "head.weight", "pre_logits.bias", "pre_logits.weight"]
-    out = vitscale("evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "sh"), "--json", check=True)
+    out = vitscale_here("evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "sh"), "--workers", "0",
+                        "--json", check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] > 0.6  # chance is 1/3
 
 

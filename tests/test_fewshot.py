@@ -234,8 +234,8 @@ def test_same_subsets_and_accuracy_in_one_process_as_in_two(trained, sets):
     the same subsets and gets the same accuracy as the 2-process ZeRO-3 evaluator (features
     through the engine, parameters gathered) at the last step."""
     last = read_metrics(trained["run"], "fewshot")[-1]
-    proc = vitscale("evaluate", "--checkpoint", str(trained["run"]), "--fewshot", str(sets["new20"]),
-                    str(sets["new20"]), "--shots", "1,5,10", "--json", check=True)
+    proc = vitscale_here("evaluate", "--checkpoint", str(trained["run"]), "--fewshot", str(sets["new20"]),
+                         str(sets["new20"]), "--shots", "1,5,10", "--workers", "0", "--json", check=True)
     one = json.loads(proc.stdout.strip().splitlines()[-1])
     for k in (1, 5, 10):
         assert one[f"new20/{k}shot_subsets"] == last[f"new20/{k}shot_subsets"]
@@ -258,8 +258,8 @@ def test_evaluate_fewshot_reads_timm_weights_and_uses_their_pre_logits(sets, tmp
     with torch.no_grad():
         expected = theirs.forward_head(theirs.forward_features(x), pre_logits=True)
         torch.testing.assert_close(load_model(tmp_path / "timm.pth")(x, pre_logits=True), expected)
-    proc = vitscale("evaluate", "--checkpoint", str(tmp_path / "timm.pth"), "--fewshot", str(sets["short"]),
-                    str(sets["short"]), "--shots", "1,3", "--seeds", "2", "--workers", "0", check=True)
+    proc = vitscale_here("evaluate", "--checkpoint", str(tmp_path / "timm.pth"), "--fewshot", str(sets["short"]),
+                         str(sets["short"]), "--shots", "1,3", "--seeds", "2", "--workers", "0", check=True)
     assert "few-shot linear accuracy of" in proc.stdout and "(32-d features, 32px" in proc.stdout
     assert "short  " in proc.stdout and "1-shot" in proc.stdout and "3-shot" in proc.stdout
 

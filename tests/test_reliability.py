@@ -195,14 +195,15 @@ def test_training_logs_lost_samples_summed_over_ranks_and_evaluate_reports_a_sho
     assert rec["bad_by_reason"] == {"truncated_shard": by_shard["train-000002.tar"],
                                     "missing_shard": by_shard["train-000005.tar"]}
     assert rec["bad_samples"] == sum(by_shard.values())
-    val = vitscale("evaluate", "--checkpoint", str(run), "--data", str(damaged["shards"]), "--json", check=True)
+    val = vitscale_here("evaluate", "--checkpoint", str(run), "--data", str(damaged["shards"]), "--workers", "0",
+                        "--json", check=True)
     result = json.loads(val.stdout.strip().splitlines()[-1])
     assert result["samples"] == result["expected"]  # the val split is intact
     cut = tmp_path / "val"
     shutil.copytree(damaged["shards"], cut)
     tar = cut / "val-000000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    val = vitscale("evaluate", "--checkpoint", str(run), "--data", str(cut), "--json")
+    val = vitscale_here("evaluate", "--checkpoint", str(run), "--data", str(cut), "--workers", "0", "--json")
     result = json.loads(val.stdout.strip().splitlines()[-1])
     assert result["samples"] < result["expected"] and f"scored {result['samples']} of the {result['expected']}" \
         in val.stderr and "val-000000.tar" in val.stderr
