@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -170,22 +171,25 @@ def final_weights(run_dir: Path, step: int, ema: bool = False) -> dict[str, torc
     return (consolidate_ema(tag) if ema else consolidate_deepspeed(tag))[0]
 
 
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between same-named tensors (the names of ``a``)."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def check_ema_chain(run_dir: Path, steps: int, decay: float, skipped: tuple[int, ...] = ()) -> None:
     """The EMA of every checkpoint 1..STEPS (one a step) is EMA_t = decay EMA_{t-1} + (1 - decay) W_t,
     W_t the gathered fp32 master weights, in float64 from EMA_1 on (to 1e-6); a skipped step
     changes neither."""
-    def diff(a: dict, b: dict) -> float:
-        return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-    want = {k: v.double() for k, v in final_weights(run_dir, 1, ema=True).items()}
+    weights = functools.cache(lambda step, ema=False: final_weights(run_dir, step, ema))  # each read once
+    want = {k: v.double() for k, v in weights(1, True).items()}
     for t in range(2, steps + 1):
-        w, got = final_weights(run_dir, t), final_weights(run_dir, t, ema=True)
+        w, got = weights(t), weights(t, True)
         if t in skipped:
-            assert diff(w, final_weights(run_dir, t - 1)) == 0.0
-            assert diff(got, final_weights(run_dir, t - 1, ema=True)) == 0.0
+            assert max_diff(w, weights(t - 1)) == 0.0
+            assert max_diff(got, weights(t - 1, True)) == 0.0
             continue
         want = {k: decay * want[k] + (1 - decay) * w[k].double() for k in want}
-        assert diff(got, want) <= 1e-6, (t, diff(got, want))
+        assert max_diff(got, want) <= 1e-6, (t, max_diff(got, want))
 
 
 def bitwise_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:

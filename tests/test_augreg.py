@@ -12,12 +12,10 @@ import torch
 
 from data_tools.cli import main as shards_main
 from pretrain.data.config import AugmentConfig
-from pretrain.formats import consolidate_deepspeed
-from pretrain.formats.deepspeed_ckpt import consolidate_ema
 from pretrain.model.vit import build_model, spec_for
 from pretrain.train.mixing import Mixer, build_mixer
 from tests.helpers import TINY, cli_env, read_metrics, vitscale, vitscale_here
-from tests.runs import check_ema_chain
+from tests.runs import check_ema_chain, final_weights, max_diff
 
 # ---------------------------------------------------------------- Mixup / CutMix
 
@@ -171,15 +169,6 @@ def _ema_run(run: Path, stage: int, steps: int, *extra: str, env: dict | None = 
                     env=env, check=True)
 
 
-def _weights(run: Path, step: int, ema: bool) -> dict[str, torch.Tensor]:
-    tag = run / "checkpoints" / f"step_{step:08d}"
-    return (consolidate_ema(tag) if ema else consolidate_deepspeed(tag))[0]
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def zero3_ema(tmp_path_factory) -> Path:
     """ZeRO-3, 10 steps, a checkpoint every step, a non-finite gradient at step 4 (skipped)."""
@@ -218,9 +207,9 @@ def test_ema_continues_exactly_after_a_2_to_1_process_resume(zero3_ema, tmp_path
     (run / "checkpoints" / "latest").write_text("step_00000005")
     vitscale("pretrain", *EMA, "zero.stage=3", "train.steps=6", "checkpoint.every=1", "train.grad_accum=2",
              "--nproc-per-node", "1", f"run.dir={run}", check=True)
-    before, w6 = _weights(zero3_ema, 5, ema=True), _weights(run, 6, ema=False)
+    before, w6 = final_weights(zero3_ema, 5, ema=True), final_weights(run, 6, ema=False)
     want = {k: 0.8 * before[k].double() + 0.2 * w6[k].double() for k in before}
-    assert _max_diff(_weights(run, 6, ema=True), want) <= 1e-6
+    assert max_diff(final_weights(run, 6, ema=True), want) <= 1e-6
 
 
 def test_ema_weights_export_evaluate_and_start_a_finetune(zero3_ema, tmp_path):
@@ -229,7 +218,7 @@ def test_ema_weights_export_evaluate_and_start_a_finetune(zero3_ema, tmp_path):
     from pretrain.formats import load_safetensors
 
     sd, _, _ = load_safetensors(out)
-    assert _max_diff(sd, _weights(zero3_ema, 10, ema=True)) == 0.0
+    assert max_diff(sd, final_weights(zero3_ema, 10, ema=True)) == 0.0
     proc = vitscale_here("convert", str(out), str(tmp_path / "x.safetensors"), "--to", "safetensors", "--ema")
     assert proc.returncode == 2 and "holds one set of weights" in proc.stderr
     proc = vitscale_here("finetune", "--config", "configs/demo_finetune_cpu.yaml", "--init", str(out),
