@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT, cli_env
+from tests.runs import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +37,8 @@ def _ranks(run: Path) -> list[dict]:
     return out
 
 
-def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the job ended ({proc.returncode}) before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _running(run: Path, proc: subprocess.Popen) -> None:
-    _wait_for(lambda: all(r.get("step", 0) >= 3 for r in _ranks(run)), proc, "both ranks' step 3")
+    wait_until(lambda: all(r.get("step", 0) >= 3 for r in _ranks(run)), proc, 60, "both ranks' step 3")
 
 
 def test_repeated_sigterm_to_the_process_group_stops_every_rank_once_and_exits_0(tmp_path):
@@ -69,7 +62,7 @@ def test_ctrl_c_asks_every_rank_to_save_and_a_second_ctrl_c_kills_them(tmp_path)
     proc = _start(run, "slowsave")
     _running(run, proc)
     proc.send_signal(signal.SIGINT)
-    _wait_for(lambda: all(r["stop_requests"] == 1 for r in _ranks(run)), proc, "the stop request in both ranks")
+    wait_until(lambda: all(r["stop_requests"] == 1 for r in _ranks(run)), proc, 60, "the stop request in both ranks")
     proc.send_signal(signal.SIGINT)  # the ranks are still saving: kill them
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
