@@ -348,7 +348,9 @@ def raise_on_failure(checks: list[Check]) -> None:
                              failed[0].name.startswith(("fewshot.", "log."))):
         raise UserError(failed[0].detail)  # these details already name the key and the fix
     if failed:
-        lines = [f"{c.name}: {c.detail}" + (f" -> fix: {c.fix}" if c.fix else "") for c in failed]
+        # a detail that names its key already is not prefixed with it again
+        lines = [("" if c.detail.startswith(c.name) else f"{c.name}: ") + c.detail
+                 + (f" -> fix: {c.fix}" if c.fix else "") for c in failed]
         raise UserError("preflight failed: " + " | ".join(lines))
 
 
